@@ -1,0 +1,67 @@
+"""Entry of the agent daemon: parse the configuration once, run until signalled."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from agent.config import AgentConfig, parse_vm
+from agent.runner import AgentRunner
+from agent.service import serve
+from blocktxn.ids import IdentifierError, check_id
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--id", required=True, help="agent id (a safe identifier)")
+    p.add_argument("--listen", required=True, help="HOST:PORT to serve AgentService on")
+    p.add_argument("--repo", required=True, type=Path, help="backup repository directory")
+    p.add_argument("--vm", action="append", default=[], metavar="NAME=QMP[,ga=GA]",
+                   help="a VM: its QMP socket and optional guest-agent socket (repeatable)")
+    p.add_argument("--restore-dir", action="append", default=[], type=Path,
+                   help="directory restores may write into (repeatable; default REPO/restores)")
+    p.add_argument("--coordinator", help="HOST:PORT of the coordinator to register with")
+    p.add_argument("--advertise", help="address the coordinator dials (default: --listen)")
+    p.add_argument("--qmp-timeout", type=float, default=10.0, help="deadline of a QMP command")
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """Raises: ValueError on a bad value."""
+    try:
+        check_id(args.id, "agent id")
+    except IdentifierError as err:
+        raise ValueError(str(err)) from err
+    vms = tuple(parse_vm(v) for v in args.vm)
+    if len({v.name for v in vms}) != len(vms):
+        raise ValueError("a VM name is given twice")
+    return AgentConfig(
+        agent_id=args.id, listen=args.listen, repo=args.repo, vms=vms,
+        restore_dirs=tuple(args.restore_dir), coordinator=args.coordinator,
+        advertise=args.advertise, qmp_timeout=args.qmp_timeout,
+    )
+
+
+async def run(config: AgentConfig) -> None:
+    runner = AgentRunner(config)
+    await runner.start()
+    server = await serve(runner, config.listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=2)
+    await runner.stop()
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        print(f"blocktxn agent: {err}")
+        return 2
+    asyncio.run(run(config))
+    return 0

@@ -1,0 +1,287 @@
+"""QMP adapter: one supervised connection per VM, job tracking from QMP events.
+
+The connection reconnects on its own when QEMU comes back; every command has a
+deadline; job states are kept current from JOB_STATUS_CHANGE events so waiting
+for a job never polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
+
+from agent.errors import AgentTimeoutError, QemuError, VmLostError
+
+log = logging.getLogger(__name__)
+
+#: Every QMP name this agent creates starts with one of these.
+NODE_PREFIX = "btx"
+BITMAP_PREFIX = "blocktxn:"
+
+#: Drivers that make a node a disk (a format node) rather than a protocol or filter.
+FORMAT_DRIVERS = frozenset(
+    {"qcow2", "raw", "qed", "vmdk", "vdi", "vhdx", "vpc", "luks", "parallels", "qcow"}
+)
+FILTER_DRIVERS = frozenset(
+    {"copy-before-write", "throttle", "blkdebug", "blkverify", "preallocate",
+     "compress", "snapshot-access", "copy-on-read"}
+)
+
+
+@dataclass
+class JobState:
+    id: str
+    status: str
+    done: int = 0
+    total: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class BitmapInfo:
+    name: str
+    recording: bool
+    persistent: bool
+    inconsistent: bool
+    busy: bool
+    count: int
+    granularity: int
+
+
+@dataclass(frozen=True)
+class DiskNode:
+    name: str
+    size: int
+    format: str
+    bitmaps: tuple[BitmapInfo, ...] = field(default=())
+
+    def bitmap(self, name: str) -> BitmapInfo | None:
+        return next((b for b in self.bitmaps if b.name == name), None)
+
+
+OnChange = Callable[["VmConnection"], Awaitable[None]]
+
+
+class VmConnection:
+    """A supervised QMP session to one VM."""
+
+    def __init__(
+        self, name: str, socket_path: str, *, timeout: float = 10.0, retry_delay: float = 0.3
+    ) -> None:
+        self.name = name
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self.retry_delay = retry_delay
+        self.jobs: dict[str, JobState] = {}
+        self.generation = 0  # bumps on every (re)connect: a new QEMU loses jobs
+        self._client: QMPClient | None = None
+        self._connected = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self.on_lost: OnChange | None = None
+        self.on_connected: OnChange | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name=f"qmp-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._drop_client()
+
+    async def wait_connected(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        return self.connected
+
+    async def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.disconnect(), 2.0)
+
+    async def _supervise(self) -> None:
+        while True:
+            client = QMPClient(f"blocktxn-{self.name}")
+            try:
+                await asyncio.wait_for(client.connect(self.socket_path), self.timeout)
+            except (QMPError, OSError, TimeoutError) as err:
+                log.debug("vm %s: connect failed: %s", self.name, err)
+                with contextlib.suppress(Exception):
+                    await client.disconnect()
+                await asyncio.sleep(self.retry_delay)
+                continue
+            listener = EventListener(("JOB_STATUS_CHANGE",))
+            client.register_listener(listener)
+            self._client = client
+            pump = asyncio.create_task(self._pump(listener))
+            try:
+                await self._refresh_jobs()
+                self.generation += 1
+                self._connected.set()
+                log.info("vm %s: QMP connected (%s)", self.name, self.socket_path)
+                if self.on_connected:
+                    await self.on_connected(self)
+                while client.runstate == Runstate.RUNNING:
+                    await client.runstate_changed()
+            except (QMPError, OSError, QemuError) as err:
+                log.warning("vm %s: session failed: %s", self.name, err)
+            finally:
+                pump.cancel()
+                self._connected.clear()
+                self.jobs.clear()
+                await self._drop_client()
+                async with self._changed:
+                    self._changed.notify_all()
+            log.warning("vm %s: QMP connection lost", self.name)
+            if self.on_lost:
+                await self.on_lost(self)
+            await asyncio.sleep(self.retry_delay)
+
+    async def _pump(self, listener: EventListener) -> None:
+        async for event in listener:
+            data: dict[str, Any] = event["data"] if "data" in event else {}
+            job_id = str(data.get("id", ""))
+            if not job_id.startswith(NODE_PREFIX):
+                continue
+            status = str(data.get("status", ""))
+            job = self.jobs.setdefault(job_id, JobState(job_id, status))
+            job.status = status
+            if status in ("concluded", "pending", "null"):
+                with contextlib.suppress(QemuError, AgentTimeoutError):
+                    await self._refresh_jobs()
+            if status == "null":
+                self.jobs.pop(job_id, None)
+            async with self._changed:
+                self._changed.notify_all()
+
+    # -------------------------------------------------------------- commands
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None,
+                      timeout: float | None = None) -> Any:
+        """Run one QMP command with a deadline.
+
+        Raises:
+            VmLostError: not connected. QemuError: QEMU refused the command.
+            AgentTimeoutError: no answer within the deadline.
+        """
+        client = self._client
+        if client is None or not self.connected:
+            raise VmLostError(f"VM {self.name} is not connected")
+        try:
+            return await asyncio.wait_for(client.execute(cmd, args), timeout or self.timeout)
+        except ExecuteError as err:
+            raise QemuError(f"{self.name}: {cmd}: {err}") from err
+        except TimeoutError as err:
+            raise AgentTimeoutError(f"{self.name}: {cmd}: no answer from QEMU") from err
+        except (QMPError, OSError, EOFError) as err:
+            raise VmLostError(f"{self.name}: {cmd}: connection lost ({err})") from err
+
+    async def _refresh_jobs(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        try:
+            raw = await asyncio.wait_for(client.execute("query-jobs"), self.timeout)
+        except (QMPError, OSError, TimeoutError) as err:
+            raise QemuError(f"{self.name}: query-jobs: {err}") from err
+        seen = set()
+        for j in raw:  # type: ignore[attr-defined]
+            if not str(j["id"]).startswith(NODE_PREFIX):
+                continue
+            seen.add(j["id"])
+            self.jobs[j["id"]] = JobState(
+                j["id"], j["status"], int(j.get("current-progress", 0)),
+                int(j.get("total-progress", 0)), str(j.get("error", "")),
+            )
+        for gone in set(self.jobs) - seen:
+            del self.jobs[gone]
+
+    async def refresh_jobs(self) -> dict[str, JobState]:
+        """Current state of this agent's jobs (progress needs a query)."""
+        if self.connected:
+            await self._refresh_jobs()
+        return self.jobs
+
+    async def wait_job(self, job_id: str, statuses: set[str], timeout: float | None) -> JobState:
+        """Wait until *job_id* reaches one of *statuses* (or concludes).
+
+        Raises:
+            VmLostError: the VM went away. QemuError: the job vanished.
+            AgentTimeoutError: not reached within *timeout*.
+        """
+        generation = self.generation
+
+        def ready() -> bool:
+            if not self.connected or self.generation != generation:
+                return True
+            job = self.jobs.get(job_id)
+            return job is None or job.status in statuses or job.status == "concluded"
+
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(ready), timeout)
+            except TimeoutError as err:
+                raise AgentTimeoutError(
+                    f"{self.name}: job {job_id} not {sorted(statuses)} in time"
+                ) from err
+        if not self.connected or self.generation != generation:
+            raise VmLostError(f"VM {self.name} went away while job {job_id} ran")
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise QemuError(f"{self.name}: job {job_id} vanished")
+        return job
+
+    # ------------------------------------------------------------- inventory
+    async def disks(self) -> dict[str, DiskNode]:
+        """The VM's disks: top-level format nodes not created by this agent.
+
+        Raises:
+            VmLostError, QemuError, AgentTimeoutError.
+        """
+        nodes = await self.execute("query-named-block-nodes", {"flat": True})
+        graph = await self.execute("x-debug-query-block-graph")
+        by_id = {n["id"]: n for n in graph["nodes"]}
+        drv_of = {n["node-name"]: n["drv"] for n in nodes}
+        has_format_parent: set[str] = set()
+        for edge in graph["edges"]:
+            parent, child = by_id.get(edge["parent"]), by_id.get(edge["child"])
+            if not parent or not child or parent["type"] != "block-driver":
+                continue
+            if drv_of.get(parent["name"]) not in FILTER_DRIVERS:
+                has_format_parent.add(child["name"])
+        result: dict[str, DiskNode] = {}
+        for n in nodes:
+            name = n["node-name"]
+            if (
+                name.startswith(("#", NODE_PREFIX))
+                or n["drv"] not in FORMAT_DRIVERS
+                or name in has_format_parent
+            ):
+                continue
+            bitmaps = tuple(
+                BitmapInfo(
+                    b["name"], bool(b.get("recording")), bool(b.get("persistent")),
+                    bool(b.get("inconsistent")), bool(b.get("busy")), int(b.get("count", 0)),
+                    int(b.get("granularity", 0)),
+                )
+                for b in n.get("dirty-bitmaps", [])
+            )
+            result[name] = DiskNode(name, int(n["image"]["virtual-size"]), n["drv"], bitmaps)
+        return result
+
+    async def node_names(self) -> set[str]:
+        nodes = await self.execute("query-named-block-nodes", {"flat": True})
+        return {n["node-name"] for n in nodes}

@@ -1,0 +1,209 @@
+"""The backup repository of one agent: qcow2 images, their catalog, restore, verify.
+
+Layout under the repository root::
+
+    images/<vm>/<disk>/<set_id>.qcow2   one image per disk per backup set
+    catalog.jsonl                       one line per committed image (fsync)
+    journal.jsonl                       the participant journal
+
+An incremental image's backing file is the disk's previous image (a relative
+name, so a repository can be moved). Image data is only ever read by QEMU
+tools and sha256sum, never by Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from agent.errors import BadRequestError, ConflictError, QemuError, UnknownError
+from agent.journal import fsync_dir
+from agent.participant import ImageRecord
+from blocktxn.ids import IdentifierError, confine
+
+
+async def run_tool(*argv: str, timeout: float = 600.0) -> str:
+    """Run a QEMU tool; return stdout.
+
+    Raises:
+        QemuError: non-zero exit or timeout.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError as exc:
+        proc.kill()
+        await proc.wait()
+        raise QemuError(f"{argv[0]} timed out after {timeout:.0f}s") from exc
+    if proc.returncode != 0:
+        msg = err.decode(errors="replace").strip().splitlines()
+        raise QemuError(f"{argv[0]} failed: {msg[-1] if msg else proc.returncode}")
+    return out.decode()
+
+
+class Repository:
+    """Images and catalog under one root; restores confined to given directories."""
+
+    def __init__(self, root: Path, restore_roots: list[Path]) -> None:
+        self.root = root.resolve()
+        self.restore_roots = [r.resolve() for r in restore_roots]
+        self.catalog_path = self.root / "catalog.jsonl"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._catalog: list[ImageRecord] = self._load()
+
+    # --------------------------------------------------------------- catalog
+    def _load(self) -> list[ImageRecord]:
+        if not self.catalog_path.exists():
+            return []
+        out = []
+        for line in self.catalog_path.read_bytes().splitlines():
+            try:
+                out.append(ImageRecord(**json.loads(line)))
+            except (ValueError, TypeError):
+                break
+        return out
+
+    def images(self, vm: str = "", disk: str = "") -> list[ImageRecord]:
+        return [
+            i for i in self._catalog if (not vm or i.vm == vm) and (not disk or i.disk == disk)
+        ]
+
+    def last_image(self, vm: str, disk: str) -> ImageRecord | None:
+        found = self.images(vm, disk)
+        return found[-1] if found else None
+
+    def record(self, images: list[ImageRecord]) -> None:
+        """Append committed images to the catalog (idempotent, fsync)."""
+        known = {(i.set_id, i.vm, i.disk) for i in self._catalog}
+        new = [i for i in images if (i.set_id, i.vm, i.disk) not in known]
+        if not new:
+            return
+        with open(self.catalog_path, "ab") as f:
+            for i in new:
+                f.write(json.dumps(dataclasses.asdict(i), separators=(",", ":")).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._catalog.extend(new)
+
+    def chain(self, set_id: str, vm: str, disk: str) -> list[ImageRecord]:
+        """The images a restore of (*set_id*, *vm*, *disk*) needs, base first.
+
+        Raises:
+            UnknownError: no such image in the catalog.
+        """
+        by_image = {i.image: i for i in self.images(vm, disk)}
+        top = next((i for i in by_image.values() if i.set_id == set_id), None)
+        if top is None:
+            raise UnknownError(f"backup set {set_id} has no image of {vm}/{disk} on this agent")
+        chain = [top]
+        while chain[-1].backing:
+            prev = by_image.get(chain[-1].backing)
+            if prev is None:
+                raise UnknownError(f"chain of {vm}/{disk} broken at {chain[-1].backing}")
+            chain.append(prev)
+        return list(reversed(chain))
+
+    # ---------------------------------------------------------------- images
+    def image_rel(self, vm: str, disk: str, set_id: str) -> str:
+        return f"images/{vm}/{disk}/{set_id}.qcow2"
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    async def create_image(self, rel: str, size: int, backing_rel: str) -> None:
+        """Create an empty qcow2 target (with the previous image as backing)."""
+        p = self.path(rel)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        if backing_rel:
+            argv += ["-b", Path(backing_rel).name, "-F", "qcow2"]
+        await run_tool(*argv, str(p), str(size), timeout=60)
+
+    def delete_image(self, rel: str) -> None:
+        p = self.path(rel)
+        if p.exists():
+            p.unlink()
+            fsync_dir(p.parent)
+
+    async def make_durable(self, rels: list[str]) -> None:
+        """fsync every image and its directory."""
+
+        def sync() -> None:
+            for rel in rels:
+                p = self.path(rel)
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            for d in {self.path(r).parent for r in rels}:
+                fsync_dir(d)
+
+        await asyncio.to_thread(sync)
+
+    async def sha256(self, rel: str) -> str:
+        out = await run_tool("sha256sum", "--", str(self.path(rel)))
+        return out.split()[0]
+
+    # -------------------------------------------------------- restore/verify
+    async def restore(self, set_id: str, vm: str, disk: str, dest: str, fmt: str) -> Path:
+        """Write the disk as of *set_id* to *dest* (raw or qcow2).
+
+        Raises:
+            BadRequestError: bad format or a destination outside the restore roots.
+            ConflictError: the destination exists. UnknownError: no such image.
+        """
+        if fmt not in ("raw", "qcow2"):
+            raise BadRequestError(f"format {fmt!r} is not raw or qcow2")
+        try:
+            target = confine(dest, self.restore_roots, "restore destination")
+        except IdentifierError as err:
+            raise BadRequestError(str(err)) from err
+        chain = self.chain(set_id, vm, disk)
+        if target.exists():
+            raise ConflictError(f"restore destination {target} already exists")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.partial")
+        try:
+            await run_tool(
+                "qemu-img", "convert", "-O", fmt, str(self.path(chain[-1].image)), str(tmp)
+            )
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return target
+
+    async def verify(self, set_id: str) -> list[tuple[str, bool, str]]:
+        """(image, ok, problem) for every image of every chain of *set_id*.
+
+        Raises:
+            UnknownError: the set has no image on this agent.
+        """
+        tops = [i for i in self._catalog if i.set_id == set_id]
+        if not tops:
+            raise UnknownError(f"backup set {set_id} has no image on this agent")
+        seen: dict[str, tuple[str, bool, str]] = {}
+        for top in tops:
+            for img in self.chain(set_id, top.vm, top.disk):
+                if img.image in seen:
+                    continue
+                seen[img.image] = (img.image, *await self._check(img))
+        return list(seen.values())
+
+    async def _check(self, img: ImageRecord) -> tuple[bool, str]:
+        p = self.path(img.image)
+        if not p.exists():
+            return False, "image file missing"
+        try:
+            await run_tool("qemu-img", "check", "-q", "-f", "qcow2", str(p))
+        except QemuError as err:
+            return False, str(err)
+        if img.sha256 and await self.sha256(img.image) != img.sha256:
+            return False, "checksum mismatch"
+        return True, ""

@@ -1,0 +1,213 @@
+"""AgentService: proto <-> domain translation only; the work is in the runner."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import _async as health_aio  # public alias: health.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agent.errors import (
+    AgentError,
+    AgentTimeoutError,
+    BadRequestError,
+    ConflictError,
+    QemuError,
+    UnknownError,
+    VmLostError,
+)
+from agent.participant import ImageRecord, Phase, TxnState
+from agent.runner import AgentRunner, MemberRequest
+from blocktxn.v1 import agent_pb2 as pb
+from blocktxn.v1 import agent_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+#: The one table from agent errors to gRPC status codes (most specific first).
+STATUS_OF: tuple[tuple[type[AgentError], grpc.StatusCode], ...] = (
+    (BadRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnknownError, grpc.StatusCode.NOT_FOUND),
+    (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
+    (VmLostError, grpc.StatusCode.UNAVAILABLE),
+    (QemuError, grpc.StatusCode.FAILED_PRECONDITION),
+    (AgentTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+)
+
+MODE_TO_PB = {"auto": pb.BACKUP_MODE_AUTO, "full": pb.BACKUP_MODE_FULL,
+              "incremental": pb.BACKUP_MODE_INCREMENTAL}
+MODE_FROM_PB = {pb.BACKUP_MODE_UNSPECIFIED: "auto", **{v: k for k, v in MODE_TO_PB.items()}}
+QUIESCE_FROM_PB = {pb.QUIESCE_UNSPECIFIED: "none", pb.QUIESCE_NONE: "none",
+                   pb.QUIESCE_FREEZE: "freeze", pb.QUIESCE_PAUSE: "pause"}
+PHASE_TO_PB = {
+    Phase.CUTTING: pb.PARTICIPANT_PHASE_CUTTING, Phase.FROZEN: pb.PARTICIPANT_PHASE_FROZEN,
+    Phase.RUNNING: pb.PARTICIPANT_PHASE_RUNNING, Phase.PREPARED: pb.PARTICIPANT_PHASE_PREPARED,
+    Phase.VOTED_NO: pb.PARTICIPANT_PHASE_VOTED_NO,
+    Phase.COMMITTED: pb.PARTICIPANT_PHASE_COMMITTED, Phase.ABORTED: pb.PARTICIPANT_PHASE_ABORTED,
+}
+
+
+def status_code(err: AgentError) -> grpc.StatusCode:
+    for cls, code in STATUS_OF:
+        if isinstance(err, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def _guard(context: Ctx, call: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await call()
+    except AgentError as err:
+        await context.abort(status_code(err), str(err).splitlines()[0] if str(err) else repr(err))
+        raise  # unreachable: abort raises
+
+
+def image_to_pb(i: ImageRecord) -> pb.MemberImage:
+    return pb.MemberImage(
+        vm=i.vm, disk=i.disk, set_id=i.set_id, image=i.image, backing=i.backing,
+        mode=MODE_TO_PB[i.mode], bytes=i.bytes, size=i.size, sha256=i.sha256, cut_at=i.cut_at,
+        checkpoint=i.checkpoint,
+    )
+
+
+def cut_to_pb(st: TxnState) -> pb.CutResponse:
+    return pb.CutResponse(
+        txn_id=st.txn_id, frozen_at=st.frozen_at, cut_at=st.cut_at,
+        freeze_deadline=st.freeze_deadline if st.frozen_at else 0.0,
+        members=[
+            pb.MemberResult(
+                vm=m.vm, disk=m.disk, mode=MODE_TO_PB[m.mode], mode_reason=m.mode_reason,
+                checkpoint=m.new_bitmap, previous_checkpoint=m.sync_bitmap or "",
+                bytes_total=st.bytes_total.get(m.key, 0),
+            )
+            for m in st.members
+        ],
+    )
+
+
+class AgentServicer(pb_grpc.AgentServiceServicer):
+    def __init__(self, runner: AgentRunner) -> None:
+        self.runner = runner
+
+    async def GetInventory(self, request: pb.GetInventoryRequest,
+                           context: Ctx) -> pb.Inventory:
+        vms = await _guard(context, self.runner.inventory)
+        return pb.Inventory(
+            agent_id=self.runner.config.agent_id,
+            open_transactions=self.runner.machine.open_txns(),
+            vms=[
+                pb.VmInfo(
+                    name=v.name, connected=v.connected, jobs=list(v.jobs), frozen=v.frozen,
+                    has_guest_agent=v.has_guest_agent,
+                    disks=[pb.DiskInfo(name=d.name, size=d.size, format=d.format,
+                                       checkpoint=d.checkpoint, checkpoint_usable=d.usable,
+                                       checkpoint_problem=d.problem, busy_txn=d.busy_txn)
+                           for d in v.disks],
+                )
+                for v in vms
+            ],
+        )
+
+    async def Cut(self, request: pb.CutRequest,
+                  context: Ctx) -> pb.CutResponse:
+        def members() -> list[MemberRequest]:
+            out = []
+            for m in request.members:
+                if m.mode not in MODE_FROM_PB:
+                    raise BadRequestError(f"unknown backup mode {m.mode}")
+                out.append(MemberRequest(m.vm, m.disk, MODE_FROM_PB[m.mode], m.speed))
+            return out
+
+        async def call() -> TxnState:
+            if request.quiesce not in QUIESCE_FROM_PB:
+                raise BadRequestError(f"unknown quiesce {request.quiesce}")
+            return await self.runner.cut(request.txn_id, members(),
+                                         QUIESCE_FROM_PB[request.quiesce],
+                                         request.freeze_timeout_s)
+
+        return cut_to_pb(await _guard(context, call))
+
+    async def Thaw(self, request: pb.ThawRequest,
+                   context: Ctx) -> pb.ThawResponse:
+        st = await _guard(context, lambda: self.runner.thaw(request.txn_id))
+        return pb.ThawResponse(thawed_on_own=st.thawed_on_own, thawed_at=st.thawed_at)
+
+    async def Status(self, request: pb.StatusRequest,
+                     context: Ctx) -> AsyncIterator[pb.StatusUpdate]:
+        interval = request.interval_s if request.interval_s > 0 else 0.25
+        try:
+            async for st, disks in self.runner.status(request.txn_id, interval):
+                yield pb.StatusUpdate(
+                    txn_id=st.txn_id, phase=PHASE_TO_PB[st.phase], failure=st.failure,
+                    disks=[pb.DiskProgress(vm=d.vm, disk=d.disk, job_status=d.status,
+                                           bytes_done=d.done, bytes_total=d.total,
+                                           error=d.error) for d in disks],
+                )
+        except AgentError as err:
+            await context.abort(status_code(err), str(err))
+
+    async def Prepare(self, request: pb.PrepareRequest,
+                      context: Ctx) -> pb.PrepareResponse:
+        timeout = request.timeout_s if request.timeout_s > 0 else None
+        st = await _guard(context, lambda: self.runner.prepare(request.txn_id, timeout))
+        if st.phase in (Phase.PREPARED, Phase.COMMITTED):
+            return pb.PrepareResponse(yes=True, images=[image_to_pb(i) for i in st.images])
+        return pb.PrepareResponse(yes=False, reason=st.failure or st.abort_reason or "aborted")
+
+    async def Commit(self, request: pb.CommitRequest,
+                     context: Ctx) -> pb.CommitResponse:
+        st = await _guard(context, lambda: self.runner.commit(request.txn_id))
+        return pb.CommitResponse(images=[image_to_pb(i) for i in st.images])
+
+    async def Abort(self, request: pb.AbortRequest,
+                    context: Ctx) -> pb.AbortResponse:
+        await _guard(context, lambda: self.runner.abort(request.txn_id, request.reason))
+        return pb.AbortResponse()
+
+    async def ListImages(self, request: pb.ListImagesRequest,
+                         context: Ctx) -> pb.ListImagesResponse:
+        images = self.runner.repo.images(request.vm, request.disk)
+        return pb.ListImagesResponse(images=[image_to_pb(i) for i in images])
+
+    async def Restore(self, request: pb.RestoreRequest,
+                      context: Ctx) -> pb.RestoreResponse:
+        path = await _guard(context, lambda: self.runner.restore(
+            request.set_id, request.vm, request.disk, request.destination, request.format))
+        return pb.RestoreResponse(path=str(path), bytes=path.stat().st_size)
+
+    async def Verify(self, request: pb.VerifyRequest,
+                     context: Ctx) -> pb.VerifyResponse:
+        checks = await _guard(context, lambda: self.runner.verify(request.set_id))
+        return pb.VerifyResponse(
+            ok=all(ok for _, ok, _ in checks),
+            checks=[pb.ImageCheck(image=i, ok=ok, problem=p) for i, ok, p in checks],
+        )
+
+
+async def add_standard_services(server: grpc.aio.Server, service_names: list[str]) -> None:
+    """Health checking (every service SERVING) and server reflection."""
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+
+
+async def serve(runner: AgentRunner, listen: str) -> grpc.aio.Server:
+    """Start the gRPC server for *runner* on *listen* (host:port)."""
+    server = grpc.aio.server()
+    pb_grpc.add_AgentServiceServicer_to_server(AgentServicer(runner), server)
+    await add_standard_services(server, [pb.DESCRIPTOR.services_by_name["AgentService"].full_name])
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    log.info("agent %s serving on %s", runner.config.agent_id, listen)
+    return server

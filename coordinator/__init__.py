@@ -1,0 +1,1 @@
+"""The blocktxn coordinator: two-phase commit across agents, state in etcd."""
