@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
@@ -153,7 +153,7 @@ class VmConnection:
 
     async def _pump(self, listener: EventListener) -> None:
         async for event in listener:
-            data: dict[str, Any] = event["data"] if "data" in event else {}
+            data = cast(dict[str, Any], event["data"] if "data" in event else {})
             job_id = str(data.get("id", ""))
             if not job_id.startswith(NODE_PREFIX):
                 continue
