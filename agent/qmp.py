@@ -278,6 +278,7 @@ class VmConnection:
                     int(b.get("granularity", 0)),
                 )
                 for b in n.get("dirty-bitmaps", [])
+                if "name" in b  # jobs add anonymous bitmaps of their own
             )
             result[name] = DiskNode(name, int(n["image"]["virtual-size"]), n["drv"], bitmaps)
         return result

@@ -41,7 +41,7 @@ class LabDisk:
     name: str
     image: Path
     size: int
-    read_error: bool = False  # blkdebug under the qcow2: reads fail after a trigger flush
+    read_error: bool = False  # blkdebug under the qcow2: reads fail once armed
 
 
 @dataclass
@@ -87,12 +87,14 @@ class LabVm:
         for d in self.disks:
             if d.read_error:
                 proto: dict[str, Any] = {
-                    "driver": "blkdebug", "node-name": f"{d.name}-dbg",
+                    "driver": "blkdebug", "node-name": f"{d.name}-dbg", "align": 4096,
                     "image": {"driver": "file", "filename": str(d.image)},
-                    # A flush of the disk arms the error: every data read fails after it.
-                    "set-state": [{"event": "flush_to_disk", "state": 1, "new_state": 2}],
+                    # A sub-4k write (read-modify-write) arms the error; from then on
+                    # every data read fails with EIO (see Workload.arm_read_error).
+                    "set-state": [{"event": "pwritev_rmw_tail", "state": 1, "new_state": 2}],
                     "inject-error": [{"event": "read_aio", "state": 2, "errno": 5,
-                                      "once": False, "immediately": False}],
+                                      "iotype": "read", "once": False,
+                                      "immediately": False}],
                 }
                 argv += ["--blockdev", json.dumps(proto)]
                 file_node = f"{d.name}-dbg"
@@ -231,6 +233,20 @@ class Workload:
             f.seek(cluster * CLUSTER)
             f.write(bytes([value]) * CLUSTER)
         self.log.append((len(self.log) + 1, disk, cluster, value))
+
+    def arm_read_error(self, disk: str, cluster: int) -> None:
+        """Make every later read of *disk* fail (a disk made with read_error=True).
+
+        A 512-byte write inside the already written *cluster* is a read-modify-write
+        for blkdebug's 4k alignment, which switches its state to failing reads.
+        """
+        with self.lock:
+            value = random.randrange(1, 256)
+            self._io[disk].write(value, cluster * CLUSTER + 4096, 512)
+            with open(self.shadows[disk], "r+b") as f:
+                f.seek(cluster * CLUSTER + 4096)
+                f.write(bytes([value]) * 512)
+            self.log.append((len(self.log) + 1, disk, cluster, value))
 
     def flush(self, disk: str) -> None:
         """Flush *disk* through its export (a second NBD client)."""

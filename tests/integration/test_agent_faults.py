@@ -1,0 +1,240 @@
+"""Abort, I/O errors, killed agents, killed VMs, missed thaws: no dirty bit is lost."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from blocktxn.lab import CLUSTER, images_equal, top_layer_clusters
+from blocktxn.v1 import agent_pb2 as pb
+from tests.integration.harness import Host, iter_files, restore, wait_until
+
+DISKS = [("vm1", "d0"), ("vm1", "d1")]
+SLOW = 512 << 10  # bytes/s: keeps a job running long enough to write during it
+
+
+def write_clusters(host: Host, clusters: range, byte: int | None = None) -> None:
+    wl = host.workloads["vm1"]
+    for c in clusters:
+        for _, disk in DISKS:
+            wl.write(disk, c, byte)
+
+
+def assert_checkpoint_exact(host: Host, bitmap: str, since_seq: int) -> None:
+    """Only *bitmap* is left on each disk, and it holds exactly the clusters written since."""
+    wl = host.workloads["vm1"]
+    for vm, disk in DISKS:
+        bitmaps = host.bitmaps(vm, disk)
+        assert set(bitmaps) == {bitmap}, bitmaps
+        assert bitmaps[bitmap]["recording"] and not bitmaps[bitmap].get("inconsistent")
+        assert bitmaps[bitmap]["count"] == len(wl.clusters(disk, since_seq)) * CLUSTER
+
+
+def assert_nothing_left(host: Host, txn: str) -> None:
+    assert host.jobs("vm1") == []
+    nodes = {n["node-name"] for n in host.qmp("vm1", "query-named-block-nodes", {"flat": True})}
+    assert not {n for n in nodes if n.startswith("btx")}
+    assert not list((host.agent.repo / "images").glob(f"*/*/{txn}.qcow2"))
+
+
+def next_incremental_is_exact(host: Host, txn: str, since_seq: int) -> None:
+    """The next incremental holds exactly what was written since *since_seq* and restores."""
+    wl, ga = host.workloads["vm1"], host.gas["vm1"]
+    vote = host.backup(txn, DISKS, mode=pb.BACKUP_MODE_INCREMENTAL)
+    assert vote.yes, vote.reason
+    cut = ga.cuts[-1]
+    for vm, disk in DISKS:
+        image = host.image(f"images/{vm}/{disk}/{txn}.qcow2")
+        assert top_layer_clusters(image) == wl.clusters(disk, since_seq, cut.seq)
+        out = restore(host, txn, vm, disk, f"{txn}-{disk}.raw")
+        assert images_equal(out, "raw", cut.images[disk], "raw")
+
+
+@pytest.mark.parametrize("abort_at", ["pending", "voted"])
+def test_abort_at_barrier_keeps_every_write_since_last_commit(
+    make_host: Callable[..., Host], abort_at: str
+) -> None:
+    host = make_host()
+    write_clusters(host, range(0, 48))
+    assert host.backup("t1", DISKS).yes
+    base = host.gas["vm1"].cuts[-1].seq
+    write_clusters(host, range(10, 30))               # before the cut
+    host.cut("t2", DISKS, speed=SLOW)
+    host.thaw("t2")
+    statuses = {d.job_status for d in host.stub.Status(
+        pb.StatusRequest(txn_id="t2"), timeout=10).next().disks}
+    assert statuses == {"running"}, statuses
+    write_clusters(host, range(25, 36))               # while the jobs run (throttled)
+    progress = host.wait_pending("t2")
+    assert {d.job_status for d in progress} == {"pending"}
+    write_clusters(host, range(40, 44))               # while the jobs wait at the barrier
+    if abort_at == "voted":
+        vote = host.prepare("t2")
+        assert vote.yes
+        write_clusters(host, range(44, 46))           # after the YES vote
+    host.abort("t2")
+    host.abort("t2")                                  # idempotent
+    assert_nothing_left(host, "t2")
+    assert_checkpoint_exact(host, "blocktxn:t1", base)
+    next_incremental_is_exact(host, "t3", base)
+    # the abort left the previous chain intact: t1 still restores to its cut
+    out = restore(host, "t1", "vm1", "d0", "t1-d0.raw")
+    assert images_equal(out, "raw", host.gas["vm1"].cuts[0].images["d0"], "raw")
+
+
+def test_read_error_on_one_disk_aborts_every_job_and_reclaims_every_bitmap(
+    make_host: Callable[..., Host],
+) -> None:
+    host = make_host(read_error=("d1",))
+    write_clusters(host, range(0, 16))
+    assert host.backup("t1", DISKS).yes
+    base = host.gas["vm1"].cuts[-1].seq
+    write_clusters(host, range(4, 12))
+    host.workloads["vm1"].arm_read_error("d1", 5)     # blkdebug: every read of d1 fails now
+    host.cut("t2", DISKS)
+    host.thaw("t2")
+    progress = {d.disk: d for d in host.wait_pending("t2")}
+    assert progress["d0"].job_status == "pending"
+    assert progress["d1"].job_status == "concluded" and progress["d1"].error
+    vote = host.prepare("t2")
+    assert not vote.yes and "d1" in vote.reason and "error" in vote.reason.lower()
+    with pytest.raises(grpc.RpcError) as err:
+        host.commit("t2")                             # a NO voter cannot commit
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    host.abort("t2")
+    assert_nothing_left(host, "t2")
+    assert_checkpoint_exact(host, "blocktxn:t1", base)
+
+
+@pytest.mark.parametrize("outcome", ["commit", "abort"])
+def test_agent_killed_at_the_barrier_completes_exactly_after_restart(
+    make_host: Callable[..., Host], outcome: str
+) -> None:
+    host = make_host()
+    wl, ga = host.workloads["vm1"], host.gas["vm1"]
+    write_clusters(host, range(0, 32))
+    assert host.backup("t1", DISKS).yes
+    base = ga.cuts[-1].seq
+    write_clusters(host, range(8, 16))
+    host.cut("t2", DISKS)
+    host.thaw("t2")
+    host.wait_pending("t2")
+    if outcome == "abort":
+        assert host.prepare("t2").yes                 # killed after voting YES
+    host.kill_agent()                                 # jobs stay pending inside QEMU
+    assert {j["status"] for j in host.jobs("vm1")} == ({"pending"} if outcome == "commit"
+                                                       else set())
+    write_clusters(host, range(20, 26))               # the guest keeps writing meanwhile
+    host.start_agent()
+    assert host.inventory().open_transactions == ["t2"]
+    if outcome == "commit":
+        assert host.prepare("t2").yes
+        host.commit("t2")
+        host.commit("t2")                             # idempotent
+        cut = ga.cuts[-1]
+        for vm, disk in DISKS:
+            image = host.image(f"images/{vm}/{disk}/t2.qcow2")
+            assert top_layer_clusters(image) == wl.clusters(disk, base, cut.seq)
+            out = restore(host, "t2", vm, disk, f"t2-{disk}.raw")
+            assert images_equal(out, "raw", cut.images[disk], "raw")
+        assert_checkpoint_exact(host, "blocktxn:t2", cut.seq)
+    else:
+        host.abort("t2")
+        assert_nothing_left(host, "t2")
+        assert_checkpoint_exact(host, "blocktxn:t1", base)
+        next_incremental_is_exact(host, "t3", base)
+
+
+def test_vm_killed_during_backup_votes_no_and_next_auto_backup_is_full(
+    make_host: Callable[..., Host],
+) -> None:
+    host = make_host()
+    wl, ga, vm = host.workloads["vm1"], host.gas["vm1"], host.vms["vm1"]
+    write_clusters(host, range(0, 32))
+    assert host.backup("t1", DISKS).yes
+    host.cut("t2", DISKS, speed=SLOW)
+    host.thaw("t2")
+    wl.detach()
+    vm.kill()                                         # QEMU dies mid-backup
+    vote = host.prepare("t2")
+    assert not vote.yes and "vm1" in vote.reason
+    host.abort("t2")
+    assert not list((host.agent.repo / "images").glob("*/*/t2.qcow2"))
+
+    vm.start()                                        # same images, bitmaps never stored
+    wl.attach()
+    wait_until(lambda: host.inventory().vms[0].connected, what="agent reconnect")
+    disks = {d.name: d for d in host.inventory().vms[0].disks}
+    assert not disks["d0"].checkpoint_usable and disks["d0"].checkpoint_problem
+    with pytest.raises(grpc.RpcError) as err:         # strict incremental: a clear error
+        host.cut("t3", DISKS, mode=pb.BACKUP_MODE_INCREMENTAL)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "incremental" in (err.value.details() or "")
+    write_clusters(host, range(3, 6))
+    cut = host.cut("t3", DISKS, mode=pb.BACKUP_MODE_AUTO)
+    assert [m.mode for m in cut.members] == [pb.BACKUP_MODE_FULL] * 2
+    assert all("missing" in m.mode_reason or "inconsistent" in m.mode_reason
+               for m in cut.members)
+    host.thaw("t3")
+    assert host.prepare("t3").yes
+    host.commit("t3")
+    for _, disk in DISKS:
+        out = restore(host, "t3", "vm1", disk, f"t3-{disk}.raw")
+        assert images_equal(out, "raw", ga.cuts[-1].images[disk], "raw")
+
+
+def test_clean_vm_restart_keeps_the_persistent_checkpoint(make_host: Callable[..., Host]) -> None:
+    host = make_host()
+    wl, vm = host.workloads["vm1"], host.vms["vm1"]
+    write_clusters(host, range(0, 8))
+    assert host.backup("t1", DISKS).yes
+    base = host.gas["vm1"].cuts[-1].seq
+    write_clusters(host, range(2, 5))
+    wl.detach()
+    vm.stop()                                         # clean close stores the bitmaps
+    vm.start()
+    wl.attach()
+    wait_until(lambda: host.inventory().vms[0].connected, what="agent reconnect")
+    next_incremental_is_exact(host, "t2", base)
+
+
+def test_freeze_deadline_thaws_without_coordinator_and_votes_no(
+    make_host: Callable[..., Host],
+) -> None:
+    host = make_host()
+    ga = host.gas["vm1"]
+    write_clusters(host, range(0, 8))
+    assert host.backup("t1", DISKS).yes
+    base = ga.cuts[-1].seq
+    host.workloads["vm1"].start_background(interval=0.005)
+    host.cut("t2", DISKS, freeze_timeout=0.5)
+    assert ga.is_frozen
+    wait_until(lambda: not ga.is_frozen, timeout=5, what="auto-thaw")
+    start, end = ga.frozen_intervals[-1]
+    assert end - start < 0.5 + 0.5                  # deadline plus scheduling slack
+    thaw = host.thaw("t2")
+    assert thaw.thawed_on_own
+    vote = host.prepare("t2")
+    assert not vote.yes and "deadline" in vote.reason
+    host.abort("t2")
+    host.workloads["vm1"].stop_background()
+    assert_nothing_left(host, "t2")
+    assert_checkpoint_exact(host, "blocktxn:t1", base)
+
+
+def test_guest_agent_that_never_answers_freeze_fails_the_cut_within_the_deadline(
+    make_host: Callable[..., Host],
+) -> None:
+    host = make_host()
+    host.gas["vm1"].answer_freeze = False
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        host.cut("t1", DISKS, freeze_timeout=1.0)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert time.monotonic() - started < 10
+    assert_nothing_left(host, "t1")
+    assert host.bitmaps("vm1", "d0") == {}
+    assert list(iter_files(host.agent.repo / "images")) == []
