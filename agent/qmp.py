@@ -283,6 +283,10 @@ class VmConnection:
             result[name] = DiskNode(name, int(n["image"]["virtual-size"]), n["drv"], bitmaps)
         return result
 
+    async def commands(self) -> set[str]:
+        """Names of the QMP commands this QEMU offers."""
+        return {c["name"] for c in await self.execute("query-commands")}
+
     async def node_names(self) -> set[str]:
         nodes = await self.execute("query-named-block-nodes", {"flat": True})
         return {n["node-name"] for n in nodes}

@@ -299,6 +299,9 @@ class AgentRunner:
             if not conn.connected:
                 raise ConflictError(f"VM {vm} is lost (its QMP socket is not connected)")
             nodes[vm] = await conn.disks()
+            if quiesce == "pause" and "stop" not in await conn.commands():
+                raise ConflictError(f"VM {vm} cannot pause: QEMU has no QMP stop "
+                                    "(qemu-storage-daemon?); use quiesce freeze or none")
         plans = []
         for m in members:
             node = nodes[m.vm].get(m.disk)

@@ -144,7 +144,8 @@ class QemuIo:
 
     def __init__(self, uri: str) -> None:
         self.proc = subprocess.Popen(
-            ["stdbuf", "-oL", "qemu-io", "-f", "raw", uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            ["stdbuf", "-oL", "qemu-io", "-f", "raw", uri],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
 

@@ -71,8 +71,9 @@ class Host:
             vm.stop()
 
     # -------------------------------------------------------------- protocol
-    def cut(self, txn: str, members: list[tuple[str, str]], mode: int = pb.BACKUP_MODE_AUTO,
-            quiesce: int = pb.QUIESCE_FREEZE, freeze_timeout: float = 10.0,
+    def cut(self, txn: str, members: list[tuple[str, str]],
+            mode: pb.BackupMode.ValueType = pb.BACKUP_MODE_AUTO,
+            quiesce: pb.Quiesce.ValueType = pb.QUIESCE_FREEZE, freeze_timeout: float = 10.0,
             speed: int = 0) -> pb.CutResponse:
         req = pb.CutRequest(
             txn_id=txn, quiesce=quiesce, freeze_timeout_s=freeze_timeout,
@@ -128,7 +129,7 @@ class Host:
         nodes = self.qmp(vm, "query-named-block-nodes", {"flat": True})
         for n in nodes:
             if n["node-name"] == disk:
-                return {b["name"]: b for b in n.get("dirty-bitmaps", [])}
+                return {b["name"]: b for b in n.get("dirty-bitmaps", []) if "name" in b}
         raise KeyError(disk)
 
     def jobs(self, vm: str) -> list[dict[str, Any]]:

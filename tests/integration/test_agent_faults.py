@@ -64,8 +64,8 @@ def test_abort_at_barrier_keeps_every_write_since_last_commit(
     write_clusters(host, range(10, 30))               # before the cut
     host.cut("t2", DISKS, speed=SLOW)
     host.thaw("t2")
-    statuses = {d.job_status for d in host.stub.Status(
-        pb.StatusRequest(txn_id="t2"), timeout=10).next().disks}
+    first = next(iter(host.stub.Status(pb.StatusRequest(txn_id="t2"), timeout=10)))
+    statuses = {d.job_status for d in first.disks}
     assert statuses == {"running"}, statuses
     write_clusters(host, range(25, 36))               # while the jobs run (throttled)
     progress = host.wait_pending("t2")

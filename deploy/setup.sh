@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One-stop set-up for a fresh Debian machine, then run something:
+#   bash deploy/setup.sh demo [ARGS...]   install, then run the self-contained demo cluster
+#   bash deploy/setup.sh test [ARGS...]   install, then run the whole test suite (pytest)
+#   bash deploy/setup.sh install          install only
+# Installs (only what is missing): Debian qemu-utils, qemu-system-common (qemu-storage-daemon),
+# etcd-server, nftables; a virtualenv in .venv with blocktxn and its dev tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
+command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || need+=(qemu-utils)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v nft >/dev/null || need+=(nftables)
+command -v stdbuf >/dev/null || need+=(coreutils)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+py=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$py" -m venv .venv
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e ".[dev]"
+  touch "$stamp"
+fi
+
+what=${1:-install}
+shift || true
+case "$what" in
+  install) ;;
+  demo) exec .venv/bin/blocktxn demo "$@" ;;
+  test) exec .venv/bin/python -m pytest "$@" ;;
+  *) echo "usage: $0 install|demo|test [ARGS...]" >&2; exit 2 ;;
+esac

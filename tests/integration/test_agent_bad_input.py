@@ -1,0 +1,107 @@
+"""Bad input gets a clear gRPC status and changes nothing in QEMU or the repository."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from blocktxn.v1 import agent_pb2 as pb
+from tests.integration.harness import Host, iter_files
+
+DISKS = [("vm1", "d0"), ("vm1", "d1")]
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def snapshot(host: Host) -> tuple[Any, ...]:
+    """Everything a bad request must leave alone."""
+    bitmaps = {d: sorted(host.bitmaps("vm1", d)) for _, d in DISKS}
+    nodes = sorted(n["node-name"] for n in host.qmp("vm1", "query-named-block-nodes",
+                                                   {"flat": True}))
+    files = sorted(str(p) for p in iter_files(host.agent.repo))
+    journal = (host.agent.repo / "journal.jsonl").read_bytes()
+    return bitmaps, nodes, files, journal, host.jobs("vm1")
+
+
+def expect(code: grpc.StatusCode, call: Callable[[], Any], *words: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert err.value.code() == code, err.value
+    details = err.value.details() or ""
+    assert "\n" not in details and details
+    for w in words:
+        assert w in details, details
+
+
+def cut(host: Host, txn: str, members: list[tuple[str, str]], **kw: Any) -> Callable[[], Any]:
+    return lambda: host.cut(txn, members, **kw)
+
+
+def test_bad_requests_are_refused_and_change_nothing(make_host: Callable[..., Host]) -> None:
+    host = make_host()
+    host.workloads["vm1"].write("d0", 1)
+    assert host.backup("t1", DISKS).yes
+    host.cut("busy", [("vm1", "d0")])   # holds d0 in an open transaction
+    before = snapshot(host)
+
+    expect(NOT_FOUND, cut(host, "t2", [("vm9", "d0")]), "vm9")
+    expect(NOT_FOUND, cut(host, "t2", [("vm1", "nope")]), "nope")
+    expect(PRECONDITION, cut(host, "t2", [("vm1", "d0")]), "busy")
+    expect(INVALID, cut(host, "../etc", [("vm1", "d1")]), "transaction id")
+    expect(INVALID, cut(host, "t2", [("vm1", "d1;rm")]), "disk name")
+    expect(INVALID, cut(host, "t2", []), "no members")
+    expect(INVALID, cut(host, "t2", [("vm1", "d1"), ("vm1", "d1")]), "twice")
+    expect(INVALID, cut(host, "t2", [("vm1", "d1")], mode=42), "mode")
+    expect(INVALID, cut(host, "t2", [("vm1", "d1")], quiesce=9), "quiesce")
+    expect(INVALID, cut(host, "t2", [("vm1", "d1")], freeze_timeout=-1), "freeze timeout")
+    expect(PRECONDITION, cut(host, "t2", [("vm1", "d1")], quiesce=pb.QUIESCE_PAUSE), "stop")
+    # a repeated txn id with other members is not the same transaction
+    expect(PRECONDITION, cut(host, "busy", [("vm1", "d1")]), "other members")
+
+    stub = host.stub
+    expect(NOT_FOUND, lambda: stub.Thaw(pb.ThawRequest(txn_id="ghost"), timeout=10))
+    expect(NOT_FOUND, lambda: stub.Commit(pb.CommitRequest(txn_id="ghost"), timeout=10))
+    expect(INVALID, lambda: stub.Commit(pb.CommitRequest(txn_id=""), timeout=10))
+    expect(PRECONDITION, lambda: stub.Commit(pb.CommitRequest(txn_id="busy"), timeout=10),
+           "busy")  # no YES vote yet
+    expect(PRECONDITION, lambda: stub.Abort(pb.AbortRequest(txn_id="t1"), timeout=10),
+           "committed")
+    restore_dir = host.agent.restore_dir
+    for dest in ("/etc/passwd-restore", str(restore_dir / ".." / "escape.raw"), ""):
+        expect(INVALID, lambda d=dest: stub.Restore(pb.RestoreRequest(  # type: ignore[misc]
+            set_id="t1", vm="vm1", disk="d0", destination=d), timeout=10), "restore destination")
+    expect(INVALID, lambda: stub.Restore(pb.RestoreRequest(
+        set_id="t1", vm="vm1", disk="d0", destination=str(restore_dir / "x"), format="vmdk"),
+        timeout=10), "format")
+    expect(NOT_FOUND, lambda: stub.Restore(pb.RestoreRequest(
+        set_id="t9", vm="vm1", disk="d0", destination=str(restore_dir / "x")), timeout=10), "t9")
+    expect(NOT_FOUND, lambda: stub.Verify(pb.VerifyRequest(set_id="t9"), timeout=10))
+    expect(INVALID, lambda: stub.Verify(pb.VerifyRequest(set_id="a/b"), timeout=10))
+    assert snapshot(host) == before
+
+    # a prepare of a transaction never cut here is a NO vote, not an error
+    assert not host.prepare("ghost").yes
+    # an abort of an unknown transaction is remembered: a late cut of it is refused
+    host.abort("late")
+    expect(PRECONDITION, cut(host, "late", [("vm1", "d1")]), "aborted")
+    host.abort("busy")
+
+
+def test_agent_command_line_errors_exit_2_with_one_line(tmp_path: Any) -> None:
+    for args in (["--vm", "bad spec"], ["--vm", "vm1=/x,foo=1"], ["--id", "a b"]):
+        argv = {"--id": "a1", "--listen": "127.0.0.1:0", "--repo": str(tmp_path)}
+        extra = list(args)
+        if "--id" in extra:
+            argv["--id"] = extra[1]
+            extra = []
+        cmd = [sys.executable, "-m", "agent", *[x for kv in argv.items() for x in kv],
+               *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        assert res.returncode == 2, (args, res)
+        assert len(res.stdout.strip().splitlines()) == 1 and "blocktxn agent:" in res.stdout
