@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a VM: its QMP socket and optional guest-agent socket (repeatable)")
     p.add_argument("--restore-dir", action="append", default=[], type=Path,
                    help="directory restores may write into (repeatable; default REPO/restores)")
-    p.add_argument("--coordinator", help="HOST:PORT of the coordinator to register with")
+    p.add_argument("--coordinator",
+                   help="HOST:PORT[,HOST:PORT...] of the coordinator replicas to register with")
     p.add_argument("--advertise", help="address the coordinator dials (default: --listen)")
     p.add_argument("--qmp-timeout", type=float, default=10.0, help="deadline of a QMP command")
 
@@ -47,13 +48,45 @@ async def run(config: AgentConfig) -> None:
     runner = AgentRunner(config)
     await runner.start()
     server = await serve(runner, config.listen)
+    heartbeat = None
+    if config.coordinator:
+        heartbeat = asyncio.create_task(register_forever(runner, config))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if heartbeat is not None:
+        heartbeat.cancel()
     await server.stop(grace=2)
     await runner.stop()
+
+
+async def register_forever(runner: AgentRunner, config: AgentConfig) -> None:
+    """Announce this agent and its inventory to the coordinator, as a heartbeat."""
+    import grpc
+
+    from agent.service import inventory_to_pb
+    from blocktxn.v1 import coordinator_pb2 as cpb
+    from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
+
+    log = logging.getLogger(__name__)
+    assert config.coordinator
+    replicas = [a.strip() for a in config.coordinator.split(",") if a.strip()]
+    channels = [grpc.aio.insecure_channel(a) for a in replicas]
+    interval, turn = 3.0, 0
+    while True:
+        stub = cpb_grpc.CoordinatorServiceStub(channels[turn % len(channels)])
+        try:
+            reply = await stub.RegisterAgent(cpb.RegisterAgentRequest(
+                agent_id=config.agent_id, address=config.advertise or config.listen,
+                inventory=await inventory_to_pb(runner)), timeout=5)
+            interval = reply.heartbeat_s or interval
+        except grpc.aio.AioRpcError as err:
+            log.warning("registration with %s failed: %s", replicas[turn % len(replicas)],
+                        err.details() or err.code().name)
+            interval, turn = 1.0, turn + 1
+        await asyncio.sleep(interval)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -90,28 +90,32 @@ def cut_to_pb(st: TxnState) -> pb.CutResponse:
     )
 
 
+async def inventory_to_pb(runner: AgentRunner) -> pb.Inventory:
+    vms = await runner.inventory()
+    return pb.Inventory(
+        agent_id=runner.config.agent_id,
+        open_transactions=runner.machine.open_txns(),
+        vms=[
+            pb.VmInfo(
+                name=v.name, connected=v.connected, jobs=list(v.jobs), frozen=v.frozen,
+                has_guest_agent=v.has_guest_agent,
+                disks=[pb.DiskInfo(name=d.name, size=d.size, format=d.format,
+                                   checkpoint=d.checkpoint, checkpoint_usable=d.usable,
+                                   checkpoint_problem=d.problem, busy_txn=d.busy_txn)
+                       for d in v.disks],
+            )
+            for v in vms
+        ],
+    )
+
+
 class AgentServicer(pb_grpc.AgentServiceServicer):
     def __init__(self, runner: AgentRunner) -> None:
         self.runner = runner
 
     async def GetInventory(self, request: pb.GetInventoryRequest,
                            context: Ctx) -> pb.Inventory:
-        vms = await _guard(context, self.runner.inventory)
-        return pb.Inventory(
-            agent_id=self.runner.config.agent_id,
-            open_transactions=self.runner.machine.open_txns(),
-            vms=[
-                pb.VmInfo(
-                    name=v.name, connected=v.connected, jobs=list(v.jobs), frozen=v.frozen,
-                    has_guest_agent=v.has_guest_agent,
-                    disks=[pb.DiskInfo(name=d.name, size=d.size, format=d.format,
-                                       checkpoint=d.checkpoint, checkpoint_usable=d.usable,
-                                       checkpoint_problem=d.problem, busy_txn=d.busy_txn)
-                           for d in v.disks],
-                )
-                for v in vms
-            ],
-        )
+        return await _guard(context, lambda: inventory_to_pb(self.runner))
 
     async def Cut(self, request: pb.CutRequest,
                   context: Ctx) -> pb.CutResponse:

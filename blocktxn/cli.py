@@ -12,6 +12,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blocktxn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     agent_main.add_arguments(sub.add_parser("agent", help="run the per-host agent"))
+    from coordinator import main as coordinator_main
+
+    coordinator_main.add_arguments(sub.add_parser("coordinator", help="run a coordinator replica"))
     return parser
 
 
@@ -22,5 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         from agent import main as agent_main
 
         return agent_main.main(args)
+    if args.command == "coordinator":
+        from coordinator import main as coordinator_main
+
+        return coordinator_main.main(args)
     parser.error(f"unknown command {args.command}")
     return 2

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62locktxn/v1/agent.proto\x12\x0b\x62locktxn.v1\"\x15\n\x13GetInventoryRequest\"\x93\x01\n\x08\x44iskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x12\n\ncheckpoint\x18\x04 \x01(\t\x12\x19\n\x11\x63heckpoint_usable\x18\x05 \x01(\x08\x12\x1a\n\x12\x63heckpoint_problem\x18\x06 \x01(\t\x12\x10\n\x08\x62usy_txn\x18\x07 \x01(\t\"\x86\x01\n\x06VmInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12$\n\x05\x64isks\x18\x03 \x03(\x0b\x32\x15.blocktxn.v1.DiskInfo\x12\x0c\n\x04jobs\x18\x04 \x03(\t\x12\x0e\n\x06\x66rozen\x18\x05 \x01(\x08\x12\x17\n\x0fhas_guest_agent\x18\x06 \x01(\x08\"Z\n\tInventory\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12 \n\x03vms\x18\x02 \x03(\x0b\x32\x13.blocktxn.v1.VmInfo\x12\x19\n\x11open_transactions\x18\x03 \x03(\t\"[\n\tCutMember\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\x12%\n\x04mode\x18\x03 \x01(\x0e\x32\x17.blocktxn.v1.BackupMode\x12\r\n\x05speed\x18\x04 \x01(\x04\"\x86\x01\n\nCutRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12\'\n\x07members\x18\x02 \x03(\x0b\x32\x16.blocktxn.v1.CutMember\x12%\n\x07quiesce\x18\x03 \x01(\x0e\x32\x14.blocktxn.v1.Quiesce\x12\x18\n\x10\x66reeze_timeout_s\x18\x04 \x01(\x01\"\xaa\x01\n\x0cMemberResult\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\x12%\n\x04mode\x18\x03 \x01(\x0e\x32\x17.blocktxn.v1.BackupMode\x12\x13\n\x0bmode_reason\x18\x04 \x01(\t\x12\x12\n\ncheckpoint\x18\x05 \x01(\t\x12\x1b\n\x13previous_checkpoint\x18\x06 \x01(\t\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\"\x85\x01\n\x0b\x43utResponse\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12*\n\x07members\x18\x02 \x03(\x0b\x32\x19.blocktxn.v1.MemberResult\x12\x11\n\tfrozen_at\x18\x03 \x01(\x01\x12\x0e\n\x06\x63ut_at\x18\x04 \x01(\x01\x12\x17\n\x0f\x66reeze_deadline\x18\x05 \x01(\x01\"\x1d\n\x0bThawRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\"8\n\x0cThawResponse\x12\x15\n\rthawed_on_own\x18\x01 \x01(\x08\x12\x11\n\tthawed_at\x18\x02 \x01(\x01\"3\n\rStatusRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12\x12\n\ninterval_s\x18\x02 \x01(\x01\"t\n\x0c\x44iskProgress\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\x12\x12\n\njob_status\x18\x03 \x01(\t\x12\x12\n\nbytes_done\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x04\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\x87\x01\n\x0cStatusUpdate\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12,\n\x05phase\x18\x02 \x01(\x0e\x32\x1d.blocktxn.v1.ParticipantPhase\x12(\n\x05\x64isks\x18\x03 \x03(\x0b\x32\x19.blocktxn.v1.DiskProgress\x12\x0f\n\x07\x66\x61ilure\x18\x04 \x01(\t\"3\n\x0ePrepareRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"\xcf\x01\n\x0bMemberImage\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\x12\x0e\n\x06set_id\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63king\x18\x05 \x01(\t\x12%\n\x04mode\x18\x06 \x01(\x0e\x32\x17.blocktxn.v1.BackupMode\x12\r\n\x05\x62ytes\x18\x07 \x01(\x04\x12\x0c\n\x04size\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x0e\n\x06\x63ut_at\x18\n \x01(\x01\x12\x12\n\ncheckpoint\x18\x0b \x01(\t\"X\n\x0fPrepareResponse\x12\x0b\n\x03yes\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12(\n\x06images\x18\x03 \x03(\x0b\x32\x18.blocktxn.v1.MemberImage\"\x1f\n\rCommitRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\":\n\x0e\x43ommitResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.blocktxn.v1.MemberImage\".\n\x0c\x41\x62ortRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rAbortResponse\"-\n\x11ListImagesRequest\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\">\n\x12ListImagesResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.blocktxn.v1.MemberImage\"_\n\x0eRestoreRequest\x12\x0e\n\x06set_id\x18\x01 \x01(\t\x12\n\n\x02vm\x18\x02 \x01(\t\x12\x0c\n\x04\x64isk\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x05 \x01(\t\".\n\x0fRestoreResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\x1f\n\rVerifyRequest\x12\x0e\n\x06set_id\x18\x01 \x01(\t\"8\n\nImageCheck\x12\r\n\x05image\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0f\n\x07problem\x18\x03 \x01(\t\"E\n\x0eVerifyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\'\n\x06\x63hecks\x18\x02 \x03(\x0b\x32\x17.blocktxn.v1.ImageCheck*r\n\nBackupMode\x12\x1b\n\x17\x42\x41\x43KUP_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x42\x41\x43KUP_MODE_AUTO\x10\x01\x12\x14\n\x10\x42\x41\x43KUP_MODE_FULL\x10\x02\x12\x1b\n\x17\x42\x41\x43KUP_MODE_INCREMENTAL\x10\x03*[\n\x07Quiesce\x12\x17\n\x13QUIESCE_UNSPECIFIED\x10\x00\x12\x10\n\x0cQUIESCE_NONE\x10\x01\x12\x12\n\x0eQUIESCE_FREEZE\x10\x02\x12\x11\n\rQUIESCE_PAUSE\x10\x03*\x91\x02\n\x10ParticipantPhase\x12!\n\x1dPARTICIPANT_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n\x19PARTICIPANT_PHASE_CUTTING\x10\x01\x12\x1c\n\x18PARTICIPANT_PHASE_FROZEN\x10\x02\x12\x1d\n\x19PARTICIPANT_PHASE_RUNNING\x10\x03\x12\x1e\n\x1aPARTICIPANT_PHASE_PREPARED\x10\x04\x12\x1e\n\x1aPARTICIPANT_PHASE_VOTED_NO\x10\x05\x12\x1f\n\x1bPARTICIPANT_PHASE_COMMITTED\x10\x06\x12\x1d\n\x19PARTICIPANT_PHASE_ABORTED\x10\x07\x32\xb3\x05\n\x0c\x41gentService\x12H\n\x0cGetInventory\x12 .blocktxn.v1.GetInventoryRequest\x1a\x16.blocktxn.v1.Inventory\x12\x38\n\x03\x43ut\x12\x17.blocktxn.v1.CutRequest\x1a\x18.blocktxn.v1.CutResponse\x12;\n\x04Thaw\x12\x18.blocktxn.v1.ThawRequest\x1a\x19.blocktxn.v1.ThawResponse\x12\x41\n\x06Status\x12\x1a.blocktxn.v1.StatusRequest\x1a\x19.blocktxn.v1.StatusUpdate0\x01\x12\x44\n\x07Prepare\x12\x1b.blocktxn.v1.PrepareRequest\x1a\x1c.blocktxn.v1.PrepareResponse\x12\x41\n\x06\x43ommit\x12\x1a.blocktxn.v1.CommitRequest\x1a\x1b.blocktxn.v1.CommitResponse\x12>\n\x05\x41\x62ort\x12\x19.blocktxn.v1.AbortRequest\x1a\x1a.blocktxn.v1.AbortResponse\x12M\n\nListImages\x12\x1e.blocktxn.v1.ListImagesRequest\x1a\x1f.blocktxn.v1.ListImagesResponse\x12\x44\n\x07Restore\x12\x1b.blocktxn.v1.RestoreRequest\x1a\x1c.blocktxn.v1.RestoreResponse\x12\x41\n\x06Verify\x12\x1a.blocktxn.v1.VerifyRequest\x1a\x1b.blocktxn.v1.VerifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62locktxn/v1/agent.proto\x12\x0b\x62locktxn.v1\"\x15\n\x13GetInventoryRequest\"\x93\x01\n\x08\x44iskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x12\n\ncheckpoint\x18\x04 \x01(\t\x12\x19\n\x11\x63heckpoint_usable\x18\x05 \x01(\x08\x12\x1a\n\x12\x63heckpoint_problem\x18\x06 \x01(\t\x12\x10\n\x08\x62usy_txn\x18\x07 \x01(\t\"\x86\x01\n\x06VmInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12$\n\x05\x64isks\x18\x03 \x03(\x0b\x32\x15.blocktxn.v1.DiskInfo\x12\x0c\n\x04jobs\x18\x04 \x03(\t\x12\x0e\n\x06\x66rozen\x18\x05 \x01(\x08\x12\x17\n\x0fhas_guest_agent\x18\x06 \x01(\x08\"Z\n\tInventory\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12 \n\x03vms\x18\x02 \x03(\x0b\x32\x13.blocktxn.v1.VmInfo\x12\x19\n\x11open_transactions\x18\x03 \x03(\t\"[\n\tCutMember\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\x12%\n\x04mode\x18\x03 \x01(\x0e\x32\x17.blocktxn.v1.BackupMode\x12\r\n\x05speed\x18\x04 \x01(\x04\"\x86\x01\n\nCutRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12\'\n\x07members\x18\x02 \x03(\x0b\x32\x16.blocktxn.v1.CutMember\x12%\n\x07quiesce\x18\x03 \x01(\x0e\x32\x14.blocktxn.v1.Quiesce\x12\x18\n\x10\x66reeze_timeout_s\x18\x04 \x01(\x01\"\xaa\x01\n\x0cMemberResult\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\x12%\n\x04mode\x18\x03 \x01(\x0e\x32\x17.blocktxn.v1.BackupMode\x12\x13\n\x0bmode_reason\x18\x04 \x01(\t\x12\x12\n\ncheckpoint\x18\x05 \x01(\t\x12\x1b\n\x13previous_checkpoint\x18\x06 \x01(\t\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\"\x85\x01\n\x0b\x43utResponse\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12*\n\x07members\x18\x02 \x03(\x0b\x32\x19.blocktxn.v1.MemberResult\x12\x11\n\tfrozen_at\x18\x03 \x01(\x01\x12\x0e\n\x06\x63ut_at\x18\x04 \x01(\x01\x12\x17\n\x0f\x66reeze_deadline\x18\x05 \x01(\x01\"\x1d\n\x0bThawRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\"8\n\x0cThawResponse\x12\x15\n\rthawed_on_own\x18\x01 \x01(\x08\x12\x11\n\tthawed_at\x18\x02 \x01(\x01\"3\n\rStatusRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12\x12\n\ninterval_s\x18\x02 \x01(\x01\"t\n\x0c\x44iskProgress\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\x12\x12\n\njob_status\x18\x03 \x01(\t\x12\x12\n\nbytes_done\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x04\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\x87\x01\n\x0cStatusUpdate\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12,\n\x05phase\x18\x02 \x01(\x0e\x32\x1d.blocktxn.v1.ParticipantPhase\x12(\n\x05\x64isks\x18\x03 \x03(\x0b\x32\x19.blocktxn.v1.DiskProgress\x12\x0f\n\x07\x66\x61ilure\x18\x04 \x01(\t\"3\n\x0ePrepareRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"\xe1\x01\n\x0bMemberImage\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\x12\x0e\n\x06set_id\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63king\x18\x05 \x01(\t\x12%\n\x04mode\x18\x06 \x01(\x0e\x32\x17.blocktxn.v1.BackupMode\x12\r\n\x05\x62ytes\x18\x07 \x01(\x04\x12\x0c\n\x04size\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x0e\n\x06\x63ut_at\x18\n \x01(\x01\x12\x12\n\ncheckpoint\x18\x0b \x01(\t\x12\x10\n\x08\x61gent_id\x18\x0c \x01(\t\"X\n\x0fPrepareResponse\x12\x0b\n\x03yes\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12(\n\x06images\x18\x03 \x03(\x0b\x32\x18.blocktxn.v1.MemberImage\"\x1f\n\rCommitRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\":\n\x0e\x43ommitResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.blocktxn.v1.MemberImage\".\n\x0c\x41\x62ortRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rAbortResponse\"-\n\x11ListImagesRequest\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\">\n\x12ListImagesResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.blocktxn.v1.MemberImage\"_\n\x0eRestoreRequest\x12\x0e\n\x06set_id\x18\x01 \x01(\t\x12\n\n\x02vm\x18\x02 \x01(\t\x12\x0c\n\x04\x64isk\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x05 \x01(\t\".\n\x0fRestoreResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\x1f\n\rVerifyRequest\x12\x0e\n\x06set_id\x18\x01 \x01(\t\"8\n\nImageCheck\x12\r\n\x05image\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0f\n\x07problem\x18\x03 \x01(\t\"E\n\x0eVerifyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\'\n\x06\x63hecks\x18\x02 \x03(\x0b\x32\x17.blocktxn.v1.ImageCheck*r\n\nBackupMode\x12\x1b\n\x17\x42\x41\x43KUP_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x42\x41\x43KUP_MODE_AUTO\x10\x01\x12\x14\n\x10\x42\x41\x43KUP_MODE_FULL\x10\x02\x12\x1b\n\x17\x42\x41\x43KUP_MODE_INCREMENTAL\x10\x03*[\n\x07Quiesce\x12\x17\n\x13QUIESCE_UNSPECIFIED\x10\x00\x12\x10\n\x0cQUIESCE_NONE\x10\x01\x12\x12\n\x0eQUIESCE_FREEZE\x10\x02\x12\x11\n\rQUIESCE_PAUSE\x10\x03*\x91\x02\n\x10ParticipantPhase\x12!\n\x1dPARTICIPANT_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n\x19PARTICIPANT_PHASE_CUTTING\x10\x01\x12\x1c\n\x18PARTICIPANT_PHASE_FROZEN\x10\x02\x12\x1d\n\x19PARTICIPANT_PHASE_RUNNING\x10\x03\x12\x1e\n\x1aPARTICIPANT_PHASE_PREPARED\x10\x04\x12\x1e\n\x1aPARTICIPANT_PHASE_VOTED_NO\x10\x05\x12\x1f\n\x1bPARTICIPANT_PHASE_COMMITTED\x10\x06\x12\x1d\n\x19PARTICIPANT_PHASE_ABORTED\x10\x07\x32\xb3\x05\n\x0c\x41gentService\x12H\n\x0cGetInventory\x12 .blocktxn.v1.GetInventoryRequest\x1a\x16.blocktxn.v1.Inventory\x12\x38\n\x03\x43ut\x12\x17.blocktxn.v1.CutRequest\x1a\x18.blocktxn.v1.CutResponse\x12;\n\x04Thaw\x12\x18.blocktxn.v1.ThawRequest\x1a\x19.blocktxn.v1.ThawResponse\x12\x41\n\x06Status\x12\x1a.blocktxn.v1.StatusRequest\x1a\x19.blocktxn.v1.StatusUpdate0\x01\x12\x44\n\x07Prepare\x12\x1b.blocktxn.v1.PrepareRequest\x1a\x1c.blocktxn.v1.PrepareResponse\x12\x41\n\x06\x43ommit\x12\x1a.blocktxn.v1.CommitRequest\x1a\x1b.blocktxn.v1.CommitResponse\x12>\n\x05\x41\x62ort\x12\x19.blocktxn.v1.AbortRequest\x1a\x1a.blocktxn.v1.AbortResponse\x12M\n\nListImages\x12\x1e.blocktxn.v1.ListImagesRequest\x1a\x1f.blocktxn.v1.ListImagesResponse\x12\x44\n\x07Restore\x12\x1b.blocktxn.v1.RestoreRequest\x1a\x1c.blocktxn.v1.RestoreResponse\x12\x41\n\x06Verify\x12\x1a.blocktxn.v1.VerifyRequest\x1a\x1b.blocktxn.v1.VerifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'blocktxn.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BACKUPMODE']._serialized_start=2308
-  _globals['_BACKUPMODE']._serialized_end=2422
-  _globals['_QUIESCE']._serialized_start=2424
-  _globals['_QUIESCE']._serialized_end=2515
-  _globals['_PARTICIPANTPHASE']._serialized_start=2518
-  _globals['_PARTICIPANTPHASE']._serialized_end=2791
+  _globals['_BACKUPMODE']._serialized_start=2326
+  _globals['_BACKUPMODE']._serialized_end=2440
+  _globals['_QUIESCE']._serialized_start=2442
+  _globals['_QUIESCE']._serialized_end=2533
+  _globals['_PARTICIPANTPHASE']._serialized_start=2536
+  _globals['_PARTICIPANTPHASE']._serialized_end=2809
   _globals['_GETINVENTORYREQUEST']._serialized_start=40
   _globals['_GETINVENTORYREQUEST']._serialized_end=61
   _globals['_DISKINFO']._serialized_start=64
@@ -66,31 +66,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREPAREREQUEST']._serialized_start=1379
   _globals['_PREPAREREQUEST']._serialized_end=1430
   _globals['_MEMBERIMAGE']._serialized_start=1433
-  _globals['_MEMBERIMAGE']._serialized_end=1640
-  _globals['_PREPARERESPONSE']._serialized_start=1642
-  _globals['_PREPARERESPONSE']._serialized_end=1730
-  _globals['_COMMITREQUEST']._serialized_start=1732
-  _globals['_COMMITREQUEST']._serialized_end=1763
-  _globals['_COMMITRESPONSE']._serialized_start=1765
-  _globals['_COMMITRESPONSE']._serialized_end=1823
-  _globals['_ABORTREQUEST']._serialized_start=1825
-  _globals['_ABORTREQUEST']._serialized_end=1871
-  _globals['_ABORTRESPONSE']._serialized_start=1873
-  _globals['_ABORTRESPONSE']._serialized_end=1888
-  _globals['_LISTIMAGESREQUEST']._serialized_start=1890
-  _globals['_LISTIMAGESREQUEST']._serialized_end=1935
-  _globals['_LISTIMAGESRESPONSE']._serialized_start=1937
-  _globals['_LISTIMAGESRESPONSE']._serialized_end=1999
-  _globals['_RESTOREREQUEST']._serialized_start=2001
-  _globals['_RESTOREREQUEST']._serialized_end=2096
-  _globals['_RESTORERESPONSE']._serialized_start=2098
-  _globals['_RESTORERESPONSE']._serialized_end=2144
-  _globals['_VERIFYREQUEST']._serialized_start=2146
-  _globals['_VERIFYREQUEST']._serialized_end=2177
-  _globals['_IMAGECHECK']._serialized_start=2179
-  _globals['_IMAGECHECK']._serialized_end=2235
-  _globals['_VERIFYRESPONSE']._serialized_start=2237
-  _globals['_VERIFYRESPONSE']._serialized_end=2306
-  _globals['_AGENTSERVICE']._serialized_start=2794
-  _globals['_AGENTSERVICE']._serialized_end=3485
+  _globals['_MEMBERIMAGE']._serialized_end=1658
+  _globals['_PREPARERESPONSE']._serialized_start=1660
+  _globals['_PREPARERESPONSE']._serialized_end=1748
+  _globals['_COMMITREQUEST']._serialized_start=1750
+  _globals['_COMMITREQUEST']._serialized_end=1781
+  _globals['_COMMITRESPONSE']._serialized_start=1783
+  _globals['_COMMITRESPONSE']._serialized_end=1841
+  _globals['_ABORTREQUEST']._serialized_start=1843
+  _globals['_ABORTREQUEST']._serialized_end=1889
+  _globals['_ABORTRESPONSE']._serialized_start=1891
+  _globals['_ABORTRESPONSE']._serialized_end=1906
+  _globals['_LISTIMAGESREQUEST']._serialized_start=1908
+  _globals['_LISTIMAGESREQUEST']._serialized_end=1953
+  _globals['_LISTIMAGESRESPONSE']._serialized_start=1955
+  _globals['_LISTIMAGESRESPONSE']._serialized_end=2017
+  _globals['_RESTOREREQUEST']._serialized_start=2019
+  _globals['_RESTOREREQUEST']._serialized_end=2114
+  _globals['_RESTORERESPONSE']._serialized_start=2116
+  _globals['_RESTORERESPONSE']._serialized_end=2162
+  _globals['_VERIFYREQUEST']._serialized_start=2164
+  _globals['_VERIFYREQUEST']._serialized_end=2195
+  _globals['_IMAGECHECK']._serialized_start=2197
+  _globals['_IMAGECHECK']._serialized_end=2253
+  _globals['_VERIFYRESPONSE']._serialized_start=2255
+  _globals['_VERIFYRESPONSE']._serialized_end=2324
+  _globals['_AGENTSERVICE']._serialized_start=2812
+  _globals['_AGENTSERVICE']._serialized_end=3503
 # @@protoc_insertion_point(module_scope)

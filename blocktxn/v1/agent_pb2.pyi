@@ -548,6 +548,7 @@ class MemberImage(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     CUT_AT_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
     vm: _builtins.str
     disk: _builtins.str
     set_id: _builtins.str
@@ -565,6 +566,8 @@ class MemberImage(_message.Message):
     """of the image file, set once committed"""
     cut_at: _builtins.float
     checkpoint: _builtins.str
+    agent_id: _builtins.str
+    """set by the coordinator in backup sets"""
     def __init__(
         self,
         *,
@@ -579,10 +582,11 @@ class MemberImage(_message.Message):
         sha256: _builtins.str = ...,
         cut_at: _builtins.float = ...,
         checkpoint: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backing", b"backing", "bytes", b"bytes", "checkpoint", b"checkpoint", "cut_at", b"cut_at", "disk", b"disk", "image", b"image", "mode", b"mode", "set_id", b"set_id", "sha256", b"sha256", "size", b"size", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "backing", b"backing", "bytes", b"bytes", "checkpoint", b"checkpoint", "cut_at", b"cut_at", "disk", b"disk", "image", b"image", "mode", b"mode", "set_id", b"set_id", "sha256", b"sha256", "size", b"size", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,10 +3,14 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.integration.harness import Host
+
+if TYPE_CHECKING:
+    from tests.integration.cluster import Cluster
 
 pytestmark = pytest.mark.integration
 
@@ -32,3 +36,22 @@ def make_host(tmp_path: Path) -> Iterator[Callable[..., Host]]:
     yield make
     for h in hosts:
         h.close()
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., "Cluster"]]:
+    """etcd + coordinator replicas; hosts added by the test; all torn down after."""
+    from tests.integration.cluster import Cluster
+
+    for b in ("qemu-storage-daemon", "qemu-img", "qemu-io", "etcd"):
+        _require(b)
+    clusters: list[Cluster] = []
+
+    def make(replicas: int = 1) -> Cluster:
+        cluster = Cluster(tmp_path / f"cluster{len(clusters)}", replicas)
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for c in clusters:
+        c.close()

@@ -1,0 +1,16 @@
+"""Coordinator configuration: parsed once from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    name: str
+    listen: str
+    advertise: str            # address other replicas and clients dial
+    etcd: str | None          # None: run a private single-member etcd
+    data_dir: Path
+    etcd_timeout: float = 5.0

@@ -1,0 +1,73 @@
+"""Entry of the coordinator daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from blocktxn.ids import IdentifierError, check_id
+from coordinator.config import CoordinatorConfig
+from coordinator.etcd_server import EtcdServer
+from coordinator.runner import Coordinator
+from coordinator.service import serve
+from coordinator.store import Store
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--etcd", help="etcd endpoints host:port[,host:port...] "
+                   "(default: start a private etcd under --data-dir)")
+    p.add_argument("--listen", default="127.0.0.1:7400", help="HOST:PORT to serve on")
+    p.add_argument("--advertise", help="address other replicas dial (default: --listen)")
+    p.add_argument("--name", default="coord1", help="replica name (a safe identifier)")
+    p.add_argument("--data-dir", type=Path, default=Path("/var/lib/blocktxn/coordinator"),
+                   help="where the private etcd keeps its data")
+
+
+def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
+    try:
+        check_id(args.name, "replica name")
+    except IdentifierError as err:
+        raise ValueError(str(err)) from err
+    return CoordinatorConfig(name=args.name, listen=args.listen,
+                             advertise=args.advertise or args.listen, etcd=args.etcd,
+                             data_dir=args.data_dir)
+
+
+async def run(config: CoordinatorConfig) -> None:
+    etcd = None
+    endpoints = config.etcd
+    if endpoints is None:
+        etcd = EtcdServer(config.data_dir)
+        await asyncio.to_thread(etcd.start)
+        endpoints = etcd.endpoint
+    store = Store(endpoints, config.etcd_timeout)
+    coordinator = Coordinator(config, store)
+    server = await serve(coordinator, config.listen)
+    coordinator.start()
+    logging.getLogger(__name__).info("coordinator %s serving on %s (etcd %s)", config.name,
+                                     config.listen, endpoints)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=2)
+    await coordinator.stop()
+    await store.close()
+    if etcd is not None:
+        etcd.stop()
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s coordinator %(levelname)s %(message)s")
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        print(f"blocktxn coordinator: {err}")
+        return 2
+    asyncio.run(run(config))
+    return 0
