@@ -158,9 +158,8 @@ class Coordinator:
                 self.epoch = epoch
                 self.leader_changed.set()
                 await self._resume_all()
-                while await self.store.refresh(lease):
-                    await asyncio.sleep(LEASE_TTL / 3)
-                log.warning("%s: leader lease expired", self.config.name)
+                await self._keep_leading(lease)
+                log.warning("%s: leader lease lost", self.config.name)
             except CoordinatorError as err:
                 log.warning("%s: election: %s", self.config.name, err)
             except asyncio.CancelledError:
@@ -168,6 +167,18 @@ class Coordinator:
                 raise
             self._deposed()
             await asyncio.sleep(0.5)
+
+    async def _keep_leading(self, lease: Any) -> None:
+        """Refresh the lease; ride out etcd hiccups shorter than the lease's TTL."""
+        last_ok = time.monotonic()
+        while time.monotonic() - last_ok < LEASE_TTL - 1:
+            try:
+                if not await self.store.refresh(lease):
+                    return
+                last_ok = time.monotonic()
+            except StoreUnavailableError as err:
+                log.warning("%s: lease keepalive failed: %s", self.config.name, err)
+            await asyncio.sleep(LEASE_TTL / 5)
 
     def _deposed(self) -> None:
         if self.epoch is not None:

@@ -39,7 +39,7 @@ def make_host(tmp_path: Path) -> Iterator[Callable[..., Host]]:
 
 
 @pytest.fixture
-def make_cluster(tmp_path: Path) -> Iterator[Callable[..., "Cluster"]]:
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     """etcd + coordinator replicas; hosts added by the test; all torn down after."""
     from tests.integration.cluster import Cluster
 

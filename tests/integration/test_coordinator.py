@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -113,7 +114,7 @@ def test_bad_transaction_requests_are_refused_and_write_nothing(
 ) -> None:
     cluster = two_hosts(make_cluster)
     stub = cluster.stub()
-    cases = [
+    cases: list[tuple[list[str], dict[str, Any], grpc.StatusCode, str]] = [
         (["h9/vm1"], {}, grpc.StatusCode.NOT_FOUND, "h9"),
         (["h1/vm9"], {}, grpc.StatusCode.NOT_FOUND, "vm9"),
         (["h1/vm1/d7"], {}, grpc.StatusCode.NOT_FOUND, "d7"),

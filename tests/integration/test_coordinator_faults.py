@@ -1,0 +1,174 @@
+"""Coordinator faults: cancel, individual mode, leader killed, fencing, deadline, etcd restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+
+from blocktxn.lab import CLUSTER
+from blocktxn.v1 import coordinator_pb2 as cpb
+from coordinator.errors import NotLeaderError
+from coordinator.store import Store
+from tests.integration.cluster import Cluster
+from tests.integration.harness import Host, wait_until
+from tests.integration.test_coordinator import VMS, all_disks, two_hosts
+
+TARGETS = ["h1/vm1", "h1/vm2", "h2/vm1", "h2/vm2"]
+SLOW = 256 << 10
+
+
+def prime(cluster: Cluster) -> tuple[str, dict[tuple[str, str], int]]:
+    """A committed base set, then writes: returns (base txn, workload seq at the base)."""
+    base = cluster.wait_done(cluster.start(TARGETS).txn_id)
+    assert base.decision == cpb.DECISION_COMMIT, base.reason
+    since = {(h.agent.agent_id, vm): h.workloads[vm].seq for h in cluster.hosts.values()
+             for vm in VMS}
+    for host in cluster.hosts.values():
+        for vm, wl in host.workloads.items():
+            for c in range(0, 24):
+                for d in VMS[vm]:
+                    wl.write(d, c)
+    return base.txn_id, since
+
+
+def assert_kept(cluster: Cluster, base: str, since: dict[tuple[str, str], int],
+                hosts: tuple[str, ...] = ("h1", "h2")) -> None:
+    """An aborted member kept its previous checkpoint with every write since."""
+    for host, vm, disk in all_disks(cluster):
+        if host.agent.agent_id not in hosts:
+            continue
+        bitmaps = host.bitmaps(vm, disk)
+        assert set(bitmaps) == {f"blocktxn:{base}"}, bitmaps
+        written = host.workloads[vm].clusters(disk, since[(host.agent.agent_id, vm)])
+        assert bitmaps[f"blocktxn:{base}"]["count"] == len(written) * CLUSTER
+        assert host.jobs(vm) == []
+
+
+def phase_of(cluster: Cluster, txn_id: str) -> int:
+    return int(cluster.any_stub().GetTransaction(
+        cpb.GetTransactionRequest(txn_id=txn_id), timeout=10).phase)
+
+
+def test_cancel_during_run_aborts_everywhere(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = two_hosts(make_cluster)
+    base, since = prime(cluster)
+    txn = cluster.start(TARGETS, speed=SLOW)
+    wait_until(lambda: phase_of(cluster, txn.txn_id) == cpb.TXN_PHASE_RUNNING)
+    cancelled = cluster.stub().CancelTransaction(
+        cpb.CancelTransactionRequest(txn_id=txn.txn_id, reason="operator"), timeout=30)
+    assert cancelled.decision == cpb.DECISION_ABORT and "operator" in cancelled.reason
+    done = cluster.wait_done(txn.txn_id)
+    assert done.decision == cpb.DECISION_ABORT
+    assert_kept(cluster, base, since)
+
+
+def test_individual_mode_commits_the_healthy_members(make_cluster: Callable[..., Cluster]
+                                                     ) -> None:
+    cluster = two_hosts(make_cluster, read_error=("d1",))
+    base, since = prime(cluster)
+    cluster.hosts["h2"].workloads["vm1"].arm_read_error("d1", 2)
+    done = cluster.wait_done(cluster.start(TARGETS, completion=cpb.COMPLETION_INDIVIDUAL).txn_id)
+    assert done.decision == cpb.DECISION_COMMIT
+    assert list(done.committed_agents) == ["h1"]
+    outcomes = {(m.agent_id, m.outcome) for m in done.members}
+    assert outcomes == {("h1", "committed"), ("h2", "aborted")}
+    assert_kept(cluster, base, since, hosts=("h2",))
+    h1: Host = cluster.hosts["h1"]
+    for vm, disks in VMS.items():
+        for d in disks:
+            assert set(h1.bitmaps(vm, d)) == {f"blocktxn:{done.txn_id}"}
+
+
+def leader(cluster: Cluster) -> int:
+    async def ask() -> tuple[str, int] | None:
+        store = Store(cluster.etcd.endpoint)
+        try:
+            return await store.leader()
+        finally:
+            await store.close()
+
+    got = asyncio.run(ask())
+    assert got is not None
+    name = got[0].partition("@")[0]
+    return next(i for i, c in enumerate(cluster.coordinators) if c.name == name)
+
+
+def test_leader_killed_while_running_another_replica_commits_once(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = two_hosts(make_cluster, replicas=2)
+    prime(cluster)
+    txn = cluster.start(TARGETS, speed=SLOW)
+    wait_until(lambda: phase_of(cluster, txn.txn_id) == cpb.TXN_PHASE_RUNNING)
+    first = leader(cluster)
+    cluster.coordinators[first].kill()
+    done = cluster.wait_done(txn.txn_id)
+    assert done.decision == cpb.DECISION_COMMIT, done.reason
+    assert leader(cluster) != first
+    for host, vm, disk in all_disks(cluster):
+        assert set(host.bitmaps(vm, disk)) == {f"blocktxn:{txn.txn_id}"}
+    sets = cluster.any_stub().ListBackupSets(cpb.ListBackupSetsRequest(), timeout=10).sets
+    assert sum(1 for s in sets if s.set_id == txn.txn_id) == 1
+
+
+def test_a_deposed_leader_cannot_write(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(0)
+
+    async def scenario() -> None:
+        a, b = Store(cluster.etcd.endpoint), Store(cluster.etcd.endpoint)
+        try:
+            lease_a = await a.lease(5)
+            epoch_a = await a.try_lead("a@x", lease_a)
+            assert epoch_a is not None
+            await a.resign(lease_a)             # A's lease is gone (as if it expired)
+            epoch_b = await b.try_lead("b@y", await b.lease(5))
+            assert epoch_b is not None and epoch_b != epoch_a
+            record = {"txn_id": "t1", "request_id": "r1"}
+            with pytest.raises(NotLeaderError):
+                await a.put_txn(epoch_a, record)
+            with pytest.raises(NotLeaderError):
+                await a.decide("t1", {"decision": "commit"}, epoch_a)
+            assert await a.get_decision("t1") is None
+            await b.put_txn(epoch_b, record)
+            decided = await b.decide("t1", {"decision": "abort", "reason": "", "committed": []},
+                                     epoch_b)
+            again = await b.decide("t1", {"decision": "commit", "reason": "", "committed": []},
+                                   epoch_b)
+            assert decided["decision"] == again["decision"] == "abort"  # single decision
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_deadline_presumes_abort_everywhere(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = two_hosts(make_cluster, replicas=2)
+    base, since = prime(cluster)
+    txn = cluster.start(TARGETS, speed=64 << 10, deadline_s=3)
+    time.sleep(3.5)
+    follower = 1 - leader(cluster)
+    answer = cluster.stub(follower).QueryDecision(
+        cpb.QueryDecisionRequest(txn_id=txn.txn_id), timeout=10)
+    assert answer.decision == cpb.DECISION_ABORT and "deadline" in answer.reason
+    done = cluster.wait_done(txn.txn_id)
+    assert done.decision == cpb.DECISION_ABORT
+    assert_kept(cluster, base, since)
+
+
+def test_etcd_restarted_mid_transaction_loses_nothing(make_cluster: Callable[..., Cluster]
+                                                      ) -> None:
+    cluster = two_hosts(make_cluster)
+    prime(cluster)
+    txn = cluster.start(TARGETS, speed=SLOW)
+    wait_until(lambda: phase_of(cluster, txn.txn_id) == cpb.TXN_PHASE_RUNNING)
+    cluster.etcd.kill()
+    time.sleep(1.0)
+    cluster.etcd.start()
+    done = cluster.wait_done(txn.txn_id)
+    assert done.decision == cpb.DECISION_COMMIT, done.reason
+    for host, vm, disk in all_disks(cluster):
+        assert set(host.bitmaps(vm, disk)) == {f"blocktxn:{txn.txn_id}"}
