@@ -128,8 +128,8 @@ def test_any_interleaving_keeps_single_decision_and_atomicity(
         m.validate()
         if m.decision is not None:
             assert durable is not None and m.decision == durable.decision
-        for cmd in pending:
-            if isinstance(cmd, SendCommit):
-                assert m.decision == Decision.COMMIT and m.parts[cmd.agent_id].vote
+        for sent in pending:
+            if isinstance(sent, SendCommit):
+                assert m.decision == Decision.COMMIT and m.parts[sent.agent_id].vote
                 if grouped:
                     assert all(p.vote for p in m.parts.values())
