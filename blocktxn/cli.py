@@ -1,26 +1,267 @@
-"""The ``blocktxn`` command: daemons (agent, coordinator) and operator commands."""
+"""The ``blocktxn`` command: daemons (agent, coordinator), the demo, and the
+operator's commands. Exit codes: 0 success, 1 the transaction aborted (or a
+verify failed), 2 bad input, 3 coordinator unreachable."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+
+from google.protobuf import json_format
+
+EXIT_OK, EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _positive(kind: type[float] | type[int]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is negative")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     from agent import main as agent_main
-
-    parser = argparse.ArgumentParser(prog="blocktxn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    agent_main.add_arguments(sub.add_parser("agent", help="run the per-host agent"))
     from coordinator import main as coordinator_main
 
+    parser = _Parser(prog="blocktxn", description=__doc__)
+    parser.add_argument("--coordinator", help="HOST:PORT (default $BLOCKTXN_COORDINATOR, "
+                        "else 127.0.0.1:7400)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    agent_main.add_arguments(sub.add_parser("agent", help="run the per-host agent"))
     coordinator_main.add_arguments(sub.add_parser("coordinator", help="run a coordinator replica"))
+
+    demo = sub.add_parser("demo", help="run the self-contained demo cluster")
+    demo.add_argument("--workdir", help="where the demo keeps its files (default: a temp dir)")
+    demo.add_argument("--keep", action="store_true", help="leave the cluster running at the end")
+
+    b = sub.add_parser("backup", help="back up targets as one transaction")
+    b.add_argument("targets", nargs="+", metavar="TARGET", help="AGENT/VM or AGENT/VM/DISK")
+    b.add_argument("--mode", choices=["auto", "full", "incremental"], default="auto")
+    b.add_argument("--completion", choices=["grouped", "individual"], default="grouped")
+    b.add_argument("--quiesce", choices=["none", "freeze", "pause"], default="none")
+    b.add_argument("--freeze-timeout", type=_positive(float), default=0.0, metavar="SECONDS")
+    b.add_argument("--deadline", type=_positive(float), default=0.0, metavar="SECONDS")
+    b.add_argument("--speed", type=_positive(int), default=0, metavar="BYTES_PER_SEC")
+    b.add_argument("--request-id", default="", help="idempotency key")
+    b.add_argument("--wait", action="store_true", help="follow progress until the decision")
+    b.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("txn", help="transactions")
+    tsub = t.add_subparsers(dest="txn_command", required=True, parser_class=_Parser)
+    tl = tsub.add_parser("list")
+    tl.add_argument("--open", action="store_true")
+    tl.add_argument("--json", action="store_true")
+    ts = tsub.add_parser("show")
+    ts.add_argument("txn_id")
+    ts.add_argument("--json", action="store_true")
+    tc = tsub.add_parser("cancel")
+    tc.add_argument("txn_id")
+    tc.add_argument("--reason", default="cancelled by operator")
+    tc.add_argument("--json", action="store_true")
+
+    ag = sub.add_parser("agents", help="registered agents")
+    ag.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("sets", help="backup sets")
+    ssub = s.add_subparsers(dest="sets_command", required=True, parser_class=_Parser)
+    sl = ssub.add_parser("list")
+    sl.add_argument("--json", action="store_true")
+    ss = ssub.add_parser("show")
+    ss.add_argument("set_id")
+    ss.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("restore", help="restore one disk of a backup set")
+    r.add_argument("set_id")
+    r.add_argument("target", help="AGENT/VM/DISK")
+    r.add_argument("--to", required=True, dest="destination", help="path on the agent's host")
+    r.add_argument("--format", choices=["raw", "qcow2"], default="raw")
+    r.add_argument("--json", action="store_true")
+
+    v = sub.add_parser("verify", help="verify every image chain of a backup set")
+    v.add_argument("set_id")
+    v.add_argument("--json", action="store_true")
     return parser
+
+
+def _dump(message: Any) -> dict[str, Any]:
+    result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return result
+
+
+def txn_summary(txn: Any) -> dict[str, Any]:
+    """The one JSON object `backup --json` prints."""
+    from blocktxn.client import DECISION_NAME, MODE_NAME, PHASE_NAME
+
+    out: dict[str, Any] = {
+        "txn_id": txn.txn_id,
+        "state": DECISION_NAME.get(txn.decision) or PHASE_NAME.get(txn.phase, "?"),
+        "members": [{"target": f"{m.agent_id}/{m.vm}/{m.disk}",
+                     "mode": MODE_NAME.get(m.mode, "auto"), "bytes": m.bytes_done,
+                     "outcome": m.outcome} for m in txn.members],
+    }
+    if txn.set_id:
+        out["set_id"] = txn.set_id
+    if txn.decision == 2:
+        out["reason"] = txn.reason
+    return out
+
+
+async def _backup(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from blocktxn.client import BackupOptions, Client
+
+    opts = BackupOptions(args.mode, args.completion, args.quiesce, args.freeze_timeout,
+                         args.deadline, args.speed, args.request_id)
+    async with Client(args.coordinator) as client:
+        txn = await client.backup(args.targets, opts)
+        if not args.wait:
+            print(json.dumps(txn_summary(txn)) if args.json else txn.txn_id)
+            return EXIT_OK
+        console = Console(stderr=True)
+        if args.json:
+            txn = await client.wait(txn.txn_id)
+        else:
+            with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                          TextColumn("{task.fields[status]}"), console=console,
+                          transient=False) as progress:
+                tasks: dict[str, Any] = {}
+                async for update in client.watch(txn.txn_id):
+                    for m in update.members:
+                        key = f"{m.agent_id}/{m.vm}/{m.disk}"
+                        if key not in tasks:
+                            tasks[key] = progress.add_task(key, total=m.bytes_total or None,
+                                                           status="")
+                        progress.update(tasks[key], completed=m.bytes_done,
+                                        total=m.bytes_total or None,
+                                        status=m.outcome or m.job_status)
+            txn = await client.get(txn.txn_id)
+        summary = txn_summary(txn)
+        if args.json:
+            print(json.dumps(summary))
+        elif summary["state"] == "committed":
+            print(f"{txn.txn_id} committed: backup set {txn.set_id}")
+        else:
+            print(f"{txn.txn_id} {summary['state']}: {txn.reason}")
+        return EXIT_OK if summary["state"] == "committed" else EXIT_ABORTED
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
+
+
+async def _operator(args: argparse.Namespace) -> int:
+    from blocktxn.client import DECISION_NAME, MODE_NAME, PHASE_NAME, Client
+
+    async with Client(args.coordinator) as client:
+        if args.command == "txn":
+            if args.txn_command == "list":
+                txns = await client.list_transactions(args.open)
+                if args.json:
+                    print(json.dumps([txn_summary(t) for t in txns]))
+                else:
+                    _table("transactions", ["txn", "phase", "decision", "members", "reason"],
+                           [[t.txn_id, PHASE_NAME[t.phase], DECISION_NAME[t.decision],
+                             str(len(t.members)), t.reason] for t in txns])
+                return EXIT_OK
+            txn = await (client.get(args.txn_id) if args.txn_command == "show"
+                         else client.cancel(args.txn_id, args.reason))
+            if args.json:
+                print(json.dumps(_dump(txn)))
+            else:
+                print(f"{txn.txn_id}: {PHASE_NAME[txn.phase]} {DECISION_NAME[txn.decision]} "
+                      f"{txn.reason}".rstrip())
+                _table("members", ["target", "mode", "status", "bytes", "outcome"],
+                       [[f"{m.agent_id}/{m.vm}/{m.disk}", MODE_NAME.get(m.mode, "auto"),
+                         m.job_status, f"{m.bytes_done}/{m.bytes_total}", m.outcome]
+                        for m in txn.members])
+            return EXIT_OK
+        if args.command == "agents":
+            agents = await client.agents()
+            if args.json:
+                print(json.dumps([_dump(a) for a in agents]))
+            else:
+                _table("agents", ["agent", "address", "state", "VMs", "disks"],
+                       [[a.agent_id, a.address, "live" if a.live else "lost",
+                         ", ".join(v.name for v in a.inventory.vms),
+                         str(sum(len(v.disks) for v in a.inventory.vms))] for a in agents])
+            return EXIT_OK
+        if args.command == "sets":
+            sets = [await client.set(args.set_id)] if args.sets_command == "show" \
+                else await client.sets()
+            if args.json:
+                data = [_dump(s) for s in sets]
+                print(json.dumps(data[0] if args.sets_command == "show" else data))
+            else:
+                _table("backup sets", ["set", "images", "bytes", "agents"],
+                       [[s.set_id, str(len(s.images)), str(s.bytes), ", ".join(s.agents)]
+                        for s in sets])
+            return EXIT_OK
+        if args.command == "restore":
+            resp = await client.restore(args.set_id, args.target, args.destination, args.format)
+            print(json.dumps(_dump(resp)) if args.json else f"restored to {resp.path}")
+            return EXIT_OK
+        if args.command == "verify":
+            result = await client.verify(args.set_id)
+            if args.json:
+                print(json.dumps(_dump(result)))
+            else:
+                _table(f"verify {args.set_id}", ["image", "ok", "problem"],
+                       [[c.image, "yes" if c.ok else "NO", c.problem] for c in result.checks])
+            return EXIT_OK if result.ok else EXIT_ABORTED
+    raise AssertionError(args.command)
+
+
+def _client_call(args: argparse.Namespace, run: Callable[[argparse.Namespace], Awaitable[int]]
+                 ) -> int:
+    from blocktxn.client import BadRequest, ClientError, Unreachable
+
+    try:
+        return asyncio.run(run(args))  # type: ignore[arg-type]
+    except BadRequest as err:
+        print(f"blocktxn: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Unreachable as err:
+        print(f"blocktxn: {err}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ClientError as err:
+        print(f"blocktxn: {err}", file=sys.stderr)
+        return EXIT_ABORTED
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
     if args.command == "agent":
         from agent import main as agent_main
 
@@ -29,5 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         from coordinator import main as coordinator_main
 
         return coordinator_main.main(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    if args.command == "demo":
+        from blocktxn import demo
+
+        return demo.main(args)
+    if args.command == "backup":
+        return _client_call(args, _backup)
+    return _client_call(args, _operator)

@@ -41,7 +41,7 @@ class LabDisk:
     name: str
     image: Path
     size: int
-    read_error: bool = False  # blkdebug under the qcow2: reads fail once armed
+    read_error: bool = False  # blkdebug under the qcow2: one read fails once armed
 
 
 @dataclass
@@ -89,11 +89,14 @@ class LabVm:
                 proto: dict[str, Any] = {
                     "driver": "blkdebug", "node-name": f"{d.name}-dbg", "align": 4096,
                     "image": {"driver": "file", "filename": str(d.image)},
-                    # A sub-4k write (read-modify-write) arms the error; from then on
-                    # every data read fails with EIO (see Workload.arm_read_error).
-                    "set-state": [{"event": "pwritev_rmw_tail", "state": 1, "new_state": 2}],
+                    # A sub-4k write (read-modify-write) arms the error (see
+                    # Workload.arm_read_error).
+                    "set-state": [{"event": "pwritev_rmw_tail", "state": 1, "new_state": 2},
+                                  {"event": "read_aio", "state": 2, "new_state": 3}],
+                    # armed (state 2), the next data read fails with EIO, once: a
+                    # transient error that fails the backup job reading it
                     "inject-error": [{"event": "read_aio", "state": 2, "errno": 5,
-                                      "iotype": "read", "once": False,
+                                      "iotype": "read", "once": True,
                                       "immediately": False}],
                 }
                 argv += ["--blockdev", json.dumps(proto)]
@@ -236,16 +239,19 @@ class Workload:
         self.log.append((len(self.log) + 1, disk, cluster, value))
 
     def arm_read_error(self, disk: str, cluster: int) -> None:
-        """Make every later read of *disk* fail (a disk made with read_error=True).
+        """Make the next data read of *disk* fail with EIO (a disk made with read_error).
 
-        A 512-byte write inside the already written *cluster* is a read-modify-write
-        for blkdebug's 4k alignment, which switches its state to failing reads.
+        A 512-byte write at 4 KiB inside the already written *cluster* is a
+        read-modify-write of its tail for blkdebug's 4k alignment, which arms it.
         """
+        self._small_write(disk, cluster, 4096)
+
+    def _small_write(self, disk: str, cluster: int, offset: int) -> None:
         with self.lock:
             value = random.randrange(1, 256)
-            self._io[disk].write(value, cluster * CLUSTER + 4096, 512)
+            self._io[disk].write(value, cluster * CLUSTER + offset, 512)
             with open(self.shadows[disk], "r+b") as f:
-                f.seek(cluster * CLUSTER + 4096)
+                f.seek(cluster * CLUSTER + offset)
                 f.write(bytes([value]) * 512)
             self.log.append((len(self.log) + 1, disk, cluster, value))
 
@@ -458,3 +464,35 @@ class AgentProcess:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def qmp_call(socket_path: Path, cmd: str, args: dict[str, Any] | None = None) -> Any:
+    """One QMP command over a fresh connection (blocking, with a deadline)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(socket_path))
+        f = s.makefile("rwb")
+        f.readline()  # greeting
+        for msg in ({"execute": "qmp_capabilities"},
+                    {"execute": cmd, **({"arguments": args} if args else {})}):
+            f.write(json.dumps(msg).encode() + b"\n")
+            f.flush()
+            while True:
+                line = f.readline()
+                if not line:
+                    raise OSError("QMP closed")
+                reply = json.loads(line)
+                if "event" in reply:
+                    continue
+                if "error" in reply:
+                    raise RuntimeError(reply["error"]["desc"])
+                break
+        return reply["return"]
+
+
+def dirty_counts(vm: LabVm, disk: str) -> dict[str, int]:
+    """Named dirty bitmaps of *disk* and their dirty byte counts (probe monitor)."""
+    for n in qmp_call(vm.probe_socket, "query-named-block-nodes", {"flat": True}):
+        if n["node-name"] == disk:
+            return {b["name"]: int(b["count"]) for b in n.get("dirty-bitmaps", []) if "name" in b}
+    raise KeyError(disk)

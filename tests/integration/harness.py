@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from blocktxn.lab import AgentProcess, LabVm, StandInGuestAgent, Workload
+from blocktxn.lab import AgentProcess, LabVm, StandInGuestAgent, Workload, qmp_call
 from blocktxn.v1 import agent_pb2 as pb
 from blocktxn.v1 import agent_pb2_grpc as pb_grpc
 
@@ -138,39 +138,6 @@ class Host:
 
     def image(self, rel: str) -> Path:
         return self.agent.repo / rel
-
-
-def qmp_call(socket_path: Path, cmd: str, args: dict[str, Any] | None = None) -> Any:
-    """One QMP command over a fresh connection (blocking, with a deadline)."""
-    import socket
-
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(socket_path))
-        f = s.makefile("rwb")
-        f.readline()  # greeting
-        f.write(b'{"execute":"qmp_capabilities"}\n')
-        f.flush()
-        _read_reply(f)
-        msg: dict[str, Any] = {"execute": cmd}
-        if args:
-            msg["arguments"] = args
-        f.write(json.dumps(msg).encode() + b"\n")
-        f.flush()
-        return _read_reply(f)
-
-
-def _read_reply(f: Any) -> Any:
-    while True:
-        line = f.readline()
-        if not line:
-            raise OSError("QMP closed")
-        reply = json.loads(line)
-        if "event" in reply:
-            continue
-        if "error" in reply:
-            raise RuntimeError(reply["error"]["desc"])
-        return reply["return"]
 
 
 def wait_until(pred: Any, timeout: float = 20.0, what: str = "condition") -> None:

@@ -1,0 +1,6 @@
+"""``python -m blocktxn`` == ``blocktxn``."""
+
+from blocktxn.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

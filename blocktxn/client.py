@@ -1,0 +1,194 @@
+"""Typed client of the coordinator: async ``Client`` and a thin ``SyncClient``.
+
+Errors are typed (``ClientError`` and subclasses), never raw gRPC errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from blocktxn.v1 import agent_pb2 as apb
+from blocktxn.v1 import coordinator_pb2 as cpb
+from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
+
+T = TypeVar("T")
+DEFAULT_ADDRESS = "127.0.0.1:7400"
+
+MODES = {"auto": apb.BACKUP_MODE_AUTO, "full": apb.BACKUP_MODE_FULL,
+         "incremental": apb.BACKUP_MODE_INCREMENTAL}
+QUIESCE = {"none": apb.QUIESCE_NONE, "freeze": apb.QUIESCE_FREEZE, "pause": apb.QUIESCE_PAUSE}
+COMPLETION = {"grouped": cpb.COMPLETION_GROUPED, "individual": cpb.COMPLETION_INDIVIDUAL}
+MODE_NAME = {v: k for k, v in MODES.items()}
+PHASE_NAME = {cpb.TXN_PHASE_CUTTING: "cutting", cpb.TXN_PHASE_THAWING: "thawing",
+              cpb.TXN_PHASE_RUNNING: "running", cpb.TXN_PHASE_DECIDED: "decided",
+              cpb.TXN_PHASE_DONE: "done", cpb.TXN_PHASE_UNSPECIFIED: "?"}
+DECISION_NAME = {cpb.DECISION_NONE: "", cpb.DECISION_COMMIT: "committed",
+                 cpb.DECISION_ABORT: "aborted"}
+
+
+class ClientError(Exception):
+    """Root of the client's errors."""
+
+
+class BadRequest(ClientError):
+    """The coordinator refused the request (INVALID_ARGUMENT / NOT_FOUND / FAILED_PRECONDITION)."""
+
+
+class Unreachable(ClientError):
+    """The coordinator did not answer (UNAVAILABLE / DEADLINE_EXCEEDED)."""
+
+
+def coordinator_address(explicit: str | None = None) -> str:
+    """``--coordinator``, else ``BLOCKTXN_COORDINATOR``, else 127.0.0.1:7400."""
+    return explicit or os.environ.get("BLOCKTXN_COORDINATOR") or DEFAULT_ADDRESS
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    mode: str = "auto"
+    completion: str = "grouped"
+    quiesce: str = "none"
+    freeze_timeout: float = 0.0
+    deadline: float = 0.0
+    speed: int = 0
+    request_id: str = ""
+
+    def check(self) -> None:
+        """Raises: BadRequest on a value the API does not know."""
+        for value, table, what in ((self.mode, MODES, "mode"),
+                                   (self.quiesce, QUIESCE, "quiesce"),
+                                   (self.completion, COMPLETION, "completion")):
+            if value not in table:
+                raise BadRequest(f"{what} {value!r} is not one of {', '.join(table)}")
+        if self.freeze_timeout < 0 or self.deadline < 0 or self.speed < 0:
+            raise BadRequest("freeze timeout, deadline and speed must not be negative")
+
+
+def _translate(err: grpc.aio.AioRpcError) -> ClientError:
+    text = err.details() or err.code().name
+    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unreachable(f"coordinator unreachable: {text}")
+    if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                      grpc.StatusCode.FAILED_PRECONDITION):
+        return BadRequest(text)
+    return ClientError(f"{err.code().name}: {text}")
+
+
+class Client:
+    """Async client; use as ``async with Client(addr) as c``."""
+
+    def __init__(self, address: str | None = None, timeout: float = 30.0) -> None:
+        self.address = coordinator_address(address)
+        self.timeout = timeout
+        self.channel = grpc.aio.insecure_channel(self.address)
+        self.stub = cpb_grpc.CoordinatorServiceStub(self.channel)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close(None)
+
+    async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await make()
+        except grpc.aio.AioRpcError as err:
+            raise _translate(err) from err
+
+    async def backup(self, targets: list[str], options: BackupOptions) -> cpb.Transaction:
+        """Start a transaction. Raises: BadRequest, Unreachable, ClientError."""
+        options.check()
+        req = cpb.StartTransactionRequest(
+            request_id=options.request_id, targets=[cpb.Target(target=t) for t in targets],
+            mode=MODES[options.mode], completion=COMPLETION[options.completion],
+            quiesce=QUIESCE[options.quiesce], freeze_timeout_s=options.freeze_timeout,
+            deadline_s=options.deadline, speed=options.speed)
+        result: cpb.Transaction = await self._call(
+            lambda: self.stub.StartTransaction(req, timeout=self.timeout))
+        return result
+
+    async def watch(self, txn_id: str) -> AsyncIterator[cpb.Transaction]:
+        """Every change of the transaction until it is done."""
+        try:
+            async for txn in self.stub.WatchTransaction(cpb.GetTransactionRequest(txn_id=txn_id)):
+                yield txn
+        except grpc.aio.AioRpcError as err:
+            raise _translate(err) from err
+
+    async def wait(self, txn_id: str) -> cpb.Transaction:
+        """Block until the transaction is done; return its final state."""
+        last: cpb.Transaction | None = None
+        async for txn in self.watch(txn_id):
+            last = txn
+        if last is None or last.phase != cpb.TXN_PHASE_DONE:
+            return await self.get(txn_id)
+        return last
+
+    async def get(self, txn_id: str) -> cpb.Transaction:
+        result: cpb.Transaction = await self._call(lambda: self.stub.GetTransaction(
+            cpb.GetTransactionRequest(txn_id=txn_id), timeout=self.timeout))
+        return result
+
+    async def list_transactions(self, open_only: bool = False) -> list[cpb.Transaction]:
+        resp = await self._call(lambda: self.stub.ListTransactions(
+            cpb.ListTransactionsRequest(open_only=open_only), timeout=self.timeout))
+        return list(resp.transactions)
+
+    async def cancel(self, txn_id: str, reason: str = "") -> cpb.Transaction:
+        result: cpb.Transaction = await self._call(lambda: self.stub.CancelTransaction(
+            cpb.CancelTransactionRequest(txn_id=txn_id, reason=reason), timeout=self.timeout))
+        return result
+
+    async def agents(self) -> list[cpb.AgentEntry]:
+        resp = await self._call(lambda: self.stub.ListAgents(cpb.ListAgentsRequest(),
+                                                             timeout=self.timeout))
+        return list(resp.agents)
+
+    async def sets(self) -> list[cpb.BackupSet]:
+        resp = await self._call(lambda: self.stub.ListBackupSets(cpb.ListBackupSetsRequest(),
+                                                                 timeout=self.timeout))
+        return list(resp.sets)
+
+    async def set(self, set_id: str) -> cpb.BackupSet:
+        result: cpb.BackupSet = await self._call(lambda: self.stub.GetBackupSet(
+            cpb.GetBackupSetRequest(set_id=set_id), timeout=self.timeout))
+        return result
+
+    async def restore(self, set_id: str, target: str, destination: str,
+                      fmt: str = "raw") -> apb.RestoreResponse:
+        if fmt not in ("raw", "qcow2"):
+            raise BadRequest(f"format {fmt!r} is not raw or qcow2")
+        result: apb.RestoreResponse = await self._call(lambda: self.stub.Restore(
+            cpb.CoordinatorRestoreRequest(set_id=set_id, target=target,
+                                          destination=destination, format=fmt), timeout=3600))
+        return result
+
+    async def verify(self, set_id: str) -> cpb.CoordinatorVerifyResponse:
+        result: cpb.CoordinatorVerifyResponse = await self._call(lambda: self.stub.Verify(
+            cpb.CoordinatorVerifyRequest(set_id=set_id), timeout=3600))
+        return result
+
+
+class SyncClient:
+    """Blocking wrapper: every coroutine of ``Client`` as a plain method."""
+
+    def __init__(self, address: str | None = None, timeout: float = 30.0) -> None:
+        self.address, self.timeout = coordinator_address(address), timeout
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(Client, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            async def run() -> Any:
+                async with Client(self.address, self.timeout) as client:
+                    return await method(client, *args, **kwargs)
+
+            return asyncio.run(run())
+
+        return call
