@@ -14,6 +14,7 @@ from typing import Any
 
 from blocktxn.ids import IdentifierError, check_id
 from blocktxn.v1 import agent_pb2 as apb
+from coordinator import failpoints
 from coordinator.agent_client import AgentClient
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import (
@@ -322,15 +323,12 @@ class Coordinator:
 
     # ------------------------------------------------------------- driving
     def _adopt(self, record: dict[str, Any], decision: dict[str, Any] | None) -> LiveTxn:
-        agents = tuple(record["agents"])
-        machine = TxnMachine(record["txn_id"], agents, record["completion"] == "grouped")
-        phase = TxnPhase(record["phase"])
-        machine.phase = TxnPhase.RUNNING if phase == TxnPhase.RUNNING else machine.phase
-        if decision is not None:
-            machine.decision = Decision(decision["decision"])
-            machine.reason = decision["reason"]
-            machine.committed = tuple(decision["committed"])
-            machine.phase = TxnPhase.DECIDED
+        machine = TxnMachine.recovered(
+            record["txn_id"], tuple(record["agents"]), record["completion"] == "grouped",
+            record["phase"] == TxnPhase.RUNNING.value,
+            Decision(decision["decision"]) if decision else None,
+            decision["reason"] if decision else "",
+            tuple(decision["committed"]) if decision else ())
         lt = LiveTxn(record, machine)
         self.live[lt.txn_id] = lt
         return lt
@@ -358,6 +356,7 @@ class Coordinator:
                 commands = lt.machine.handle(event)
                 lt.machine.validate()
                 lt.sync()
+                _failpoints(commands)
                 for cmd in commands:
                     if isinstance(cmd, Finish):
                         await self._finish(lt)
@@ -367,12 +366,13 @@ class Coordinator:
                     task.add_done_callback(tasks.discard)
         except NotLeaderError as err:
             log.warning("txn %s: %s", lt.txn_id, err)
+        except Exception:
+            log.exception("txn %s: driver failed", lt.txn_id)
+            raise
         finally:
             timer.cancel()
             for t in tasks:
                 t.cancel()
-            if self.live.get(lt.txn_id) is lt and lt.machine.phase == TxnPhase.DONE:
-                pass
             lt.changed.set()
 
     async def _deadline_timer(self, lt: LiveTxn) -> None:
@@ -500,6 +500,8 @@ class Coordinator:
                 else:
                     await client.call("Abort", apb.AbortRequest(txn_id=lt.txn_id,
                                                                 reason=cmd.reason))
+                if isinstance(cmd, SendCommit):
+                    failpoints.hit("after_commit_sent")
                 outcome = "committed" if isinstance(cmd, SendCommit) else "aborted"
                 for m in lt.members_of(cmd.agent_id):
                     m["outcome"] = outcome
@@ -644,6 +646,16 @@ class Coordinator:
             except AgentCallError as err:
                 checks.append((f"{agent_id}:*", False, str(err)))
         return checks
+
+
+def _failpoints(commands: list[TxnCommand]) -> None:
+    """Crash here if a failpoint names the step these commands begin."""
+    kinds = {type(c) for c in commands}
+    for kind, point in ((SendCut, "before_cut"), (SendThaw, "after_cut"),
+                        (PersistRunning, "after_thaw"), (SendCommit, "after_decision"),
+                        (SendAbort, "after_decision")):
+        if kind in kinds:
+            failpoints.hit(point)
 
 
 _MODE_PB = {"auto": apb.BACKUP_MODE_AUTO, "full": apb.BACKUP_MODE_FULL,

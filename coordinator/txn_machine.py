@@ -182,6 +182,21 @@ class TxnMachine:
         if not self.parts:
             self.parts = {a: AgentPart(a) for a in self.agents}
 
+    @classmethod
+    def recovered(cls, txn_id: str, agents: tuple[str, ...], grouped: bool, running: bool,
+                  decision: Decision | None, reason: str = "", committed: tuple[str, ...] = ()
+                  ) -> TxnMachine:
+        """The machine a new leader rebuilds from the durable record and decision."""
+        m = cls(txn_id, agents, grouped)
+        if running:
+            m.phase = TxnPhase.RUNNING
+        if decision is not None:
+            m.decision, m.reason, m.committed = decision, reason, committed
+            m.phase = TxnPhase.DECIDED
+            for a in committed:  # a COMMIT names exactly the agents that voted YES
+                m.parts[a].vote = True
+        return m
+
     # ----------------------------------------------------------------- API
     def handle(self, event: TxnEvent) -> list[TxnCommand]:
         """Apply one event; return the commands to run.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -18,8 +20,9 @@ from tests.integration.harness import Host
 
 
 class CoordinatorProcess:
-    def __init__(self, name: str, workdir: Path, etcd: str) -> None:
-        self.name, self.workdir, self.etcd = name, workdir, etcd
+    def __init__(self, name: str, workdir: Path, etcd: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.name, self.workdir, self.etcd, self.env = name, workdir, etcd, env or {}
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -32,7 +35,8 @@ class CoordinatorProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "coordinator", "--name", self.name, "--listen", self.address,
              "--etcd", self.etcd, "--data-dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=open(self.workdir / f"{self.name}.log", "ab"))
+            stdout=subprocess.DEVNULL, stderr=open(self.workdir / f"{self.name}.log", "ab"),
+            env={**os.environ, **self.env})
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -51,14 +55,23 @@ class CoordinatorProcess:
 class Cluster:
     """etcd + N coordinator replicas + lab hosts registered with them."""
 
-    def __init__(self, workdir: Path, replicas: int = 1) -> None:
+    def __init__(self, workdir: Path, replicas: int = 1,
+                 first_env: dict[str, str] | None = None) -> None:
+        """Replica c0 starts first and is the first leader; it alone gets *first_env*."""
         self.workdir = workdir
         self.etcd = EtcdServer(workdir / "etcd")
         self.etcd.start()
-        self.coordinators = [CoordinatorProcess(f"c{i}", workdir / f"c{i}", self.etcd.endpoint)
+        self.coordinators = [CoordinatorProcess(f"c{i}", workdir / f"c{i}", self.etcd.endpoint,
+                                                first_env if i == 0 else None)
                              for i in range(replicas)]
-        for c in self.coordinators:
+        for i, c in enumerate(self.coordinators):
             c.start()
+            if i == 0 and replicas > 1:
+                deadline = time.monotonic() + 20
+                while self.leader() != 0:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("c0 did not become leader")
+                    time.sleep(0.1)
         self.hosts: dict[str, Host] = {}
         self._channels: dict[str, grpc.Channel] = {}
 
@@ -122,6 +135,23 @@ class Cluster:
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"{txn_id} not done")
+
+    def leader(self) -> int | None:
+        """Index of the replica holding the etcd leader key, if any."""
+        from coordinator.store import Store
+
+        async def ask() -> tuple[str, int] | None:
+            store = Store(self.etcd.endpoint)
+            try:
+                return await store.leader()
+            finally:
+                await store.close()
+
+        got = asyncio.run(ask())
+        if got is None:
+            return None
+        name = got[0].partition("@")[0]
+        return next((i for i, c in enumerate(self.coordinators) if c.name == name), None)
 
     def close(self) -> None:
         for ch in self._channels.values():

@@ -47,8 +47,8 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
         _require(b)
     clusters: list[Cluster] = []
 
-    def make(replicas: int = 1) -> Cluster:
-        cluster = Cluster(tmp_path / f"cluster{len(clusters)}", replicas)
+    def make(replicas: int = 1, first_env: dict[str, str] | None = None) -> Cluster:
+        cluster = Cluster(tmp_path / f"cluster{len(clusters)}", replicas, first_env)
         clusters.append(cluster)
         return cluster
 

@@ -18,8 +18,9 @@ VMS = {"vm1": ["d0", "d1"], "vm2": ["d0"]}
 
 
 def two_hosts(make_cluster: Callable[..., Cluster], replicas: int = 1,
-              read_error: tuple[str, ...] = ()) -> Cluster:
-    cluster = make_cluster(replicas)
+              read_error: tuple[str, ...] = (), first_env: dict[str, str] | None = None
+              ) -> Cluster:
+    cluster = make_cluster(replicas, first_env)
     cluster.add_host("h1", VMS)
     cluster.add_host("h2", VMS, read_error=read_error)
     cluster.wait_registered(2)
@@ -134,3 +135,24 @@ def test_bad_transaction_requests_are_refused_and_write_nothing(
     with pytest.raises(grpc.RpcError) as err:
         stub.GetTransaction(cpb.GetTransactionRequest(txn_id="tx-nope"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_both_daemons_serve_health_and_reflection(make_cluster: Callable[..., Cluster]) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    cluster = make_cluster(1)
+    host = cluster.add_host("h1", {"vm1": ["d0"]})
+    for address, service in ((cluster.coordinators[0].address, "blocktxn.v1.CoordinatorService"),
+                             (host.agent.address, "blocktxn.v1.AgentService")):
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for name in ("", service):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=30,
+                                     wait_for_ready=True)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+            answers = refl.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+            names = {s.name for a in answers for s in a.list_services_response.service}
+            assert service in names and "grpc.health.v1.Health" in names

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from blocktxn.lab import CLUSTER
+from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as cpb
 from coordinator.errors import NotLeaderError
 from coordinator.store import Store
@@ -83,17 +84,9 @@ def test_individual_mode_commits_the_healthy_members(make_cluster: Callable[...,
 
 
 def leader(cluster: Cluster) -> int:
-    async def ask() -> tuple[str, int] | None:
-        store = Store(cluster.etcd.endpoint)
-        try:
-            return await store.leader()
-        finally:
-            await store.close()
-
-    got = asyncio.run(ask())
-    assert got is not None
-    name = got[0].partition("@")[0]
-    return next(i for i, c in enumerate(cluster.coordinators) if c.name == name)
+    found = cluster.leader()
+    assert found is not None
+    return found
 
 
 def test_leader_killed_while_running_another_replica_commits_once(
@@ -172,3 +165,34 @@ def test_etcd_restarted_mid_transaction_loses_nothing(make_cluster: Callable[...
     assert done.decision == cpb.DECISION_COMMIT, done.reason
     for host, vm, disk in all_disks(cluster):
         assert set(host.bitmaps(vm, disk)) == {f"blocktxn:{txn.txn_id}"}
+
+
+@pytest.mark.parametrize("point,decision", [
+    ("before_cut", cpb.DECISION_ABORT), ("after_cut", cpb.DECISION_ABORT),
+    ("after_thaw", cpb.DECISION_ABORT), ("after_decision", cpb.DECISION_COMMIT),
+    ("after_commit_sent", cpb.DECISION_COMMIT),
+])
+def test_leader_crash_at_each_step_is_finished_by_the_next_leader(
+    make_cluster: Callable[..., Cluster], point: str, decision: int,
+) -> None:
+    """The leader dies exactly at *point*; the other replica completes the transaction
+    with one decision; an abort keeps every write, no guest stays frozen."""
+    cluster = two_hosts(make_cluster, replicas=2,
+                        first_env={"BLOCKTXN_FAILPOINTS": f"{point}=exit"})
+    txn = cluster.start(TARGETS, quiesce=apb.QUIESCE_FREEZE, freeze_timeout_s=3)
+    done = cluster.wait_done(txn.txn_id)
+    assert cluster.coordinators[0].proc is not None
+    assert cluster.coordinators[0].proc.poll() == 9          # it really died at the point
+    assert done.decision == decision, done.reason
+    assert leader(cluster) == 1
+    for host in cluster.hosts.values():
+        assert not any(ga.is_frozen for ga in host.gas.values())
+        for s, e in (iv for ga in host.gas.values() for iv in ga.frozen_intervals):
+            assert e - s < 3 + 1.5                           # bounded by the freeze deadline
+    for host, vm, disk in all_disks(cluster):
+        bitmaps = host.bitmaps(vm, disk)
+        if decision == cpb.DECISION_COMMIT:
+            assert set(bitmaps) == {f"blocktxn:{txn.txn_id}"}
+        else:
+            assert not any(txn.txn_id in b for b in bitmaps)
+            assert host.jobs(vm) == []

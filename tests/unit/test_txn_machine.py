@@ -90,8 +90,12 @@ def test_new_leader_aborts_a_cut_and_requeries_a_running_transaction() -> None:
         Decision.ABORT, "coordinator leader changed during the cut", ())]
     r = TxnMachine("t", AGENTS, phase=TxnPhase.RUNNING)
     assert r.handle(Resumed()) == [SendPrepare(a) for a in AGENTS]
-    d = TxnMachine("t", AGENTS, phase=TxnPhase.DECIDED, decision=Decision.ABORT, reason="x")
+    d = TxnMachine.recovered("t", AGENTS, True, True, Decision.ABORT, "x")
     assert d.handle(Resumed()) == [SendAbort(a, "x") for a in AGENTS]
+    c = TxnMachine.recovered("t", AGENTS, True, True, Decision.COMMIT, "", AGENTS)
+    c.validate()
+    assert c.handle(Resumed()) == [SendCommit(a) for a in AGENTS]
+    c.validate()
 
 
 EVENTS = st.one_of(
