@@ -52,6 +52,7 @@ class LabVm:
     workdir: Path
     disks: list[LabDisk]
     proc: subprocess.Popen[bytes] | None = None
+    prefix: list[str] = field(default_factory=list)  # e.g. ip netns exec NS
 
     @classmethod
     def create(cls, name: str, workdir: Path, disk_names: list[str], size: int = 32 << 20,
@@ -115,7 +116,7 @@ class LabVm:
                  # a second monitor, for tests and the demo to look at QEMU directly
                  "--chardev", f"socket,path={self.probe_socket},server=on,wait=off,id=qmp1",
                  "--monitor", "chardev=qmp1"]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([*self.prefix, *argv], stdout=subprocess.DEVNULL,
                                      stderr=open(self.workdir / "qsd.log", "ab"))
         wait_for_path(self.qmp_socket)
         wait_for_path(self.nbd_socket)
@@ -420,7 +421,8 @@ class AgentProcess:
     """A `blocktxn agent` subprocess serving the VMs of one lab host."""
 
     def __init__(self, agent_id: str, workdir: Path, vms: list[LabVm],
-                 guest_agents: dict[str, Path], extra: list[str] | None = None) -> None:
+                 guest_agents: dict[str, Path], extra: list[str] | None = None,
+                 host_ip: str = "127.0.0.1", prefix: list[str] | None = None) -> None:
         self.agent_id = agent_id
         self.workdir = workdir
         self.repo = workdir / "repo"
@@ -428,12 +430,14 @@ class AgentProcess:
         self.vms = vms
         self.guest_agents = guest_agents
         self.extra = extra or []
-        self.port = free_port()
+        self.host_ip = host_ip
+        self.prefix = prefix or []
+        self.port = free_port() if host_ip == "127.0.0.1" else 7401
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host_ip}:{self.port}"
 
     def argv(self) -> list[str]:
         import sys
@@ -449,7 +453,7 @@ class AgentProcess:
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([*self.prefix, *self.argv()], stdout=subprocess.DEVNULL,
                                      stderr=open(self.workdir / "agent.log", "ab"))
 
     def kill(self) -> None:

@@ -304,7 +304,11 @@ class Coordinator:
             vms = {v["name"]: v for v in entry["inventory"].get("vms", [])}
             if vm not in vms:
                 raise NotFoundError(f"unknown VM {vm!r} on agent {agent_id}")
+            if not vms[vm].get("connected", False):
+                raise PreconditionError(f"VM {vm} on agent {agent_id} is lost (QEMU unreachable)")
             disks = [d["name"] for d in vms[vm].get("disks", [])]
+            if not disks:
+                raise PreconditionError(f"VM {vm} on agent {agent_id} has no disk")
             chosen = [parts[2]] if len(parts) == 3 else disks
             for disk in chosen:
                 if disk not in disks:
