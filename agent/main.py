@@ -15,9 +15,11 @@ from blocktxn.ids import IdentifierError, check_id
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--id", required=True, help="agent id (a safe identifier)")
-    p.add_argument("--listen", required=True, help="HOST:PORT to serve AgentService on")
-    p.add_argument("--repo", required=True, type=Path, help="backup repository directory")
+    p.add_argument("--config", type=Path, help="TOML file with any of these options "
+                   "(see deploy/agent.toml); flags given here override it")
+    p.add_argument("--id", help="agent id (a safe identifier)")
+    p.add_argument("--listen", help="HOST:PORT to serve AgentService on")
+    p.add_argument("--repo", type=Path, help="backup repository directory")
     p.add_argument("--vm", action="append", default=[], metavar="NAME=QMP[,ga=GA]",
                    help="a VM: its QMP socket and optional guest-agent socket (repeatable)")
     p.add_argument("--restore-dir", action="append", default=[], type=Path,
@@ -28,8 +30,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qmp-timeout", type=float, default=10.0, help="deadline of a QMP command")
 
 
+def load_config_file(args: argparse.Namespace, paths: dict[str, type[Path]]) -> None:
+    """Fill options not given on the command line from ``args.config`` (TOML).
+
+    Keys are the long option names (``restore-dir`` or ``restore_dir``); a
+    repeatable option takes a list.
+
+    Raises:
+        ValueError: unreadable file or unknown key.
+    """
+    import tomllib
+
+    if not getattr(args, "config", None):
+        return
+    try:
+        data = tomllib.loads(Path(args.config).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"config file {args.config}: {err}") from err
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name == "config" or not hasattr(args, name):
+            raise ValueError(f"config file {args.config}: unknown option {key!r}")
+        if name in paths:
+            value = [paths[name](v) for v in value] if isinstance(value, list) \
+                else paths[name](value)
+        current = getattr(args, name)
+        if current is None or current == []:
+            setattr(args, name, value)
+
+
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
-    """Raises: ValueError on a bad value."""
+    """Raises: ValueError on a bad or missing value."""
+    load_config_file(args, {"repo": Path, "restore_dir": Path})
+    for name in ("id", "listen", "repo"):
+        if not getattr(args, name):
+            raise ValueError(f"--{name} is required (on the command line or in --config)")
     try:
         check_id(args.id, "agent id")
     except IdentifierError as err:

@@ -8,6 +8,7 @@ import logging
 import signal
 from pathlib import Path
 
+from agent.main import load_config_file
 from blocktxn.ids import IdentifierError, check_id
 from coordinator.config import CoordinatorConfig
 from coordinator.etcd_server import EtcdServer
@@ -17,16 +18,24 @@ from coordinator.store import Store
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML file with any of these options "
+                   "(see deploy/coordinator.toml); flags given here override it")
     p.add_argument("--etcd", help="etcd endpoints host:port[,host:port...] "
                    "(default: start a private etcd under --data-dir)")
-    p.add_argument("--listen", default="127.0.0.1:7400", help="HOST:PORT to serve on")
+    p.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:7400)")
     p.add_argument("--advertise", help="address other replicas dial (default: --listen)")
-    p.add_argument("--name", default="coord1", help="replica name (a safe identifier)")
-    p.add_argument("--data-dir", type=Path, default=Path("/var/lib/blocktxn/coordinator"),
-                   help="where the private etcd keeps its data")
+    p.add_argument("--name", help="replica name (a safe identifier; default coord1)")
+    p.add_argument("--data-dir", type=Path,
+                   help="where the private etcd keeps its data "
+                   "(default /var/lib/blocktxn/coordinator)")
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
+    """Raises: ValueError on a bad value."""
+    load_config_file(args, {"data_dir": Path})
+    args.listen = args.listen or "127.0.0.1:7400"
+    args.name = args.name or "coord1"
+    args.data_dir = args.data_dir or Path("/var/lib/blocktxn/coordinator")
     try:
         check_id(args.name, "replica name")
     except IdentifierError as err:

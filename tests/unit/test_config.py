@@ -1,0 +1,45 @@
+"""Daemon configuration: flags, the documented TOML files, and bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.main import config_from_args as agent_config
+from blocktxn.cli import build_parser
+from coordinator.main import config_from_args as coordinator_config
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def test_documented_agent_file_parses_and_flags_override_it() -> None:
+    args = build_parser().parse_args(["agent", "--config", str(DEPLOY / "agent.toml"),
+                                      "--listen", "127.0.0.1:9"])
+    cfg = agent_config(args)
+    assert cfg.agent_id == "host1" and cfg.listen == "127.0.0.1:9"
+    assert cfg.repo == Path("/var/lib/blocktxn/repo")
+    assert [v.name for v in cfg.vms] == ["web", "db"] and cfg.vms[0].ga == "/run/qemu/web.qga"
+    assert cfg.restore_dirs == (Path("/var/lib/blocktxn/restores"),)
+
+
+def test_documented_coordinator_file_parses() -> None:
+    cfg = coordinator_config(build_parser().parse_args(
+        ["coordinator", "--config", str(DEPLOY / "coordinator.toml")]))
+    assert cfg.name == "coord1" and cfg.etcd and cfg.etcd.count(",") == 2
+    defaults = coordinator_config(build_parser().parse_args(["coordinator"]))
+    assert defaults.listen == "127.0.0.1:7400" and defaults.etcd is None
+
+
+@pytest.mark.parametrize("text,word", [
+    ('id = "a"\nlisten = "x:1"\nrepo = "/r"\nbogus = 1\n', "unknown option"),
+    ('id = "a b"\nlisten = "x:1"\nrepo = "/r"\n', "safe identifier"),
+    ('listen = "x:1"\nrepo = "/r"\n', "--id is required"),
+    ('id = "a"\nlisten = "x:1"\nrepo = "/r"\nvm = ["web"]\n', "NAME=QMP"),
+    ("id = \n", "config file"),
+])
+def test_bad_agent_files_are_one_line_errors(tmp_path: Path, text: str, word: str) -> None:
+    f = tmp_path / "a.toml"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=word):
+        agent_config(build_parser().parse_args(["agent", "--config", str(f)]))
