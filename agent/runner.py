@@ -378,12 +378,11 @@ class AgentRunner:
             await asyncio.gather(
                 *(self.repo.create_image(m.image, m.size, m.backing) for m in plan.members)
             )
-            for vm, ms in by_vm.items():
-                for m in ms:
-                    await self.vms[vm].execute("blockdev-add", {
-                        "driver": "qcow2", "node-name": m.target_node, "backing": None,
-                        "file": {"driver": "file", "filename": str(self.repo.path(m.image))},
-                    })
+            await asyncio.gather(*(
+                self.vms[m.vm].execute("blockdev-add", {
+                    "driver": "qcow2", "node-name": m.target_node, "backing": None,
+                    "file": {"driver": "file", "filename": str(self.repo.path(m.image))},
+                }) for m in plan.members))
             frozen_at = time.time()
             deadline = frozen_at + plan.freeze_timeout
             await asyncio.wait_for(
@@ -599,26 +598,30 @@ class AgentRunner:
     async def _publish(
         self, members: tuple[MemberPlan, ...], images: tuple[ImageRecord, ...]
     ) -> Event:
-        for m in members:
-            conn = self.vms[m.vm]
-            for name in m.stale_bitmaps:
-                await self._remove_bitmap(conn, m.disk, name)
-        sums = await asyncio.gather(*(self.repo.sha256(i.image) for i in images))
+        drop = [(m.vm, m.disk, name) for m in members for name in m.stale_bitmaps]
+        removing = self._remove_bitmaps(drop)
+        sums, _ = await asyncio.gather(
+            asyncio.gather(*(self.repo.sha256(i.image) for i in images)), removing)
         done = tuple(replace(i, sha256=s) for i, s in zip(images, sums, strict=True))
         self.repo.record(list(done))
         return Committed(done)
 
-    async def _remove_bitmap(self, conn: VmConnection, disk: str, name: str) -> None:
-        """Drop one of our bitmaps; a lost VM or an absent bitmap is not an error."""
-        if not conn.connected:
-            log.warning("vm %s lost: bitmap %s on %s left for later cleanup", conn.name, name, disk)
-            return
-        try:
-            node = (await conn.disks()).get(disk)
-            if node is not None and node.bitmap(name) is not None:
-                await conn.execute("block-dirty-bitmap-remove", {"node": disk, "name": name})
-        except VmLostError:
-            log.warning("vm %s lost while dropping bitmap %s", conn.name, name)
+    async def _remove_bitmaps(self, bitmaps: Sequence[tuple[str, str, str]]) -> None:
+        """Drop our (vm, disk, bitmap)s; a lost VM or an absent bitmap is not an error."""
+        for vm in sorted({b[0] for b in bitmaps}):
+            conn = self.vms[vm]
+            mine = [(disk, name) for v, disk, name in bitmaps if v == vm]
+            if not conn.connected:
+                log.warning("vm %s lost: bitmaps %s left for later cleanup", vm, mine)
+                continue
+            try:
+                nodes = await conn.disks()
+                await asyncio.gather(*(
+                    conn.execute("block-dirty-bitmap-remove", {"node": disk, "name": name})
+                    for disk, name in mine
+                    if disk in nodes and nodes[disk].bitmap(name) is not None))
+            except VmLostError:
+                log.warning("vm %s lost while dropping bitmaps %s", vm, mine)
 
     async def _rollback(self, cmd: Rollback) -> None:
         self._disarm(cmd.txn_id)
@@ -636,7 +639,7 @@ class AgentRunner:
                         await conn.execute("job-dismiss", {"id": m.job_id})
                     if m.target_node in await conn.node_names():
                         await conn.execute("blockdev-del", {"node-name": m.target_node})
-                await self._remove_bitmap(conn, m.disk, m.new_bitmap)
+                await self._remove_bitmaps([(m.vm, m.disk, m.new_bitmap)])
             except AgentError as err:
                 log.warning("rollback of %s on %s/%s incomplete: %s", cmd.txn_id, m.vm, m.disk, err)
             self.repo.delete_image(m.image)
