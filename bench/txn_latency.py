@@ -19,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qemu.qmp import EventListener, QMPClient  # noqa: E402
+from qemu.qmp import EventListener, QMPClient
 
-from blocktxn.lab import LabVm  # noqa: E402
-from blocktxn.v1 import agent_pb2 as apb  # noqa: E402
-from blocktxn.v1 import coordinator_pb2 as cpb  # noqa: E402
-from tests.integration.cluster import Cluster  # noqa: E402
-from tests.integration.harness import Host  # noqa: E402
+from blocktxn.lab import LabVm
+from blocktxn.v1 import agent_pb2 as apb
+from blocktxn.v1 import coordinator_pb2 as cpb
+from tests.integration.cluster import Cluster
+from tests.integration.harness import Host
 
 
 async def qemu_floor(vm: LabVm, disks: list[str], reps: int) -> list[float]:
