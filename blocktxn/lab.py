@@ -15,7 +15,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import socketserver
 import subprocess
@@ -24,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from blocktxn import procs
 
 CLUSTER = 64 * 1024
 
@@ -128,19 +129,11 @@ class LabVm:
 
     def kill(self) -> None:
         """SIGKILL: unstored bitmaps are lost, stored ones come back inconsistent."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        procs.kill(self.proc)
 
     def stop(self) -> None:
         """Clean shutdown: persistent bitmaps are written to the qcow2 files."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        procs.terminate(self.proc)
 
 
 class QemuIo:
@@ -457,17 +450,10 @@ class AgentProcess:
                                      stderr=open(self.workdir / "agent.log", "ab"))
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        procs.kill(self.proc)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        procs.terminate(self.proc)
 
 
 def qmp_call(socket_path: Path, cmd: str, args: dict[str, Any] | None = None) -> Any:

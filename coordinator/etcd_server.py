@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from blocktxn import procs
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -59,14 +61,7 @@ class EtcdServer:
         raise TimeoutError("etcd did not start")
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        procs.kill(self.proc)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        procs.terminate(self.proc)

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blocktxn import procs
 from blocktxn.lab import AgentProcess, LabVm, StandInGuestAgent, Workload
 from tests.chaos.netlab import NetLab
 
@@ -52,22 +53,11 @@ class Proc:
             self.stopped = sig == signal.SIGSTOP
 
     def kill(self) -> None:
-        if self.alive:
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait(10)
+        procs.kill(self.proc)
         self.stopped = False
 
     def terminate(self) -> None:
-        if self.alive:
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        procs.terminate(self.proc)
 
 
 @dataclass
@@ -159,16 +149,12 @@ class ChaosCluster:
             for wl in h.workloads.values():
                 wl.stop_background()
             if h.agent is not None:
-                if h.agent.proc is not None and h.agent.proc.poll() is None:
-                    h.agent.proc.send_signal(signal.SIGCONT)
                 h.agent.stop()
             for ga in h.gas.values():
                 ga.close()
             for wl in h.workloads.values():
                 wl.detach()
             for vm in h.vms.values():
-                if vm.proc is not None and vm.proc.poll() is None:
-                    vm.proc.send_signal(signal.SIGCONT)
                 vm.stop()
         for p in [*self.coords.values(), *self.etcd.values()]:
             p.terminate()

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from blocktxn import procs
 from blocktxn.lab import free_port
 from blocktxn.v1 import coordinator_pb2 as cpb
 from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
@@ -39,17 +40,10 @@ class CoordinatorProcess:
             env={**os.environ, **self.env})
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        procs.kill(self.proc)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        procs.terminate(self.proc)
 
 
 class Cluster:
