@@ -118,7 +118,10 @@ class Repository:
     async def create_image(self, rel: str, size: int, backing_rel: str) -> None:
         """Create an empty qcow2 target (with the previous image as backing)."""
         p = self.path(rel)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise QemuError(f"repository: cannot create {p.parent}: {err}") from err
         argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
         if backing_rel:
             argv += ["-b", Path(backing_rel).name, "-F", "qcow2"]

@@ -11,9 +11,9 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.config import AgentConfig
 from agent.errors import (
@@ -67,6 +67,7 @@ from agent.repository import Repository
 from blocktxn.ids import IdentifierError, check_id
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MODES = ("auto", "full", "incremental")
 QUIESCE = ("none", "freeze", "pause")
@@ -116,6 +117,16 @@ class DiskStatus:
 def short_name(*parts: str) -> str:
     """A QMP node/job name (< 32 chars) unique to *parts*."""
     return NODE_PREFIX + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+async def gather_all(*aws: Awaitable[T]) -> list[T]:
+    """Like asyncio.gather, but when one fails, wait for the others to finish before
+    raising the first error: a rollback must not race a step still in flight."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results  # type: ignore[return-value]
 
 
 def _safe(value: str, what: str) -> str:
@@ -375,10 +386,10 @@ class AgentRunner:
         for m in plan.members:
             by_vm.setdefault(m.vm, []).append(m)
         try:
-            await asyncio.gather(
+            await gather_all(
                 *(self.repo.create_image(m.image, m.size, m.backing) for m in plan.members)
             )
-            await asyncio.gather(*(
+            await gather_all(*(
                 self.vms[m.vm].execute("blockdev-add", {
                     "driver": "qcow2", "node-name": m.target_node, "backing": None,
                     "file": {"driver": "file", "filename": str(self.repo.path(m.image))},
@@ -386,7 +397,7 @@ class AgentRunner:
             frozen_at = time.time()
             deadline = frozen_at + plan.freeze_timeout
             await asyncio.wait_for(
-                asyncio.gather(*(self._cut_vm(plan, vm, ms) for vm, ms in by_vm.items())),
+                gather_all(*(self._cut_vm(plan, vm, ms) for vm, ms in by_vm.items())),
                 plan.freeze_timeout,
             )
             cut_at = time.time()
@@ -543,7 +554,7 @@ class AgentRunner:
                     raise QemuError(f"{m.vm}/{m.disk}: backup job {job.status}"
                                     f"{': ' + job.error if job.error else ''}")
 
-            await asyncio.gather(*(to_pending(m) for m in members))
+            await gather_all(*(to_pending(m) for m in members))
 
             async def finish(m: MemberPlan) -> ImageRecord:
                 conn = self.vms[m.vm]
@@ -560,7 +571,7 @@ class AgentRunner:
                     checkpoint=m.new_bitmap,
                 )
 
-            images = await asyncio.gather(*(finish(m) for m in members))
+            images = await gather_all(*(finish(m) for m in members))
             await self.repo.make_durable([m.image for m in members])
             return Prepared(tuple(images))
         except AgentError as err:
@@ -600,8 +611,10 @@ class AgentRunner:
     ) -> Event:
         drop = [(m.vm, m.disk, name) for m in members for name in m.stale_bitmaps]
         removing = self._remove_bitmaps(drop)
-        sums, _ = await asyncio.gather(
-            asyncio.gather(*(self.repo.sha256(i.image) for i in images)), removing)
+        checksums = asyncio.ensure_future(gather_all(*(self.repo.sha256(i.image)
+                                                      for i in images)))
+        await gather_all(checksums, removing)
+        sums = checksums.result()
         done = tuple(replace(i, sha256=s) for i, s in zip(images, sums, strict=True))
         self.repo.record(list(done))
         return Committed(done)

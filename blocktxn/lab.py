@@ -415,7 +415,8 @@ class AgentProcess:
 
     def __init__(self, agent_id: str, workdir: Path, vms: list[LabVm],
                  guest_agents: dict[str, Path], extra: list[str] | None = None,
-                 host_ip: str = "127.0.0.1", prefix: list[str] | None = None) -> None:
+                 host_ip: str = "127.0.0.1", prefix: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.agent_id = agent_id
         self.workdir = workdir
         self.repo = workdir / "repo"
@@ -425,6 +426,7 @@ class AgentProcess:
         self.extra = extra or []
         self.host_ip = host_ip
         self.prefix = prefix or []
+        self.env = env
         self.port = free_port() if host_ip == "127.0.0.1" else 7401
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -447,7 +449,8 @@ class AgentProcess:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen([*self.prefix, *self.argv()], stdout=subprocess.DEVNULL,
-                                     stderr=open(self.workdir / "agent.log", "ab"))
+                                     stderr=open(self.workdir / "agent.log", "ab"),
+                                     env={**os.environ, **self.env} if self.env else None)
 
     def kill(self) -> None:
         procs.kill(self.proc)

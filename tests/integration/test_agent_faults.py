@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable
 
@@ -238,3 +240,31 @@ def test_guest_agent_that_never_answers_freeze_fails_the_cut_within_the_deadline
     assert_nothing_left(host, "t1")
     assert host.bitmaps("vm1", "d0") == {}
     assert list(iter_files(host.agent.repo / "images")) == []
+
+
+def test_a_failed_cut_waits_for_every_step_in_flight_before_rolling_back(
+    make_host: Callable[..., Host],
+) -> None:
+    """Found by the chaos suite (repository full during the cut): one target image failed
+    while another was still being created, and the rollback ran before it finished, leaving
+    a stray image. Here d1's image directory is blocked by a file."""
+    disks = [f"d{i}" for i in range(6)]
+    host = make_host({"vm1": disks})
+    # a slow qemu-img: d0..d4 are still being created when d5 fails
+    slow = host.workdir / "slowbin"
+    slow.mkdir()
+    (slow / "qemu-img").write_text(f"#!/bin/sh\nsleep 0.5\nexec {shutil.which('qemu-img')} \"$@\"\n")
+    (slow / "qemu-img").chmod(0o755)
+    host.agent.env = {"PATH": f"{slow}:{os.environ['PATH']}"}
+    host.restart_agent()
+    blocker = host.agent.repo / "images" / "vm1" / "d5"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a directory")
+    with pytest.raises(grpc.RpcError) as err:
+        host.cut("t1", [("vm1", d) for d in disks])
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cannot create" in (err.value.details() or "")
+    time.sleep(1.0)  # anything still in flight would land now
+    assert not list((host.agent.repo / "images").glob("*/*/t1.qcow2"))
+    assert host.jobs("vm1") == [] and not host.gas["vm1"].is_frozen
+    assert all(host.bitmaps("vm1", d) == {} for d in disks)
