@@ -253,7 +253,8 @@ def test_a_failed_cut_waits_for_every_step_in_flight_before_rolling_back(
     # a slow qemu-img: d0..d4 are still being created when d5 fails
     slow = host.workdir / "slowbin"
     slow.mkdir()
-    (slow / "qemu-img").write_text(f"#!/bin/sh\nsleep 0.5\nexec {shutil.which('qemu-img')} \"$@\"\n")
+    real = shutil.which("qemu-img")
+    (slow / "qemu-img").write_text(f'#!/bin/sh\nsleep 0.5\nexec {real} "$@"\n')
     (slow / "qemu-img").chmod(0o755)
     host.agent.env = {"PATH": f"{slow}:{os.environ['PATH']}"}
     host.restart_agent()
