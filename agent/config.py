@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blocktxn.ids import check_id
+from blocktxn.tls import TlsFiles
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class AgentConfig:
     advertise: str | None = None  # address the coordinator should dial
     qmp_timeout: float = 10.0
     connect_wait: float = 5.0  # at start, wait this long for every VM's QMP
+    tls: TlsFiles = field(default_factory=TlsFiles)
 
 
 def parse_vm(spec: str) -> VmConfig:

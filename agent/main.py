@@ -11,6 +11,7 @@ from pathlib import Path
 from agent.config import AgentConfig, parse_vm
 from agent.runner import AgentRunner
 from agent.service import serve
+from blocktxn import tls
 from blocktxn.ids import IdentifierError, check_id
 
 
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HOST:PORT[,HOST:PORT...] of the coordinator replicas to register with")
     p.add_argument("--advertise", help="address the coordinator dials (default: --listen)")
     p.add_argument("--qmp-timeout", type=float, default=10.0, help="deadline of a QMP command")
+    tls.add_arguments(p)
 
 
 def load_config_file(args: argparse.Namespace, paths: dict[str, type[Path]]) -> None:
@@ -61,7 +63,8 @@ def load_config_file(args: argparse.Namespace, paths: dict[str, type[Path]]) -> 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
     """Raises: ValueError on a bad or missing value."""
-    load_config_file(args, {"repo": Path, "restore_dir": Path})
+    load_config_file(args, {"repo": Path, "restore_dir": Path, "tls_cert": Path,
+                            "tls_key": Path, "tls_ca": Path})
     for name in ("id", "listen", "repo"):
         if not getattr(args, name):
             raise ValueError(f"--{name} is required (on the command line or in --config)")
@@ -75,14 +78,14 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig(
         agent_id=args.id, listen=args.listen, repo=args.repo, vms=vms,
         restore_dirs=tuple(args.restore_dir), coordinator=args.coordinator,
-        advertise=args.advertise, qmp_timeout=args.qmp_timeout,
+        advertise=args.advertise, qmp_timeout=args.qmp_timeout, tls=tls.from_args(args),
     )
 
 
 async def run(config: AgentConfig) -> None:
     runner = AgentRunner(config)
     await runner.start()
-    server = await serve(runner, config.listen)
+    server = await serve(runner, config.listen, config.tls)
     heartbeat = None
     if config.coordinator:
         heartbeat = asyncio.create_task(register_forever(runner, config))
@@ -108,7 +111,7 @@ async def register_forever(runner: AgentRunner, config: AgentConfig) -> None:
     log = logging.getLogger(__name__)
     assert config.coordinator
     replicas = [a.strip() for a in config.coordinator.split(",") if a.strip()]
-    channels = [grpc.aio.insecure_channel(a) for a in replicas]
+    channels = [config.tls.channel(a) for a in replicas]
     interval, turn = 3.0, 0
     while True:
         stub = cpb_grpc.CoordinatorServiceStub(channels[turn % len(channels)])

@@ -22,6 +22,7 @@ from agent.errors import (
 )
 from agent.participant import ImageRecord, Phase, TxnState
 from agent.runner import AgentRunner, MemberRequest
+from blocktxn.tls import TlsFiles
 from blocktxn.v1 import agent_pb2 as pb
 from blocktxn.v1 import agent_pb2_grpc as pb_grpc
 
@@ -204,12 +205,13 @@ async def add_standard_services(server: grpc.aio.Server, service_names: list[str
     )
 
 
-async def serve(runner: AgentRunner, listen: str) -> grpc.aio.Server:
-    """Start the gRPC server for *runner* on *listen* (host:port)."""
+async def serve(runner: AgentRunner, listen: str, tls: TlsFiles | None = None
+                ) -> grpc.aio.Server:
+    """Start the gRPC server for *runner* on *listen* (host:port), TLS if configured."""
     server = grpc.aio.server()
     pb_grpc.add_AgentServiceServicer_to_server(AgentServicer(runner), server)
     await add_standard_services(server, [pb.DESCRIPTOR.services_by_name["AgentService"].full_name])
-    port = server.add_insecure_port(listen)
+    port = (tls or TlsFiles()).add_port(server, listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()

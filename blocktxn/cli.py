@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="blocktxn", description=__doc__)
     parser.add_argument("--coordinator", help="HOST:PORT (default $BLOCKTXN_COORDINATOR, "
                         "else 127.0.0.1:7400)")
+    from blocktxn import tls
+
+    tls.add_arguments(parser, env=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     agent_main.add_arguments(sub.add_parser("agent", help="run the per-host agent"))
     coordinator_main.add_arguments(sub.add_parser("coordinator", help="run a coordinator replica"))
@@ -132,7 +135,7 @@ async def _backup(args: argparse.Namespace) -> int:
 
     opts = BackupOptions(args.mode, args.completion, args.quiesce, args.freeze_timeout,
                          args.deadline, args.speed, args.request_id)
-    async with Client(args.coordinator) as client:
+    async with Client(args.coordinator, tls=args.tls) as client:
         txn = await client.backup(args.targets, opts)
         if not args.wait:
             print(json.dumps(txn_summary(txn)) if args.json else txn.txn_id)
@@ -180,7 +183,7 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 async def _operator(args: argparse.Namespace) -> int:
     from blocktxn.client import DECISION_NAME, MODE_NAME, PHASE_NAME, Client
 
-    async with Client(args.coordinator) as client:
+    async with Client(args.coordinator, tls=args.tls) as client:
         if args.command == "txn":
             if args.txn_command == "list":
                 txns = await client.list_transactions(args.open)
@@ -241,8 +244,14 @@ async def _operator(args: argparse.Namespace) -> int:
 
 def _client_call(args: argparse.Namespace, run: Callable[[argparse.Namespace], Awaitable[int]]
                  ) -> int:
+    from blocktxn import tls
     from blocktxn.client import BadRequest, ClientError, Unreachable
 
+    try:
+        args.tls = tls.from_args(args, env=True)
+    except ValueError as err:
+        print(f"blocktxn: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         return asyncio.run(run(args))  # type: ignore[arg-type]
     except BadRequest as err:

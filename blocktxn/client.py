@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from blocktxn.tls import TlsFiles
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as cpb
 from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
@@ -83,10 +84,11 @@ def _translate(err: grpc.aio.AioRpcError) -> ClientError:
 class Client:
     """Async client; use as ``async with Client(addr) as c``."""
 
-    def __init__(self, address: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, address: str | None = None, timeout: float = 30.0,
+                 tls: TlsFiles | None = None) -> None:
         self.address = coordinator_address(address)
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(self.address)
+        self.channel = (tls or TlsFiles()).channel(self.address)
         self.stub = cpb_grpc.CoordinatorServiceStub(self.channel)
 
     async def __aenter__(self) -> Client:
@@ -178,15 +180,16 @@ class Client:
 class SyncClient:
     """Blocking wrapper: every coroutine of ``Client`` as a plain method."""
 
-    def __init__(self, address: str | None = None, timeout: float = 30.0) -> None:
-        self.address, self.timeout = coordinator_address(address), timeout
+    def __init__(self, address: str | None = None, timeout: float = 30.0,
+                 tls: TlsFiles | None = None) -> None:
+        self.address, self.timeout, self.tls = coordinator_address(address), timeout, tls
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(Client, name)
 
         def call(*args: Any, **kwargs: Any) -> Any:
             async def run() -> Any:
-                async with Client(self.address, self.timeout) as client:
+                async with Client(self.address, self.timeout, self.tls) as client:
                     return await method(client, *args, **kwargs)
 
             return asyncio.run(run())

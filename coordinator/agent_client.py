@@ -15,6 +15,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from blocktxn.tls import TlsFiles
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import agent_pb2_grpc as apb_grpc
 from coordinator.errors import AgentCallError
@@ -29,11 +30,12 @@ def _retryable(err: BaseException) -> bool:
 class AgentClient:
     """One agent's AgentService."""
 
-    def __init__(self, agent_id: str, address: str, timeout: float = 30.0) -> None:
+    def __init__(self, agent_id: str, address: str, timeout: float = 30.0,
+                 tls: TlsFiles | None = None) -> None:
         self.agent_id = agent_id
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = (tls or TlsFiles()).channel(address)
         self.stub = apb_grpc.AgentServiceStub(self.channel)
 
     async def close(self) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from blocktxn.tls import TlsFiles
 
 
 @dataclass(frozen=True)
@@ -14,3 +16,4 @@ class CoordinatorConfig:
     etcd: str | None          # None: run a private single-member etcd
     data_dir: Path
     etcd_timeout: float = 5.0
+    tls: TlsFiles = field(default_factory=TlsFiles)

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 from agent.main import load_config_file
+from blocktxn import tls
 from blocktxn.ids import IdentifierError, check_id
 from coordinator.config import CoordinatorConfig
 from coordinator.etcd_server import EtcdServer
@@ -28,11 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path,
                    help="where the private etcd keeps its data "
                    "(default /var/lib/blocktxn/coordinator)")
+    tls.add_arguments(p)
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     """Raises: ValueError on a bad value."""
-    load_config_file(args, {"data_dir": Path})
+    load_config_file(args, {"data_dir": Path, "tls_cert": Path, "tls_key": Path,
+                            "tls_ca": Path})
     args.listen = args.listen or "127.0.0.1:7400"
     args.name = args.name or "coord1"
     args.data_dir = args.data_dir or Path("/var/lib/blocktxn/coordinator")
@@ -42,7 +45,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         raise ValueError(str(err)) from err
     return CoordinatorConfig(name=args.name, listen=args.listen,
                              advertise=args.advertise or args.listen, etcd=args.etcd,
-                             data_dir=args.data_dir)
+                             data_dir=args.data_dir, tls=tls.from_args(args))
 
 
 async def run(config: CoordinatorConfig) -> None:
@@ -54,7 +57,7 @@ async def run(config: CoordinatorConfig) -> None:
         endpoints = etcd.endpoint
     store = Store(endpoints, config.etcd_timeout)
     coordinator = Coordinator(config, store)
-    server = await serve(coordinator, config.listen)
+    server = await serve(coordinator, config.listen, config.tls)
     coordinator.start()
     logging.getLogger(__name__).info("coordinator %s serving on %s (etcd %s)", config.name,
                                      config.listen, endpoints)

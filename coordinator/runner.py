@@ -218,7 +218,7 @@ class Coordinator:
     def client(self, agent_id: str, address: str) -> AgentClient:
         key = (agent_id, address)
         if key not in self.clients:
-            self.clients[key] = AgentClient(agent_id, address)
+            self.clients[key] = AgentClient(agent_id, address, tls=self.config.tls)
         return self.clients[key]
 
     # ----------------------------------------------------------- planning

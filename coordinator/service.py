@@ -10,6 +10,7 @@ import grpc
 from google.protobuf import json_format
 
 from agent.service import add_standard_services
+from blocktxn.tls import TlsFiles
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as pb
 from blocktxn.v1 import coordinator_pb2_grpc as pb_grpc
@@ -122,7 +123,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         if address is None or address == self.c.config.advertise:
             raise NotLeaderError("no leader elected yet: retry")
         if address not in self._leader_channels:
-            self._leader_channels[address] = grpc.aio.insecure_channel(address)
+            self._leader_channels[address] = self.c.config.tls.channel(address)
         return pb_grpc.CoordinatorServiceStub(self._leader_channels[address])
 
     async def _forward(self, context: Ctx, method: str, request: Any) -> Any:
@@ -240,12 +241,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             checks=[apb.ImageCheck(image=i, ok=ok, problem=p) for i, ok, p in checks])
 
 
-async def serve(coordinator: Coordinator, listen: str) -> grpc.aio.Server:
+async def serve(coordinator: Coordinator, listen: str, tls: TlsFiles | None = None
+                ) -> grpc.aio.Server:
     server = grpc.aio.server()
     pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(coordinator), server)
     await add_standard_services(
         server, [pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name])
-    if server.add_insecure_port(listen) == 0:
+    if (tls or TlsFiles()).add_port(server, listen) == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
     return server

@@ -22,8 +22,9 @@ from tests.integration.harness import Host
 
 class CoordinatorProcess:
     def __init__(self, name: str, workdir: Path, etcd: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, extra: list[str] | None = None) -> None:
         self.name, self.workdir, self.etcd, self.env = name, workdir, etcd, env or {}
+        self.extra = extra or []
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -35,7 +36,7 @@ class CoordinatorProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "coordinator", "--name", self.name, "--listen", self.address,
-             "--etcd", self.etcd, "--data-dir", str(self.workdir)],
+             "--etcd", self.etcd, "--data-dir", str(self.workdir), *self.extra],
             stdout=subprocess.DEVNULL, stderr=open(self.workdir / f"{self.name}.log", "ab"),
             env={**os.environ, **self.env})
 
@@ -50,13 +51,14 @@ class Cluster:
     """etcd + N coordinator replicas + lab hosts registered with them."""
 
     def __init__(self, workdir: Path, replicas: int = 1,
-                 first_env: dict[str, str] | None = None) -> None:
+                 first_env: dict[str, str] | None = None, extra: list[str] | None = None
+                 ) -> None:
         """Replica c0 starts first and is the first leader; it alone gets *first_env*."""
         self.workdir = workdir
         self.etcd = EtcdServer(workdir / "etcd")
         self.etcd.start()
         self.coordinators = [CoordinatorProcess(f"c{i}", workdir / f"c{i}", self.etcd.endpoint,
-                                                first_env if i == 0 else None)
+                                                first_env if i == 0 else None, extra)
                              for i in range(replicas)]
         for i, c in enumerate(self.coordinators):
             c.start()
@@ -67,6 +69,7 @@ class Cluster:
                         raise TimeoutError("c0 did not become leader")
                     time.sleep(0.1)
         self.hosts: dict[str, Host] = {}
+        self.extra = extra or []  # daemon flags shared by coordinators and agents
         self._channels: dict[str, grpc.Channel] = {}
 
     @property
@@ -88,7 +91,7 @@ class Cluster:
 
     def add_host(self, agent_id: str, vms: dict[str, list[str]], **kw: Any) -> Host:
         host = Host(self.workdir / agent_id, vms, agent_id=agent_id, **kw)
-        host.agent.extra = ["--coordinator", self.addresses]
+        host.agent.extra = ["--coordinator", self.addresses, *self.extra]
         host.start_agent()
         self.hosts[agent_id] = host
         return host
