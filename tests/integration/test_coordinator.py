@@ -12,7 +12,7 @@ from blocktxn.lab import CLUSTER, images_equal
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as cpb
 from tests.integration.cluster import Cluster
-from tests.integration.harness import Host
+from tests.integration.harness import Host, wait_until
 
 VMS = {"vm1": ["d0", "d1"], "vm2": ["d0"]}
 
@@ -156,3 +156,25 @@ def test_both_daemons_serve_health_and_reflection(make_cluster: Callable[..., Cl
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
             names = {s.name for a in answers for s in a.list_services_response.service}
             assert service in names and "grpc.health.v1.Health" in names
+
+
+def test_a_lost_vm_is_refused_not_silently_skipped(make_cluster: Callable[..., Cluster]) -> None:
+    """Found by the chaos suite: a whole-VM target of a VM whose QEMU was gone expanded
+    to no disk at all, and the transaction committed without it."""
+    cluster = two_hosts(make_cluster)
+    host = cluster.hosts["h1"]
+    host.workloads["vm2"].detach()
+    host.vms["vm2"].kill()
+
+    def vm2_lost() -> bool:
+        agents = cluster.stub().ListAgents(cpb.ListAgentsRequest(), timeout=10).agents
+        h1 = next(a for a in agents if a.agent_id == "h1")
+        return any(v.name == "vm2" and not v.connected for v in h1.inventory.vms)
+
+    wait_until(vm2_lost, what="h1 reports vm2 lost")
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.start(["h1/vm1", "h1/vm2"])
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "vm2" in (err.value.details() or "") and "lost" in (err.value.details() or "")
+    stub = cluster.stub()
+    assert stub.ListTransactions(cpb.ListTransactionsRequest(), timeout=10).transactions == []
