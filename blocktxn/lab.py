@@ -249,11 +249,6 @@ class Workload:
                 f.write(bytes([value]) * 512)
             self.log.append((len(self.log) + 1, disk, cluster, value))
 
-    def flush(self, disk: str) -> None:
-        """Flush *disk* through its export (a second NBD client)."""
-        subprocess.run(["qemu-io", "-f", "raw", "-c", "flush", self.vm.nbd_uri(disk)],
-                       check=True, capture_output=True, timeout=30)
-
     def clusters(self, disk: str, after_seq: int, upto_seq: int | None = None) -> set[int]:
         """Clusters of *disk* written by writes number after_seq+1 .. upto_seq."""
         end = self.seq if upto_seq is None else upto_seq
@@ -400,14 +395,6 @@ def images_equal(a: Path, fmt_a: str, b: Path, fmt_b: str) -> bool:
     res = subprocess.run(["qemu-img", "compare", "-q", "-f", fmt_a, "-F", fmt_b, str(a), str(b)],
                          capture_output=True)
     return res.returncode == 0
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 class AgentProcess:

@@ -128,7 +128,6 @@ class Coordinator:
         self._agent_leases: dict[str, Any] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._election: asyncio.Task[None] | None = None
-        self.leader_changed = asyncio.Event()
 
     @property
     def identity(self) -> str:
@@ -157,7 +156,6 @@ class Coordinator:
                     continue
                 log.info("%s leads with epoch %d", self.config.name, epoch)
                 self.epoch = epoch
-                self.leader_changed.set()
                 await self._resume_all()
                 await self._keep_leading(lease)
                 log.warning("%s: leader lease lost", self.config.name)

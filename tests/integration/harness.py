@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,13 +151,6 @@ def restore(host: Host, set_id: str, vm: str, disk: str, name: str, fmt: str = "
         set_id=set_id, vm=vm, disk=disk, destination=str(host.agent.restore_dir / name),
         format=fmt), timeout=RPC_TIMEOUT)
     return Path(resp.path)
-
-
-def qemu_img_info(path: Path) -> dict[str, Any]:
-    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)], check=True,
-                         capture_output=True, text=True).stdout
-    result: dict[str, Any] = json.loads(out)
-    return result
 
 
 def iter_files(root: Path) -> Iterator[Path]:
