@@ -55,6 +55,7 @@ async def run(config: CoordinatorConfig) -> None:
         etcd = EtcdServer(config.data_dir)
         await asyncio.to_thread(etcd.start)
         endpoints = etcd.endpoint
+    supervisor = asyncio.create_task(supervise(etcd)) if etcd is not None else None
     store = Store(endpoints, config.etcd_timeout)
     coordinator = Coordinator(config, store)
     server = await serve(coordinator, config.listen, config.tls)
@@ -69,8 +70,23 @@ async def run(config: CoordinatorConfig) -> None:
     await server.stop(grace=2)
     await coordinator.stop()
     await store.close()
+    if supervisor is not None:
+        supervisor.cancel()
     if etcd is not None:
         etcd.stop()
+
+
+async def supervise(etcd: EtcdServer) -> None:
+    """Restart the private etcd if it dies (same data directory and ports)."""
+    log = logging.getLogger(__name__)
+    while True:
+        await asyncio.sleep(1.0)
+        if etcd.proc is not None and etcd.proc.poll() is not None:
+            log.warning("private etcd exited (%s); restarting it", etcd.proc.returncode)
+            try:
+                await asyncio.to_thread(etcd.start)
+            except (OSError, RuntimeError, TimeoutError) as err:
+                log.error("private etcd did not restart: %s", err)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -135,6 +135,15 @@ def test_bad_transaction_requests_are_refused_and_write_nothing(
     with pytest.raises(grpc.RpcError) as err:
         stub.GetTransaction(cpb.GetTransactionRequest(txn_id="tx-nope"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # a disk already in an open transaction
+    slow = cluster.start(["h1/vm1"], speed=64 << 10)
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.start(["h2/vm2", "h1/vm1/d1"])
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert slow.txn_id in (err.value.details() or "")
+    assert len(stub.ListTransactions(cpb.ListTransactionsRequest(), timeout=10)
+               .transactions) == 1
+    stub.CancelTransaction(cpb.CancelTransactionRequest(txn_id=slow.txn_id), timeout=30)
 
 
 def test_both_daemons_serve_health_and_reflection(make_cluster: Callable[..., Cluster]) -> None:
