@@ -174,7 +174,7 @@ class Aborted(Event):
 
 @dataclass(frozen=True)
 class ThawRequested(Event):
-    pass
+    at: float = 0.0  # when the coordinator's thaw arrived (unix time)
 
 
 @dataclass(frozen=True)
@@ -407,7 +407,10 @@ class ParticipantMachine:
     def _on_frozen(self, st: TxnState, event: Event) -> list[Command]:
         assert st.plan is not None
         if isinstance(event, ThawRequested):
-            return [ThawGuests(st.txn_id, st.plan.vms, st.plan.quiesce, on_own=False)]
+            # A thaw that arrives past the deadline is too late: the watchdog may have
+            # thawed the guest already, so the frozen intervals need not overlap.
+            late = bool(st.freeze_deadline) and event.at >= st.freeze_deadline
+            return [ThawGuests(st.txn_id, st.plan.vms, st.plan.quiesce, on_own=late)]
         if isinstance(event, (DeadlinePassed, Recovered)):
             return [ThawGuests(st.txn_id, st.plan.vms, st.plan.quiesce, on_own=True)]
         if isinstance(event, Thawed):

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, replace
@@ -155,6 +156,7 @@ class AgentRunner:
             if vm.ga:
                 self.guest_agents[vm.name] = GuestAgentClient(vm.ga)
         self.frozen: dict[str, str] = {}  # vm -> txn id that froze it
+        self.watchdogs: dict[str, asyncio.subprocess.Process] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._plan_lock = asyncio.Lock()
         self._timers: dict[str, asyncio.Task[None]] = {}
@@ -397,7 +399,7 @@ class AgentRunner:
             frozen_at = time.time()
             deadline = frozen_at + plan.freeze_timeout
             await asyncio.wait_for(
-                gather_all(*(self._cut_vm(plan, vm, ms) for vm, ms in by_vm.items())),
+                gather_all(*(self._cut_vm(plan, vm, ms, deadline) for vm, ms in by_vm.items())),
                 plan.freeze_timeout,
             )
             cut_at = time.time()
@@ -415,10 +417,12 @@ class AgentRunner:
         except AgentError as err:
             return CutFailed(str(err))
 
-    async def _cut_vm(self, plan: TxnPlan, vm: str, members: list[MemberPlan]) -> None:
+    async def _cut_vm(self, plan: TxnPlan, vm: str, members: list[MemberPlan],
+                      deadline: float) -> None:
         conn = self.vms[vm]
         if plan.quiesce == "freeze":
             self.frozen[vm] = plan.txn_id
+            await self._start_watchdog(vm, deadline)
             await self.guest_agents[vm].freeze()
         elif plan.quiesce == "pause":
             self.frozen[vm] = plan.txn_id
@@ -456,8 +460,27 @@ class AgentRunner:
                 log.error("vm %s: thaw failed: %s", vm, err)
             finally:
                 self.frozen.pop(vm, None)
+                self._stop_watchdog(vm)
 
         await asyncio.gather(*(one(vm) for vm in vms))
+
+    async def _start_watchdog(self, vm: str, deadline: float) -> None:
+        """A separate process thaws the guest at the deadline even if this agent is
+        stopped or dead (see agent/watchdog.py)."""
+        self._stop_watchdog(vm)
+        ga = next(v.ga for v in self.config.vms if v.name == vm)
+        assert ga is not None
+        self.watchdogs[vm] = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent.watchdog", "--ga", ga, "--deadline", str(deadline),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            start_new_session=True)
+
+    def _stop_watchdog(self, vm: str) -> None:
+        proc = self.watchdogs.pop(vm, None)
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            self._spawn(proc.wait())
 
     def _arm_auto_thaw(self, txn_id: str, deadline: float) -> None:
         async def fire() -> None:
@@ -487,7 +510,7 @@ class AgentRunner:
         """
         st = self._known(txn_id)
         async with self._lock(txn_id):
-            await self._apply(txn_id, ThawRequested())
+            await self._apply(txn_id, ThawRequested(time.time()))
         return st
 
     # ----------------------------------------------------------------- status

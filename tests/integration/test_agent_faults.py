@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 
@@ -269,3 +270,30 @@ def test_a_failed_cut_waits_for_every_step_in_flight_before_rolling_back(
     assert not list((host.agent.repo / "images").glob("*/*/t1.qcow2"))
     assert host.jobs("vm1") == [] and not host.gas["vm1"].is_frozen
     assert all(host.bitmaps("vm1", d) == {} for d in disks)
+
+
+def test_a_stopped_agent_cannot_keep_a_guest_frozen(make_host: Callable[..., Host]) -> None:
+    """Bounded freeze whatever happens to the agent: its watchdog process thaws the guest
+    at the deadline while the agent itself is SIGSTOPped; the agent then votes NO."""
+    host = make_host()
+    ga = host.gas["vm1"]
+    write_clusters(host, range(0, 8))
+    assert host.backup("t1", DISKS).yes
+    base = ga.cuts[-1].seq
+    host.cut("t2", DISKS, freeze_timeout=1.0)
+    assert ga.is_frozen
+    assert host.agent.proc is not None
+    host.agent.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: not ga.is_frozen, timeout=5, what="watchdog thaw")
+        start, end = ga.frozen_intervals[-1]
+        assert end - start < 1.0 + 1.0
+    finally:
+        host.agent.proc.send_signal(signal.SIGCONT)
+    assert host.thaw("t2").thawed_on_own
+    vote = host.prepare("t2")
+    assert not vote.yes and "deadline" in vote.reason
+    write_clusters(host, range(3, 5))
+    host.abort("t2")
+    assert_nothing_left(host, "t2")
+    assert_checkpoint_exact(host, "blocktxn:t1", base)

@@ -72,7 +72,8 @@ def test_happy_path_exact_commands() -> None:
     assert m.busy_disks() == {("vm1", "d0"): "t", ("vm1", "d1"): "t"}
     assert m.handle("t", CutDone(1.0, 2.0, 6.0)) == [ArmAutoThaw("t", 6.0)]
     assert m.phase("t") == Phase.FROZEN
-    assert m.handle("t", ThawRequested()) == [ThawGuests("t", ("vm1",), "freeze", on_own=False)]
+    assert m.handle("t", ThawRequested(5.9)) == [ThawGuests("t", ("vm1",), "freeze",
+                                                           on_own=False)]
     assert m.handle("t", Thawed(False, 3.0)) == []
     assert m.handle("t", PrepareRequested(30.0)) == [FinalizeJobs("t", p.members, 30.0)]
     assert m.handle("t", Prepared(images(p))) == []
@@ -90,6 +91,13 @@ def test_no_quiesce_goes_straight_to_running() -> None:
     m, p = ParticipantMachine(), plan(quiesce="none")
     run(m, "t", CutPlanned(p), CutDone(0.0, 2.0, 7.0))
     assert m.phase("t") == Phase.RUNNING
+
+
+def test_a_thaw_arriving_past_the_deadline_counts_as_thawed_on_own() -> None:
+    m, p = ParticipantMachine(), plan()
+    run(m, "t", CutPlanned(p), CutDone(1.0, 2.0, 6.0))
+    assert m.handle("t", ThawRequested(6.0)) == [ThawGuests("t", ("vm1",), "freeze",
+                                                           on_own=True)]
 
 
 def test_deadline_thaws_and_forces_no() -> None:
