@@ -317,8 +317,11 @@ class StandInGuestAgent:
                     reply = agent._dispatch(msg)
                     if reply is None:
                         return
-                    self.wfile.write(json.dumps(reply).encode() + b"\n")
-                    self.wfile.flush()
+                    try:
+                        self.wfile.write(json.dumps(reply).encode() + b"\n")
+                        self.wfile.flush()
+                    except OSError:
+                        return  # the client gave up waiting (a timed-out call)
 
         class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             daemon_threads = True

@@ -24,7 +24,7 @@ FAULTS = ("none", "kill_leader", "stop_leader", "kill_agent", "stop_agent", "kil
 STEPS = ("cut", "run", "barrier", "decided")
 FREEZE_TIMEOUT = 4.0
 DEADLINE = 25.0
-STOP_FOR = 2.0  # SIGSTOP length: shorter than the freeze timeout (see the issue note)
+STOP_FOR = 6.0  # SIGSTOP of an agent: longer than the freeze timeout (the watchdog thaws)
 
 
 @dataclass
@@ -218,8 +218,12 @@ class Driver:
             undo: list[Any] = []
             if fault in ("repo_full", "ga_silent", "io_error"):
                 undo = self.inject(fault, None)
+            # throttle the copy when the fault targets the run or the barrier, so that
+            # the driver sees the step before the transaction has passed it
+            speed = 2 << 20 if step in ("run", "barrier") else 0
             txn = self.call("backup", targets, BackupOptions(
-                quiesce="freeze", freeze_timeout=FREEZE_TIMEOUT, deadline=DEADLINE))
+                quiesce="freeze", freeze_timeout=FREEZE_TIMEOUT, deadline=DEADLINE,
+                speed=speed))
             seen = step
             if fault not in ("none", "repo_full", "ga_silent", "io_error"):
                 seen = self.wait_step(txn.txn_id, step)
