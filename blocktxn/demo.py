@@ -28,6 +28,7 @@ from blocktxn.lab import (
     LabVm,
     StandInGuestAgent,
     Workload,
+    close_guests,
     dirty_counts,
     free_port,
     images_equal,
@@ -140,12 +141,7 @@ class Demo:
             self._writer.join(10)
         for a in self.agents:
             a.stop()
-        for ga in self.gas.values():
-            ga.close()
-        for wl in self.workloads.values():
-            wl.detach()
-        for vm in self.vms.values():
-            vm.stop()
+        close_guests(self.gas.values(), self.workloads.values(), self.vms.values())
         if self.coordinator and self.coordinator.poll() is None:
             self.coordinator.terminate()
             self.coordinator.wait(10)

@@ -20,6 +20,7 @@ import socketserver
 import subprocess
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -369,6 +370,20 @@ class StandInGuestAgent:
                 self._frozen_since = None
                 self.workload.frozen.clear()
                 self.workload.lock.release()
+
+
+def close_guests(gas: Iterable[StandInGuestAgent], workloads: Iterable[Workload],
+                 vms: Iterable[LabVm]) -> None:
+    """Stop writers and guest agents, detach, then shut the VMs down cleanly."""
+    workloads = list(workloads)
+    for wl in workloads:
+        wl.stop_background()
+    for ga in gas:
+        ga.close()
+    for wl in workloads:
+        wl.detach()
+    for vm in vms:
+        vm.stop()
 
 
 def free_port() -> int:

@@ -251,10 +251,9 @@ class Coordinator:
             "leader": self.config.name,
         }
         existing = await self.store.create_txn(epoch, record)
-        if existing is not None:
-            found = self.live.get(existing) or {"txn_id": existing}
-            if isinstance(found, LiveTxn):
-                return found.record
+        if existing is not None:  # the request id was used already: the same transaction
+            if existing in self.live:
+                return self.live[existing].record
             stored = await self.store.get_txn(existing)
             if stored is None:
                 raise NotFoundError(f"request {request_id} maps to a missing transaction")
@@ -375,6 +374,8 @@ class Coordinator:
             timer.cancel()
             for t in tasks:
                 t.cancel()
+            if lt.machine.phase == TxnPhase.DONE and self.live.get(lt.txn_id) is lt:
+                del self.live[lt.txn_id]  # its final record is in etcd
             lt.changed.set()
 
     async def _deadline_timer(self, lt: LiveTxn) -> None:

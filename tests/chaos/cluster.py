@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blocktxn import procs
-from blocktxn.lab import AgentProcess, LabVm, StandInGuestAgent, Workload
+from blocktxn.lab import AgentProcess, LabVm, StandInGuestAgent, Workload, close_guests
 from tests.chaos.netlab import NetLab
 
 ETCD = ("e1", "e2", "e3")
@@ -146,16 +146,9 @@ class ChaosCluster:
 
     def stop_all(self) -> None:
         for h in self.hosts.values():
-            for wl in h.workloads.values():
-                wl.stop_background()
             if h.agent is not None:
                 h.agent.stop()
-            for ga in h.gas.values():
-                ga.close()
-            for wl in h.workloads.values():
-                wl.detach()
-            for vm in h.vms.values():
-                vm.stop()
+            close_guests(h.gas.values(), h.workloads.values(), h.vms.values())
         for p in [*self.coords.values(), *self.etcd.values()]:
             p.terminate()
 

@@ -9,7 +9,14 @@ from typing import Any
 
 import grpc
 
-from blocktxn.lab import AgentProcess, LabVm, StandInGuestAgent, Workload, qmp_call
+from blocktxn.lab import (
+    AgentProcess,
+    LabVm,
+    StandInGuestAgent,
+    Workload,
+    close_guests,
+    qmp_call,
+)
 from blocktxn.v1 import agent_pb2 as pb
 from blocktxn.v1 import agent_pb2_grpc as pb_grpc
 
@@ -56,17 +63,10 @@ class Host:
         self.start_agent()
 
     def close(self) -> None:
-        for wl in self.workloads.values():
-            wl.stop_background()
         self.agent.stop()
         if self.channel:
             self.channel.close()
-        for ga in self.gas.values():
-            ga.close()
-        for wl in self.workloads.values():
-            wl.detach()
-        for vm in self.vms.values():
-            vm.stop()
+        close_guests(self.gas.values(), self.workloads.values(), self.vms.values())
 
     # -------------------------------------------------------------- protocol
     def cut(self, txn: str, members: list[tuple[str, str]],
