@@ -312,6 +312,8 @@ class AgentRunner:
             if not conn.connected:
                 raise ConflictError(f"VM {vm} is lost (its QMP socket is not connected)")
             nodes[vm] = await conn.disks()
+            if quiesce != "none" and vm in self.frozen:
+                raise ConflictError(f"VM {vm} is frozen by transaction {self.frozen[vm]}")
             if quiesce == "pause" and "stop" not in await conn.commands():
                 raise ConflictError(f"VM {vm} cannot pause: QEMU has no QMP stop "
                                     "(qemu-storage-daemon?); use quiesce freeze or none")
@@ -388,6 +390,8 @@ class AgentRunner:
         for m in plan.members:
             by_vm.setdefault(m.vm, []).append(m)
         try:
+            if plan.quiesce == "freeze":  # started now, armed just before each freeze
+                await gather_all(*(self._start_watchdog(vm) for vm in by_vm))
             await gather_all(
                 *(self.repo.create_image(m.image, m.size, m.backing) for m in plan.members)
             )
@@ -422,7 +426,7 @@ class AgentRunner:
         conn = self.vms[vm]
         if plan.quiesce == "freeze":
             self.frozen[vm] = plan.txn_id
-            await self._start_watchdog(vm, deadline)
+            await self._arm_watchdog(vm, deadline)
             await self.guest_agents[vm].freeze()
         elif plan.quiesce == "pause":
             self.frozen[vm] = plan.txn_id
@@ -450,6 +454,8 @@ class AgentRunner:
     async def _thaw(self, txn_id: str, vms: Sequence[str], quiesce: str) -> None:
         async def one(vm: str) -> None:
             if self.frozen.get(vm) != txn_id:
+                if vm not in self.frozen:
+                    self._stop_watchdog(vm)  # started for a freeze that never came
                 return
             try:
                 if quiesce == "freeze":
@@ -464,16 +470,31 @@ class AgentRunner:
 
         await asyncio.gather(*(one(vm) for vm in vms))
 
-    async def _start_watchdog(self, vm: str, deadline: float) -> None:
-        """A separate process thaws the guest at the deadline even if this agent is
-        stopped or dead (see agent/watchdog.py)."""
+    async def _start_watchdog(self, vm: str) -> None:
+        """A separate process that will thaw the guest at the deadline even if this
+        agent is stopped or dead (see agent/watchdog.py)."""
         self._stop_watchdog(vm)
         ga = next(v.ga for v in self.config.vms if v.name == vm)
         assert ga is not None
         self.watchdogs[vm] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent.watchdog", "--ga", ga, "--deadline", str(deadline),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            sys.executable, "-m", "agent.watchdog", "--ga", ga,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
             start_new_session=True)
+
+    async def _arm_watchdog(self, vm: str, deadline: float) -> None:
+        """Give the watchdog its deadline: from now on it will thaw by itself.
+
+        Raises:
+            QemuError: no watchdog is running, so the guest must not be frozen.
+        """
+        proc = self.watchdogs.get(vm)
+        if proc is None or proc.stdin is None or proc.returncode is not None:
+            raise QemuError(f"VM {vm}: freeze watchdog is not running; not freezing")
+        try:
+            proc.stdin.write(f"{deadline!r}\n".encode())
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as err:
+            raise QemuError(f"VM {vm}: freeze watchdog is gone; not freezing") from err
 
     def _stop_watchdog(self, vm: str) -> None:
         proc = self.watchdogs.pop(vm, None)

@@ -1,9 +1,12 @@
 """The freeze watchdog: a separate process that thaws a guest at its freeze deadline.
 
-The agent starts one per guest it freezes (``python -m agent.watchdog``) and kills it
-once it has thawed the guest itself. If the agent is stopped, hung or killed, the
-watchdog still thaws at the deadline — the bounded-freeze invariant must not depend
-on the agent being scheduled.
+The agent starts one per guest it is about to freeze (``python -m agent.watchdog``),
+early, so that its start-up costs nothing inside the freeze; just before the freeze
+it writes the deadline (unix time) as one line on the watchdog's stdin, and it kills
+the watchdog once it has thawed the guest itself. End of input before a deadline
+means no freeze happened: the watchdog exits. If the agent is stopped, hung or
+killed after the freeze, the watchdog still thaws at the deadline — the
+bounded-freeze invariant must not depend on the agent being scheduled.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 import time
 
 from agent.errors import AgentError
@@ -18,6 +22,7 @@ from agent.guest_agent import GuestAgentClient
 
 
 async def watch(ga_socket: str, deadline: float) -> None:
+    """Sleep until *deadline*, then thaw (retried a few times)."""
     await asyncio.sleep(max(0.0, deadline - time.time()))
     client = GuestAgentClient(ga_socket, timeout=5.0)
     for _ in range(3):
@@ -33,10 +38,12 @@ async def watch(ga_socket: str, deadline: float) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m agent.watchdog")
     p.add_argument("--ga", required=True)
-    p.add_argument("--deadline", type=float, required=True, help="unix time")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s watchdog %(message)s")
-    asyncio.run(watch(args.ga, args.deadline))
+    line = sys.stdin.readline()
+    if not line.strip():
+        return  # the agent went away before freezing: nothing to thaw
+    asyncio.run(watch(args.ga, float(line)))
 
 
 if __name__ == "__main__":

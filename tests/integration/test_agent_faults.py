@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -270,6 +271,10 @@ def test_a_failed_cut_waits_for_every_step_in_flight_before_rolling_back(
     assert not list((host.agent.repo / "images").glob("*/*/t1.qcow2"))
     assert host.jobs("vm1") == [] and not host.gas["vm1"].is_frozen
     assert all(host.bitmaps("vm1", d) == {} for d in disks)
+    assert host.agent.proc is not None  # and no freeze watchdog is left waiting
+    watchdogs = subprocess.run(["pgrep", "-P", str(host.agent.proc.pid), "-f", "agent.watchdog"],
+                               capture_output=True, text=True).stdout.split()
+    assert watchdogs == []
 
 
 def test_a_stopped_agent_cannot_keep_a_guest_frozen(make_host: Callable[..., Host]) -> None:
