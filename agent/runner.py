@@ -312,8 +312,6 @@ class AgentRunner:
             if not conn.connected:
                 raise ConflictError(f"VM {vm} is lost (its QMP socket is not connected)")
             nodes[vm] = await conn.disks()
-            if quiesce != "none" and vm in self.frozen:
-                raise ConflictError(f"VM {vm} is frozen by transaction {self.frozen[vm]}")
             if quiesce == "pause" and "stop" not in await conn.commands():
                 raise ConflictError(f"VM {vm} cannot pause: QEMU has no QMP stop "
                                     "(qemu-storage-daemon?); use quiesce freeze or none")
@@ -352,6 +350,9 @@ class AgentRunner:
                 backing=last.image if mode == "incremental" and last else "",
                 size=node.size, speed=m.speed,
             ))
+        for vm in nodes:  # a freeze is VM-wide: one transaction at a time
+            if quiesce != "none" and vm in self.frozen:
+                raise ConflictError(f"VM {vm} is frozen by transaction {self.frozen[vm]}")
         timeout = freeze_timeout or DEFAULT_FREEZE_TIMEOUT
         return TxnPlan(txn_id, tuple(plans), quiesce, timeout)
 

@@ -61,6 +61,8 @@ def test_bad_requests_are_refused_and_change_nothing(make_host: Callable[..., Ho
     expect(INVALID, cut(host, "t2", [("vm1", "d1")], quiesce=9), "quiesce")
     expect(INVALID, cut(host, "t2", [("vm1", "d1")], freeze_timeout=-1), "freeze timeout")
     expect(PRECONDITION, cut(host, "t2", [("vm1", "d1")], quiesce=pb.QUIESCE_PAUSE), "stop")
+    # "busy" was cut with a freeze and not thawed yet: vm1 cannot be frozen a second time
+    expect(PRECONDITION, cut(host, "t2", [("vm1", "d1")]), "frozen by transaction busy")
     # a repeated txn id with other members is not the same transaction
     expect(PRECONDITION, cut(host, "busy", [("vm1", "d1")]), "other members")
 
