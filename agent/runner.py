@@ -66,12 +66,11 @@ from agent.participant import (
 from agent.qmp import BITMAP_PREFIX, NODE_PREFIX, DiskNode, VmConnection
 from agent.repository import Repository
 from blocktxn.ids import IdentifierError, check_id
+from blocktxn.wire import MODES, QUIESCES
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MODES = ("auto", "full", "incremental")
-QUIESCE = ("none", "freeze", "pause")
 DEFAULT_FREEZE_TIMEOUT = 10.0
 KEEP_FINISHED = 200  # finished transactions remembered across journal compaction
 
@@ -280,8 +279,8 @@ class AgentRunner:
         _safe(txn_id, "transaction id")
         if not members:
             raise BadRequestError("no members: a cut needs at least one VM/disk")
-        if quiesce not in QUIESCE:
-            raise BadRequestError(f"quiesce {quiesce!r} is not one of {', '.join(QUIESCE)}")
+        if quiesce not in QUIESCES:
+            raise BadRequestError(f"quiesce {quiesce!r} is not one of {', '.join(QUIESCES)}")
         if not 0 <= freeze_timeout <= 3600:
             raise BadRequestError(f"freeze timeout {freeze_timeout} is not within 0..3600 s")
         seen: set[tuple[str, str]] = set()

@@ -25,6 +25,7 @@ from agent.runner import AgentRunner, MemberRequest
 from blocktxn.tls import TlsFiles
 from blocktxn.v1 import agent_pb2 as pb
 from blocktxn.v1 import agent_pb2_grpc as pb_grpc
+from blocktxn.wire import MODE_NAME, MODE_PB, QUIESCE_NAME
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,11 +41,6 @@ STATUS_OF: tuple[tuple[type[AgentError], grpc.StatusCode], ...] = (
     (AgentTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
-MODE_TO_PB = {"auto": pb.BACKUP_MODE_AUTO, "full": pb.BACKUP_MODE_FULL,
-              "incremental": pb.BACKUP_MODE_INCREMENTAL}
-MODE_FROM_PB = {pb.BACKUP_MODE_UNSPECIFIED: "auto", **{v: k for k, v in MODE_TO_PB.items()}}
-QUIESCE_FROM_PB = {pb.QUIESCE_UNSPECIFIED: "none", pb.QUIESCE_NONE: "none",
-                   pb.QUIESCE_FREEZE: "freeze", pb.QUIESCE_PAUSE: "pause"}
 PHASE_TO_PB = {
     Phase.CUTTING: pb.PARTICIPANT_PHASE_CUTTING, Phase.FROZEN: pb.PARTICIPANT_PHASE_FROZEN,
     Phase.RUNNING: pb.PARTICIPANT_PHASE_RUNNING, Phase.PREPARED: pb.PARTICIPANT_PHASE_PREPARED,
@@ -71,7 +67,7 @@ async def _guard(context: Ctx, call: Callable[[], Awaitable[T]]) -> T:
 def image_to_pb(i: ImageRecord) -> pb.MemberImage:
     return pb.MemberImage(
         vm=i.vm, disk=i.disk, set_id=i.set_id, image=i.image, backing=i.backing,
-        mode=MODE_TO_PB[i.mode], bytes=i.bytes, size=i.size, sha256=i.sha256, cut_at=i.cut_at,
+        mode=MODE_PB[i.mode], bytes=i.bytes, size=i.size, sha256=i.sha256, cut_at=i.cut_at,
         checkpoint=i.checkpoint,
     )
 
@@ -82,7 +78,7 @@ def cut_to_pb(st: TxnState) -> pb.CutResponse:
         freeze_deadline=st.freeze_deadline if st.frozen_at else 0.0,
         members=[
             pb.MemberResult(
-                vm=m.vm, disk=m.disk, mode=MODE_TO_PB[m.mode], mode_reason=m.mode_reason,
+                vm=m.vm, disk=m.disk, mode=MODE_PB[m.mode], mode_reason=m.mode_reason,
                 checkpoint=m.new_bitmap, previous_checkpoint=m.sync_bitmap or "",
                 bytes_total=st.bytes_total.get(m.key, 0),
             )
@@ -123,16 +119,16 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         def members() -> list[MemberRequest]:
             out = []
             for m in request.members:
-                if m.mode not in MODE_FROM_PB:
+                if m.mode not in MODE_NAME:
                     raise BadRequestError(f"unknown backup mode {m.mode}")
-                out.append(MemberRequest(m.vm, m.disk, MODE_FROM_PB[m.mode], m.speed))
+                out.append(MemberRequest(m.vm, m.disk, MODE_NAME[m.mode] or "auto", m.speed))
             return out
 
         async def call() -> TxnState:
-            if request.quiesce not in QUIESCE_FROM_PB:
+            if request.quiesce not in QUIESCE_NAME:
                 raise BadRequestError(f"unknown quiesce {request.quiesce}")
             return await self.runner.cut(request.txn_id, members(),
-                                         QUIESCE_FROM_PB[request.quiesce],
+                                         QUIESCE_NAME[request.quiesce],
                                          request.freeze_timeout_s)
 
         return cut_to_pb(await _guard(context, call))

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="blocktxn", description=__doc__)
     parser.add_argument("--coordinator", help="HOST:PORT (default $BLOCKTXN_COORDINATOR, "
                         "else 127.0.0.1:7400)")
-    from blocktxn import tls
+    from blocktxn import tls, wire
 
     tls.add_arguments(parser, env=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("backup", help="back up targets as one transaction")
     b.add_argument("targets", nargs="+", metavar="TARGET", help="AGENT/VM or AGENT/VM/DISK")
-    b.add_argument("--mode", choices=["auto", "full", "incremental"], default="auto")
-    b.add_argument("--completion", choices=["grouped", "individual"], default="grouped")
-    b.add_argument("--quiesce", choices=["none", "freeze", "pause"], default="none")
+    b.add_argument("--mode", choices=wire.MODES, default="auto")
+    b.add_argument("--completion", choices=wire.COMPLETIONS, default="grouped")
+    b.add_argument("--quiesce", choices=wire.QUIESCES, default="none")
     b.add_argument("--freeze-timeout", type=_positive(float), default=0.0, metavar="SECONDS")
     b.add_argument("--deadline", type=_positive(float), default=0.0, metavar="SECONDS")
     b.add_argument("--speed", type=_positive(int), default=0, metavar="BYTES_PER_SEC")
@@ -111,13 +111,14 @@ def _dump(message: Any) -> dict[str, Any]:
 
 def txn_summary(txn: Any) -> dict[str, Any]:
     """The one JSON object `backup --json` prints."""
-    from blocktxn.client import DECISION_NAME, MODE_NAME, PHASE_NAME
+    from blocktxn.client import DECISION_NAME
+    from blocktxn.wire import MODE_NAME, PHASE_NAME
 
     out: dict[str, Any] = {
         "txn_id": txn.txn_id,
         "state": DECISION_NAME.get(txn.decision) or PHASE_NAME.get(txn.phase, "?"),
         "members": [{"target": f"{m.agent_id}/{m.vm}/{m.disk}",
-                     "mode": MODE_NAME.get(m.mode, "auto"), "bytes": m.bytes_done,
+                     "mode": MODE_NAME.get(m.mode) or "auto", "bytes": m.bytes_done,
                      "outcome": m.outcome} for m in txn.members],
     }
     if txn.set_id:
@@ -181,7 +182,8 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 
 async def _operator(args: argparse.Namespace) -> int:
-    from blocktxn.client import DECISION_NAME, MODE_NAME, PHASE_NAME, Client
+    from blocktxn.client import DECISION_NAME, Client
+    from blocktxn.wire import MODE_NAME, PHASE_NAME
 
     async with Client(args.coordinator, tls=args.tls) as client:
         if args.command == "txn":
@@ -202,7 +204,7 @@ async def _operator(args: argparse.Namespace) -> int:
                 print(f"{txn.txn_id}: {PHASE_NAME[txn.phase]} {DECISION_NAME[txn.decision]} "
                       f"{txn.reason}".rstrip())
                 _table("members", ["target", "mode", "status", "bytes", "outcome"],
-                       [[f"{m.agent_id}/{m.vm}/{m.disk}", MODE_NAME.get(m.mode, "auto"),
+                       [[f"{m.agent_id}/{m.vm}/{m.disk}", MODE_NAME.get(m.mode) or "auto",
                          m.job_status, f"{m.bytes_done}/{m.bytes_total}", m.outcome]
                         for m in txn.members])
             return EXIT_OK

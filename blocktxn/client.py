@@ -17,20 +17,20 @@ from blocktxn.tls import TlsFiles
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as cpb
 from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
+from blocktxn.wire import (
+    COMPLETION_PB,
+    COMPLETIONS,
+    MODE_PB,
+    MODES,
+    QUIESCE_PB,
+    QUIESCES,
+)
 
 T = TypeVar("T")
 DEFAULT_ADDRESS = "127.0.0.1:7400"
 
-MODES = {"auto": apb.BACKUP_MODE_AUTO, "full": apb.BACKUP_MODE_FULL,
-         "incremental": apb.BACKUP_MODE_INCREMENTAL}
-QUIESCE = {"none": apb.QUIESCE_NONE, "freeze": apb.QUIESCE_FREEZE, "pause": apb.QUIESCE_PAUSE}
-COMPLETION = {"grouped": cpb.COMPLETION_GROUPED, "individual": cpb.COMPLETION_INDIVIDUAL}
-MODE_NAME = {v: k for k, v in MODES.items()}
-PHASE_NAME = {cpb.TXN_PHASE_CUTTING: "cutting", cpb.TXN_PHASE_THAWING: "thawing",
-              cpb.TXN_PHASE_RUNNING: "running", cpb.TXN_PHASE_DECIDED: "decided",
-              cpb.TXN_PHASE_DONE: "done", cpb.TXN_PHASE_UNSPECIFIED: "?"}
 DECISION_NAME = {cpb.DECISION_NONE: "", cpb.DECISION_COMMIT: "committed",
-                 cpb.DECISION_ABORT: "aborted"}
+                 cpb.DECISION_ABORT: "aborted"}  # as the CLI reports a transaction
 
 
 class ClientError(Exception):
@@ -63,8 +63,8 @@ class BackupOptions:
     def check(self) -> None:
         """Raises: BadRequest on a value the API does not know."""
         for value, table, what in ((self.mode, MODES, "mode"),
-                                   (self.quiesce, QUIESCE, "quiesce"),
-                                   (self.completion, COMPLETION, "completion")):
+                                   (self.quiesce, QUIESCES, "quiesce"),
+                                   (self.completion, COMPLETIONS, "completion")):
             if value not in table:
                 raise BadRequest(f"{what} {value!r} is not one of {', '.join(table)}")
         if self.freeze_timeout < 0 or self.deadline < 0 or self.speed < 0:
@@ -108,8 +108,8 @@ class Client:
         options.check()
         req = cpb.StartTransactionRequest(
             request_id=options.request_id, targets=[cpb.Target(target=t) for t in targets],
-            mode=MODES[options.mode], completion=COMPLETION[options.completion],
-            quiesce=QUIESCE[options.quiesce], freeze_timeout_s=options.freeze_timeout,
+            mode=MODE_PB[options.mode], completion=COMPLETION_PB[options.completion],
+            quiesce=QUIESCE_PB[options.quiesce], freeze_timeout_s=options.freeze_timeout,
             deadline_s=options.deadline, speed=options.speed)
         result: cpb.Transaction = await self._call(
             lambda: self.stub.StartTransaction(req, timeout=self.timeout))

@@ -14,6 +14,7 @@ from typing import Any
 
 from blocktxn.ids import IdentifierError, check_id
 from blocktxn.v1 import agent_pb2 as apb
+from blocktxn.wire import COMPLETIONS, MODE_NAME, MODE_PB, MODES, QUIESCE_PB, QUIESCES
 from coordinator import failpoints
 from coordinator.agent_client import AgentClient
 from coordinator.config import CoordinatorConfig
@@ -56,8 +57,6 @@ from coordinator.txn_machine import (
 )
 
 log = logging.getLogger(__name__)
-MODES = ("auto", "full", "incremental")
-QUIESCE = ("none", "freeze", "pause")
 LEASE_TTL = 5
 AGENT_TTL = 10
 
@@ -267,10 +266,10 @@ class Coordinator:
             raise RequestError("no targets: name at least one AGENT/VM[/DISK]")
         if req.mode not in MODES:
             raise RequestError(f"mode {req.mode!r} is not one of {', '.join(MODES)}")
-        if req.completion not in ("grouped", "individual"):
+        if req.completion not in COMPLETIONS:
             raise RequestError(f"completion {req.completion!r} is not grouped or individual")
-        if req.quiesce not in QUIESCE:
-            raise RequestError(f"quiesce {req.quiesce!r} is not one of {', '.join(QUIESCE)}")
+        if req.quiesce not in QUIESCES:
+            raise RequestError(f"quiesce {req.quiesce!r} is not one of {', '.join(QUIESCES)}")
         if req.deadline < 0:
             raise RequestError(f"deadline {req.deadline:g}s is in the past")
         if req.freeze_timeout < 0 or req.freeze_timeout > 3600:
@@ -404,9 +403,9 @@ class Coordinator:
         r = lt.record
         if isinstance(cmd, SendCut):
             req = apb.CutRequest(
-                txn_id=lt.txn_id, quiesce=_QUIESCE_PB[r["quiesce"]],
+                txn_id=lt.txn_id, quiesce=QUIESCE_PB[r["quiesce"]],
                 freeze_timeout_s=r["freeze_timeout"],
-                members=[apb.CutMember(vm=m["vm"], disk=m["disk"], mode=_MODE_PB[m["mode"]],
+                members=[apb.CutMember(vm=m["vm"], disk=m["disk"], mode=MODE_PB[m["mode"]],
                                        speed=r["speed"]) for m in lt.members_of(cmd.agent_id)])
             try:
                 resp = await self._agent(lt, cmd.agent_id).call("Cut", req, retry_for=5)
@@ -415,7 +414,7 @@ class Coordinator:
             for res in resp.members:
                 m = lt.member(cmd.agent_id, res.vm, res.disk)
                 if m is not None:
-                    m["chosen"] = _MODE_NAME[res.mode]
+                    m["chosen"] = MODE_NAME[res.mode]
                     m["mode_reason"] = res.mode_reason
                     m["total"] = res.bytes_total
             if resp.frozen_at and (not r["frozen_from"] or resp.frozen_at < r["frozen_from"]):
@@ -497,7 +496,7 @@ class Coordinator:
                         lt.record["images"].append({
                             "agent_id": cmd.agent_id, "vm": img.vm, "disk": img.disk,
                             "image": img.image, "backing": img.backing,
-                            "mode": _MODE_NAME[img.mode], "bytes": img.bytes,
+                            "mode": MODE_NAME[img.mode], "bytes": img.bytes,
                             "size": img.size, "sha256": img.sha256, "cut_at": img.cut_at,
                             "checkpoint": img.checkpoint})
                 else:
@@ -659,11 +658,3 @@ def _failpoints(commands: list[TxnCommand]) -> None:
                         (SendAbort, "after_decision")):
         if kind in kinds:
             failpoints.hit(point)
-
-
-_MODE_PB = {"auto": apb.BACKUP_MODE_AUTO, "full": apb.BACKUP_MODE_FULL,
-            "incremental": apb.BACKUP_MODE_INCREMENTAL}
-_MODE_NAME = {v: k for k, v in _MODE_PB.items()} | {apb.BACKUP_MODE_UNSPECIFIED: "auto"}
-_QUIESCE_PB = {"none": apb.QUIESCE_NONE, "freeze": apb.QUIESCE_FREEZE,
-               "pause": apb.QUIESCE_PAUSE}
-

@@ -14,6 +14,16 @@ from blocktxn.tls import TlsFiles
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as pb
 from blocktxn.v1 import coordinator_pb2_grpc as pb_grpc
+from blocktxn.wire import (
+    COMPLETION_NAME,
+    COMPLETION_PB,
+    DECISION_PB,
+    MODE_NAME,
+    MODE_PB,
+    PHASE_PB,
+    QUIESCE_NAME,
+    QUIESCE_PB,
+)
 from coordinator.errors import (
     AgentCallError,
     CoordinatorError,
@@ -37,22 +47,6 @@ STATUS_OF: tuple[tuple[type[CoordinatorError], grpc.StatusCode], ...] = (
     (NotLeaderError, grpc.StatusCode.UNAVAILABLE),
     (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
-
-MODE_NAME = {apb.BACKUP_MODE_UNSPECIFIED: "", apb.BACKUP_MODE_AUTO: "auto",
-             apb.BACKUP_MODE_FULL: "full", apb.BACKUP_MODE_INCREMENTAL: "incremental"}
-MODE_PB = {"auto": apb.BACKUP_MODE_AUTO, "full": apb.BACKUP_MODE_FULL,
-           "incremental": apb.BACKUP_MODE_INCREMENTAL, "": apb.BACKUP_MODE_UNSPECIFIED}
-QUIESCE_NAME = {apb.QUIESCE_UNSPECIFIED: "none", apb.QUIESCE_NONE: "none",
-                apb.QUIESCE_FREEZE: "freeze", apb.QUIESCE_PAUSE: "pause"}
-QUIESCE_PB = {"none": apb.QUIESCE_NONE, "freeze": apb.QUIESCE_FREEZE,
-              "pause": apb.QUIESCE_PAUSE}
-COMPLETION_NAME = {pb.COMPLETION_UNSPECIFIED: "grouped", pb.COMPLETION_GROUPED: "grouped",
-                   pb.COMPLETION_INDIVIDUAL: "individual"}
-COMPLETION_PB = {"grouped": pb.COMPLETION_GROUPED, "individual": pb.COMPLETION_INDIVIDUAL}
-PHASE_PB = {"cutting": pb.TXN_PHASE_CUTTING, "thawing": pb.TXN_PHASE_THAWING,
-            "running": pb.TXN_PHASE_RUNNING, "decided": pb.TXN_PHASE_DECIDED,
-            "done": pb.TXN_PHASE_DONE}
-DECISION_PB = {"": pb.DECISION_NONE, "commit": pb.DECISION_COMMIT, "abort": pb.DECISION_ABORT}
 
 
 def status_code(err: CoordinatorError) -> grpc.StatusCode:
