@@ -12,6 +12,7 @@ from agent.config import AgentConfig, parse_vm
 from agent.runner import AgentRunner
 from agent.service import serve
 from blocktxn import tls
+from blocktxn.configfile import load_config_file
 from blocktxn.ids import IdentifierError, check_id
 
 
@@ -30,35 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--advertise", help="address the coordinator dials (default: --listen)")
     p.add_argument("--qmp-timeout", type=float, default=10.0, help="deadline of a QMP command")
     tls.add_arguments(p)
-
-
-def load_config_file(args: argparse.Namespace, paths: dict[str, type[Path]]) -> None:
-    """Fill options not given on the command line from ``args.config`` (TOML).
-
-    Keys are the long option names (``restore-dir`` or ``restore_dir``); a
-    repeatable option takes a list.
-
-    Raises:
-        ValueError: unreadable file or unknown key.
-    """
-    import tomllib
-
-    if not getattr(args, "config", None):
-        return
-    try:
-        data = tomllib.loads(Path(args.config).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ValueError(f"config file {args.config}: {err}") from err
-    for key, value in data.items():
-        name = key.replace("-", "_")
-        if name == "config" or not hasattr(args, name):
-            raise ValueError(f"config file {args.config}: unknown option {key!r}")
-        if name in paths:
-            value = [paths[name](v) for v in value] if isinstance(value, list) \
-                else paths[name](value)
-        current = getattr(args, name)
-        if current is None or current == []:
-            setattr(args, name, value)
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:

@@ -7,9 +7,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import _async as health_aio  # public alias: health.aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from agent.errors import (
     AgentError,
@@ -22,6 +19,7 @@ from agent.errors import (
 )
 from agent.participant import ImageRecord, Phase, TxnState
 from agent.runner import AgentRunner, MemberRequest
+from blocktxn.server import start_server
 from blocktxn.tls import TlsFiles
 from blocktxn.v1 import agent_pb2 as pb
 from blocktxn.v1 import agent_pb2_grpc as pb_grpc
@@ -190,26 +188,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         )
 
 
-async def add_standard_services(server: grpc.aio.Server, service_names: list[str]) -> None:
-    """Health checking (every service SERVING) and server reflection."""
-    health_servicer = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ["", *service_names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
-
-
 async def serve(runner: AgentRunner, listen: str, tls: TlsFiles | None = None
                 ) -> grpc.aio.Server:
     """Start the gRPC server for *runner* on *listen* (host:port), TLS if configured."""
-    server = grpc.aio.server()
-    pb_grpc.add_AgentServiceServicer_to_server(AgentServicer(runner), server)
-    await add_standard_services(server, [pb.DESCRIPTOR.services_by_name["AgentService"].full_name])
-    port = (tls or TlsFiles()).add_port(server, listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
-    await server.start()
+    server = await start_server(
+        lambda s: pb_grpc.add_AgentServiceServicer_to_server(AgentServicer(runner), s),
+        pb.DESCRIPTOR.services_by_name["AgentService"].full_name, listen, tls)
     log.info("agent %s serving on %s", runner.config.agent_id, listen)
     return server

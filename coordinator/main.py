@@ -8,8 +8,8 @@ import logging
 import signal
 from pathlib import Path
 
-from agent.main import load_config_file
 from blocktxn import tls
+from blocktxn.configfile import load_config_file
 from blocktxn.ids import IdentifierError, check_id
 from coordinator.config import CoordinatorConfig
 from coordinator.etcd_server import EtcdServer

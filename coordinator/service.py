@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import json_format
 
-from agent.service import add_standard_services
+from blocktxn.server import start_server
 from blocktxn.tls import TlsFiles
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as pb
@@ -237,11 +237,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
 async def serve(coordinator: Coordinator, listen: str, tls: TlsFiles | None = None
                 ) -> grpc.aio.Server:
-    server = grpc.aio.server()
-    pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(coordinator), server)
-    await add_standard_services(
-        server, [pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name])
-    if (tls or TlsFiles()).add_port(server, listen) == 0:
-        raise OSError(f"cannot listen on {listen}")
-    await server.start()
-    return server
+    """Start the gRPC server for *coordinator* on *listen*, TLS if configured."""
+    return await start_server(
+        lambda s: pb_grpc.add_CoordinatorServiceServicer_to_server(
+            CoordinatorServicer(coordinator), s),
+        pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name, listen, tls)
