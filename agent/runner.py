@@ -684,22 +684,39 @@ class AgentRunner:
         self._disarm(cmd.txn_id)
         if cmd.thaw_vms:
             await self._thaw(cmd.txn_id, cmd.thaw_vms, cmd.quiesce)
+        by_vm: dict[str, list[MemberPlan]] = {}
         for m in cmd.members:
-            conn = self.vms[m.vm]
-            try:
-                if conn.connected:
-                    job = (await conn.refresh_jobs()).get(m.job_id)
-                    if job is not None and job.status != "concluded":
-                        await conn.execute("job-cancel", {"id": m.job_id})
-                        job = await conn.wait_job(m.job_id, {"concluded"}, 60)
-                    if job is not None:
-                        await conn.execute("job-dismiss", {"id": m.job_id})
-                    if m.target_node in await conn.node_names():
-                        await conn.execute("blockdev-del", {"node-name": m.target_node})
-                await self._remove_bitmaps([(m.vm, m.disk, m.new_bitmap)])
-            except AgentError as err:
-                log.warning("rollback of %s on %s/%s incomplete: %s", cmd.txn_id, m.vm, m.disk, err)
+            by_vm.setdefault(m.vm, []).append(m)
+        await asyncio.gather(*(self._rollback_vm(cmd.txn_id, vm, ms)
+                               for vm, ms in by_vm.items()))
+        try:
+            await self._remove_bitmaps([(m.vm, m.disk, m.new_bitmap) for m in cmd.members])
+        except AgentError as err:
+            log.warning("rollback of %s: new checkpoints not all dropped: %s", cmd.txn_id, err)
+        for m in cmd.members:
             self.repo.delete_image(m.image)
+
+    async def _rollback_vm(self, txn_id: str, vm: str, members: list[MemberPlan]) -> None:
+        """Cancel and dismiss this VM's jobs of the transaction, delete their targets
+        (one query of jobs and one of nodes for all of them)."""
+        conn = self.vms[vm]
+        if not conn.connected:
+            return
+        try:
+            jobs = dict(await conn.refresh_jobs())
+
+            async def cancel(job_id: str) -> None:
+                if jobs[job_id].status != "concluded":
+                    await conn.execute("job-cancel", {"id": job_id})
+                    await conn.wait_job(job_id, {"concluded"}, 60)
+                await conn.execute("job-dismiss", {"id": job_id})
+
+            await gather_all(*(cancel(m.job_id) for m in members if m.job_id in jobs))
+            nodes = await conn.node_names()
+            await gather_all(*(conn.execute("blockdev-del", {"node-name": m.target_node})
+                               for m in members if m.target_node in nodes))
+        except AgentError as err:
+            log.warning("rollback of %s on %s incomplete: %s", txn_id, vm, err)
 
     # ------------------------------------------------------------- VM events
     async def _vm_lost(self, conn: VmConnection) -> None:
