@@ -231,12 +231,10 @@ class Coordinator:
         for lt in self.live.values():
             if lt.record["request_id"] == request_id:
                 return lt.record
-        members = await self._validate(req)
+        members, addresses = await self._validate(req)
         now = time.time()
         stamp = time.strftime("tx-%Y%m%d-%H%M%S-", time.gmtime(now))
         txn_id = stamp + f"{random.getrandbits(24):06x}"
-        entries, _ = await self.store.agents()
-        addresses = {e["agent_id"]: e["address"] for e in entries}
         record: dict[str, Any] = {
             "txn_id": txn_id, "request_id": request_id, "completion": req.completion,
             "quiesce": req.quiesce, "freeze_timeout": req.freeze_timeout or 10.0,
@@ -244,7 +242,7 @@ class Coordinator:
             "members": [{"agent_id": m.agent_id, "vm": m.vm, "disk": m.disk, "mode": m.mode,
                          "chosen": "", "mode_reason": "", "status": "", "done": 0, "total": 0,
                          "outcome": ""} for m in members],
-            "agents": {a: addresses[a] for a in sorted({m.agent_id for m in members})},
+            "agents": dict(sorted(addresses.items())),
             "phase": TxnPhase.CUTTING.value, "decision": "", "reason": "", "committed": [],
             "votes": [], "errors": [], "frozen_from": 0.0, "thawed_at": 0.0, "set_id": "",
             "leader": self.config.name,
@@ -261,7 +259,8 @@ class Coordinator:
         self._drive(lt, Begin())
         return record
 
-    async def _validate(self, req: TxnRequest) -> list[MemberSpec]:
+    async def _validate(self, req: TxnRequest) -> tuple[list[MemberSpec], dict[str, str]]:
+        """The members a request names, and each member agent's address."""
         if not req.targets:
             raise RequestError("no targets: name at least one AGENT/VM[/DISK]")
         if req.mode not in MODES:
@@ -319,7 +318,7 @@ class Coordinator:
                 members.append(MemberSpec(agent_id, vm, disk, mode))
         if not members:
             raise RequestError("the targets name no disk")
-        return members
+        return members, {a: agents[a]["address"] for a in {m.agent_id for m in members}}
 
     # ------------------------------------------------------------- driving
     def _adopt(self, record: dict[str, Any], decision: dict[str, Any] | None) -> LiveTxn:

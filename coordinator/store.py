@@ -201,3 +201,17 @@ class Store:
         entries = await self._prefix("agent")
         live = await self._call("list live", lambda: self.client.get_prefix(_key("live") + b"/"))
         return entries, {kv.key.decode().rsplit("/", 1)[1] for kv in live}
+
+
+async def leader_name(endpoints: str) -> str | None:
+    """The replica name held in the leader key, or None (for tools and tests).
+
+    Raises:
+        StoreUnavailableError.
+    """
+    store = Store(endpoints)
+    try:
+        got = await store.leader()
+    finally:
+        await store.close()
+    return None if got is None else got[0].partition("@")[0]

@@ -4,6 +4,7 @@ a chosen protocol step, a recorded history, and the invariant checker."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import signal
 import subprocess
@@ -15,9 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from blocktxn.client import BackupOptions, ClientError, SyncClient
-from blocktxn.lab import dirty_counts, images_equal, qmp_call, top_layer_clusters
+from blocktxn.lab import CLUSTER, dirty_counts, images_equal, qmp_call, top_layer_clusters
 from blocktxn.v1 import coordinator_pb2 as cpb
-from tests.chaos.cluster import DISKS, ETCD, FAULTY_DISK, HOSTS, REPO_SIZE, VMS, ChaosCluster
+from coordinator.errors import StoreUnavailableError
+from coordinator.store import leader_name
+from tests.chaos.cluster import (
+    DISK_SIZE,
+    DISKS,
+    ETCD,
+    FAULTY_DISK,
+    HOSTS,
+    REPO_SIZE,
+    VMS,
+    ChaosCluster,
+)
 
 FAULTS = ("none", "kill_leader", "stop_leader", "kill_agent", "stop_agent", "kill_etcd",
           "stop_etcd", "partition", "io_error", "kill_vm", "repo_full", "ga_silent")
@@ -80,19 +92,17 @@ class Driver:
                 time.sleep(0.5)
 
     def leader(self) -> str | None:
-        for name in self.c.coords:
-            log = (self.c.workdir / name / "coordinator.log").read_text(errors="replace")
-            last_lead = log.rfind(f"{name} leads with epoch")
-            last_lost = max(log.rfind(f"{name} no longer leads"),
-                            log.rfind("leader lease lost"))
-            if last_lead > last_lost and self.c.coords[name].alive:
-                return name
-        return None
+        """The replica in etcd's leader key (None if none or etcd does not answer)."""
+        try:
+            name = asyncio.run(leader_name(self.c.etcd_endpoints))
+        except StoreUnavailableError:
+            return None
+        return name if name in self.c.coords else None
 
     # --------------------------------------------------------------- writers
     def start_writer(self) -> None:
         keys = [(h, v) for h in HOSTS for v in VMS]
-        nclusters = 8 << 20 >> 16
+        nclusters = DISK_SIZE // CLUSTER
 
         def loop() -> None:
             g = 0

@@ -17,6 +17,7 @@ from blocktxn.lab import free_port
 from blocktxn.v1 import coordinator_pb2 as cpb
 from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
 from coordinator.etcd_server import EtcdServer
+from coordinator.store import leader_name
 from tests.integration.harness import Host
 
 
@@ -135,19 +136,7 @@ class Cluster:
 
     def leader(self) -> int | None:
         """Index of the replica holding the etcd leader key, if any."""
-        from coordinator.store import Store
-
-        async def ask() -> tuple[str, int] | None:
-            store = Store(self.etcd.endpoint)
-            try:
-                return await store.leader()
-            finally:
-                await store.close()
-
-        got = asyncio.run(ask())
-        if got is None:
-            return None
-        name = got[0].partition("@")[0]
+        name = asyncio.run(leader_name(self.etcd.endpoint))
         return next((i for i, c in enumerate(self.coordinators) if c.name == name), None)
 
     def close(self) -> None:
