@@ -111,6 +111,10 @@ class LiveTxn:
         r["committed"] = list(m.committed)
         r["votes"] = [{"agent_id": p.agent_id, "yes": p.vote, "reason": p.reason}
                       for p in m.parts.values() if p.vote is not None]
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake every watcher; later watchers wait on a fresh event."""
         self.changed.set()
         self.changed = asyncio.Event()
 
@@ -480,8 +484,7 @@ class Coordinator:
                     if m is not None:
                         m["status"], m["done"], m["total"] = d.job_status, d.bytes_done, \
                             d.bytes_total
-                lt.changed.set()
-                lt.changed = asyncio.Event()
+                lt.notify()
 
     async def _complete(self, lt: LiveTxn, cmd: SendCommit | SendAbort) -> TxnEvent:
         client = self._agent(lt, cmd.agent_id)
