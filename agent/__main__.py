@@ -1,8 +1,8 @@
-"""``python -m agent`` == ``blocktxn agent``."""
+"""``python -m blocktxn.agent`` == ``blocktxn agent``."""
 
 import sys
 
-from blocktxn.cli import main
+from .main import main
 
 if __name__ == "__main__":
-    raise SystemExit(main(["agent", *sys.argv[1:]]))
+    raise SystemExit(main(sys.argv[1:]))

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
-from agent.errors import AgentTimeoutError, QemuError, VmLostError
+from .errors import AgentTimeoutError, QemuError, VmLostError
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,11 @@ import json
 import os
 from pathlib import Path
 
-from agent.errors import BadRequestError, ConflictError, QemuError, UnknownError
-from agent.journal import fsync_dir
-from agent.participant import ImageRecord
 from blocktxn.ids import IdentifierError, confine
+
+from .errors import BadRequestError, ConflictError, QemuError, UnknownError
+from .journal import fsync_dir
+from .participant import ImageRecord
 
 
 async def run_tool(*argv: str, timeout: float = 600.0) -> str:

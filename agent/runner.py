@@ -16,8 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from agent.config import AgentConfig
-from agent.errors import (
+from blocktxn.ids import IdentifierError, check_id
+from blocktxn.requests import MODES, QUIESCES
+
+from .config import AgentConfig
+from .errors import (
     AgentError,
     BadRequestError,
     ConflictError,
@@ -25,9 +28,9 @@ from agent.errors import (
     UnknownError,
     VmLostError,
 )
-from agent.guest_agent import GuestAgentClient
-from agent.journal import Journal
-from agent.participant import (
+from .guest_agent import GuestAgentClient
+from .journal import Journal
+from .participant import (
     OPEN_PHASES,
     Aborted,
     AbortRequested,
@@ -63,10 +66,8 @@ from agent.participant import (
     event_from_record,
     event_to_record,
 )
-from agent.qmp import BITMAP_PREFIX, NODE_PREFIX, DiskNode, VmConnection
-from agent.repository import Repository
-from blocktxn.ids import IdentifierError, check_id
-from blocktxn.wire import MODES, QUIESCES
+from .qmp import BITMAP_PREFIX, NODE_PREFIX, DiskNode, VmConnection
+from .repository import Repository
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -477,7 +478,7 @@ class AgentRunner:
         ga = next(v.ga for v in self.config.vms if v.name == vm)
         assert ga is not None
         self.watchdogs[vm] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent.watchdog", "--ga", ga,
+            sys.executable, "-m", "blocktxn.agent.watchdog", "--ga", ga,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
             start_new_session=True)
 

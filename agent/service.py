@@ -8,7 +8,13 @@ from typing import Any, TypeVar
 
 import grpc
 
-from agent.errors import (
+from blocktxn.server import start_server
+from blocktxn.tls import TlsFiles
+from blocktxn.v1 import agent_pb2 as pb
+from blocktxn.v1 import agent_pb2_grpc as pb_grpc
+from blocktxn.wire import MODE_NAME, MODE_PB, QUIESCE_NAME
+
+from .errors import (
     AgentError,
     AgentTimeoutError,
     BadRequestError,
@@ -17,13 +23,8 @@ from agent.errors import (
     UnknownError,
     VmLostError,
 )
-from agent.participant import ImageRecord, Phase, TxnState
-from agent.runner import AgentRunner, MemberRequest
-from blocktxn.server import start_server
-from blocktxn.tls import TlsFiles
-from blocktxn.v1 import agent_pb2 as pb
-from blocktxn.v1 import agent_pb2_grpc as pb_grpc
-from blocktxn.wire import MODE_NAME, MODE_PB, QUIESCE_NAME
+from .participant import ImageRecord, Phase, TxnState
+from .runner import AgentRunner, MemberRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -17,8 +17,8 @@ import logging
 import sys
 import time
 
-from agent.errors import AgentError
-from agent.guest_agent import GuestAgentClient
+from .errors import AgentError
+from .guest_agent import GuestAgentClient
 
 
 async def watch(ga_socket: str, deadline: float) -> None:

@@ -16,12 +16,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qemu.qmp import EventListener, QMPClient
 
-from blocktxn.lab import LabVm
+from blocktxn.demo.lab import LabVm
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as cpb
 from tests.integration.cluster import Cluster
@@ -49,8 +50,9 @@ async def qemu_floor(vm: LabVm, disks: list[str], reps: int) -> list[float]:
             "properties": {"completion-mode": "grouped"}})
         left = {f"j{r}{d}" for d in disks}
         async for ev in listener:
-            if ev["data"]["status"] == "null":
-                left.discard(ev["data"]["id"])
+            data = cast(dict[str, Any], ev["data"])
+            if data["status"] == "null":
+                left.discard(data["id"])
                 if not left:
                     break
         times.append((time.perf_counter() - t0) * 1000)

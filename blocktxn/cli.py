@@ -1,11 +1,16 @@
 """The ``blocktxn`` command: daemons (agent, coordinator), the demo, and the
 operator's commands. Exit codes: 0 success, 1 the transaction aborted (or a
-verify failed), 2 bad input, 3 coordinator unreachable."""
+verify failed), 2 bad input, 3 coordinator unreachable.
+
+The daemons and the demo are named here by module only and imported when their
+subcommand runs: an operator's command never loads QEMU's or etcd's client.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -14,6 +19,11 @@ from typing import Any, NoReturn
 from google.protobuf import json_format
 
 EXIT_OK, EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+#: Subcommands that hand the rest of the command line to a module's ``main(argv) -> int``.
+ENTRIES = {"agent": ("blocktxn.agent.main", "run the per-host agent"),
+           "coordinator": ("blocktxn.coordinator.main", "run a coordinator replica"),
+           "demo": ("blocktxn.demo.run", "run the self-contained demo cluster")}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,31 +48,29 @@ def _positive(kind: type[float] | type[int]) -> Callable[[str], Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agent import main as agent_main
-    from coordinator import main as coordinator_main
+    from blocktxn import requests, tls
 
-    parser = _Parser(prog="blocktxn", description=__doc__)
+    parser = _Parser(prog="blocktxn", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--coordinator", help="HOST:PORT (default $BLOCKTXN_COORDINATOR, "
                         "else 127.0.0.1:7400)")
-    from blocktxn import tls, wire
-
     tls.add_arguments(parser, env=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    agent_main.add_arguments(sub.add_parser("agent", help="run the per-host agent"))
-    coordinator_main.add_arguments(sub.add_parser("coordinator", help="run a coordinator replica"))
-
-    demo = sub.add_parser("demo", help="run the self-contained demo cluster")
-    demo.add_argument("--workdir", help="where the demo keeps its files (default: a temp dir)")
-    demo.add_argument("--keep", action="store_true", help="leave the cluster running at the end")
+    for name, (_, text) in ENTRIES.items():
+        entry = sub.add_parser(name, help=f"{text} (`blocktxn {name} --help`)", add_help=False)
+        entry.add_argument("rest", nargs=argparse.REMAINDER)
 
     b = sub.add_parser("backup", help="back up targets as one transaction")
     b.add_argument("targets", nargs="+", metavar="TARGET", help="AGENT/VM or AGENT/VM/DISK")
-    b.add_argument("--mode", choices=wire.MODES, default="auto")
-    b.add_argument("--completion", choices=wire.COMPLETIONS, default="grouped")
-    b.add_argument("--quiesce", choices=wire.QUIESCES, default="none")
-    b.add_argument("--freeze-timeout", type=_positive(float), default=0.0, metavar="SECONDS")
-    b.add_argument("--deadline", type=_positive(float), default=0.0, metavar="SECONDS")
-    b.add_argument("--speed", type=_positive(int), default=0, metavar="BYTES_PER_SEC")
+    b.add_argument("--mode", choices=requests.MODES, default="auto")
+    b.add_argument("--completion", choices=requests.COMPLETIONS, default="grouped")
+    b.add_argument("--quiesce", choices=requests.QUIESCES, default="none")
+    b.add_argument("--freeze-timeout", type=_positive(float), default=0.0, metavar="SECONDS",
+                   help="0..3600, 0 = 10 s")
+    b.add_argument("--deadline", type=_positive(float), default=0.0, metavar="SECONDS",
+                   help="0..604800, 0 = 3600 s")
+    b.add_argument("--speed", type=_positive(int), default=0, metavar="BYTES_PER_SEC",
+                   help="per disk, 0 = unlimited")
     b.add_argument("--request-id", default="", help="idempotency key")
     b.add_argument("--wait", action="store_true", help="follow progress until the decision")
     b.add_argument("--json", action="store_true")
@@ -111,8 +119,7 @@ def _dump(message: Any) -> dict[str, Any]:
 
 def txn_summary(txn: Any) -> dict[str, Any]:
     """The one JSON object `backup --json` prints."""
-    from blocktxn.client import DECISION_NAME
-    from blocktxn.wire import MODE_NAME, PHASE_NAME
+    from blocktxn.wire import DECISION_NAME, MODE_NAME, PHASE_NAME
 
     out: dict[str, Any] = {
         "txn_id": txn.txn_id,
@@ -182,8 +189,8 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 
 async def _operator(args: argparse.Namespace) -> int:
-    from blocktxn.client import DECISION_NAME, Client
-    from blocktxn.wire import MODE_NAME, PHASE_NAME
+    from blocktxn.client import Client
+    from blocktxn.wire import DECISION_NAME, MODE_NAME, PHASE_NAME
 
     async with Client(args.coordinator, tls=args.tls) as client:
         if args.command == "txn":
@@ -268,23 +275,20 @@ def _client_call(args: argparse.Namespace, run: Callable[[argparse.Namespace], A
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ENTRIES:
+        entry: Any = importlib.import_module(ENTRIES[argv[0]][0])
+        try:
+            return int(entry.main(argv[1:]))
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
     parser = build_parser()
     try:
-        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    if args.command == "agent":
-        from agent import main as agent_main
-
-        return agent_main.main(args)
-    if args.command == "coordinator":
-        from coordinator import main as coordinator_main
-
-        return coordinator_main.main(args)
-    if args.command == "demo":
-        from blocktxn import demo
-
-        return demo.main(args)
+    if args.command in ENTRIES:  # options before the subcommand: not for a daemon
+        parser.error(f"give `blocktxn {args.command}` its options after the subcommand")
     if args.command == "backup":
         return _client_call(args, _backup)
     return _client_call(args, _operator)

@@ -8,29 +8,22 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 
+from blocktxn.errors import InvalidInput
+from blocktxn.requests import BackupOptions, BackupRequest
 from blocktxn.tls import TlsFiles
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as cpb
 from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
-from blocktxn.wire import (
-    COMPLETION_PB,
-    COMPLETIONS,
-    MODE_PB,
-    MODES,
-    QUIESCE_PB,
-    QUIESCES,
-)
+from blocktxn.wire import backup_request_to_pb
+
+__all__ = ["BackupOptions", "BadRequest", "Client", "ClientError", "SyncClient", "Unreachable"]
 
 T = TypeVar("T")
 DEFAULT_ADDRESS = "127.0.0.1:7400"
-
-DECISION_NAME = {cpb.DECISION_NONE: "", cpb.DECISION_COMMIT: "committed",
-                 cpb.DECISION_ABORT: "aborted"}  # as the CLI reports a transaction
 
 
 class ClientError(Exception):
@@ -38,7 +31,8 @@ class ClientError(Exception):
 
 
 class BadRequest(ClientError):
-    """The coordinator refused the request (INVALID_ARGUMENT / NOT_FOUND / FAILED_PRECONDITION)."""
+    """The request is invalid, or the coordinator refused it (INVALID_ARGUMENT /
+    NOT_FOUND / FAILED_PRECONDITION)."""
 
 
 class Unreachable(ClientError):
@@ -48,27 +42,6 @@ class Unreachable(ClientError):
 def coordinator_address(explicit: str | None = None) -> str:
     """``--coordinator``, else ``BLOCKTXN_COORDINATOR``, else 127.0.0.1:7400."""
     return explicit or os.environ.get("BLOCKTXN_COORDINATOR") or DEFAULT_ADDRESS
-
-
-@dataclass(frozen=True)
-class BackupOptions:
-    mode: str = "auto"
-    completion: str = "grouped"
-    quiesce: str = "none"
-    freeze_timeout: float = 0.0
-    deadline: float = 0.0
-    speed: int = 0
-    request_id: str = ""
-
-    def check(self) -> None:
-        """Raises: BadRequest on a value the API does not know."""
-        for value, table, what in ((self.mode, MODES, "mode"),
-                                   (self.quiesce, QUIESCES, "quiesce"),
-                                   (self.completion, COMPLETIONS, "completion")):
-            if value not in table:
-                raise BadRequest(f"{what} {value!r} is not one of {', '.join(table)}")
-        if self.freeze_timeout < 0 or self.deadline < 0 or self.speed < 0:
-            raise BadRequest("freeze timeout, deadline and speed must not be negative")
 
 
 def _translate(err: grpc.aio.AioRpcError) -> ClientError:
@@ -105,12 +78,12 @@ class Client:
 
     async def backup(self, targets: list[str], options: BackupOptions) -> cpb.Transaction:
         """Start a transaction. Raises: BadRequest, Unreachable, ClientError."""
-        options.check()
-        req = cpb.StartTransactionRequest(
-            request_id=options.request_id, targets=[cpb.Target(target=t) for t in targets],
-            mode=MODE_PB[options.mode], completion=COMPLETION_PB[options.completion],
-            quiesce=QUIESCE_PB[options.quiesce], freeze_timeout_s=options.freeze_timeout,
-            deadline_s=options.deadline, speed=options.speed)
+        request = BackupRequest(tuple((t, "") for t in targets), options)
+        try:
+            request.check()
+        except InvalidInput as err:
+            raise BadRequest(str(err)) from err
+        req = backup_request_to_pb(request)
         result: cpb.Transaction = await self._call(
             lambda: self.stub.StartTransaction(req, timeout=self.timeout))
         return result

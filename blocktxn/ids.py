@@ -9,11 +9,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from blocktxn.errors import InvalidInput
+
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-class IdentifierError(ValueError):
-    """A name or id that is not a safe identifier, or a path outside its root."""
+class IdentifierError(InvalidInput, ValueError):
+    """A name or id that is not a safe identifier, or a path outside its root
+    (an InvalidInput for the services, a ValueError for configuration parsing)."""
 
 
 def check_id(value: str, what: str) -> str:

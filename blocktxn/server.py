@@ -1,15 +1,40 @@
-"""What every blocktxn gRPC server has: health checking, reflection, TLS, an explicit address."""
+"""What every blocktxn gRPC server has: health checking, reflection, TLS, an explicit
+address, and one guard that turns the components' errors into gRPC statuses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import _async as health_aio  # public alias: health.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from blocktxn.errors import BlocktxnError, status_code
 from blocktxn.tls import TlsFiles
+
+T = TypeVar("T")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+async def abort_with(context: Ctx, err: BlocktxnError) -> None:
+    """End the call with *err*'s status code and the first line of its message.
+
+    Raises:
+        grpc's abort exception (always).
+    """
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    await context.abort(status_code(err), text)
+
+
+async def guard(context: Ctx, call: Callable[[], Awaitable[T]]) -> T:
+    """Run one handler step; a blocktxn error ends the call with its status."""
+    try:
+        return await call()
+    except BlocktxnError as err:
+        await abort_with(context, err)
+        raise  # unreachable: abort raises
 
 
 async def start_server(register: Callable[[grpc.aio.Server], None], service: str,

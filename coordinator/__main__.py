@@ -1,8 +1,8 @@
-"""``python -m coordinator`` == ``blocktxn coordinator``."""
+"""``python -m blocktxn.coordinator`` == ``blocktxn coordinator``."""
 
 import sys
 
-from blocktxn.cli import main
+from .main import main
 
 if __name__ == "__main__":
-    raise SystemExit(main(["coordinator", *sys.argv[1:]]))
+    raise SystemExit(main(sys.argv[1:]))

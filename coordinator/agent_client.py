@@ -18,7 +18,8 @@ from tenacity import (
 from blocktxn.tls import TlsFiles
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import agent_pb2_grpc as apb_grpc
-from coordinator.errors import AgentCallError
+
+from .errors import AgentCallError
 
 T = TypeVar("T")
 

@@ -1,24 +1,30 @@
-"""Entry of the coordinator daemon."""
+"""Entry of the coordinator daemon (``blocktxn coordinator``, ``python -m
+blocktxn.coordinator``): parse the configuration once, start a private etcd if no
+endpoints are given, compose the replica and its gRPC service, run until signalled."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
-import signal
+from collections.abc import Sequence
 from pathlib import Path
 
-from blocktxn import tls
+from blocktxn import daemon, tls
 from blocktxn.configfile import load_config_file
-from blocktxn.ids import IdentifierError, check_id
-from coordinator.config import CoordinatorConfig
-from coordinator.etcd_server import EtcdServer
-from coordinator.runner import Coordinator
-from coordinator.service import serve
-from coordinator.store import Store
+from blocktxn.ids import check_id
+
+from .config import CoordinatorConfig
+from .etcd_server import EtcdServer
+from .runner import Coordinator
+from .service import serve
+from .store import Store
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blocktxn coordinator",
+                                description="Run a coordinator replica (CoordinatorService).")
     p.add_argument("--config", type=Path, help="TOML file with any of these options "
                    "(see deploy/coordinator.toml); flags given here override it")
     p.add_argument("--etcd", help="etcd endpoints host:port[,host:port...] "
@@ -30,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the private etcd keeps its data "
                    "(default /var/lib/blocktxn/coordinator)")
     tls.add_arguments(p)
+    return p
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
@@ -39,16 +46,14 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     args.listen = args.listen or "127.0.0.1:7400"
     args.name = args.name or "coord1"
     args.data_dir = args.data_dir or Path("/var/lib/blocktxn/coordinator")
-    try:
-        check_id(args.name, "replica name")
-    except IdentifierError as err:
-        raise ValueError(str(err)) from err
+    check_id(args.name, "replica name")
     return CoordinatorConfig(name=args.name, listen=args.listen,
                              advertise=args.advertise or args.listen, etcd=args.etcd,
                              data_dir=args.data_dir, tls=tls.from_args(args))
 
 
-async def run(config: CoordinatorConfig) -> None:
+async def start(config: CoordinatorConfig) -> daemon.Stops:
+    """Bring the replica up; return its stop hooks, in order."""
     etcd = None
     endpoints = config.etcd
     if endpoints is None:
@@ -62,18 +67,19 @@ async def run(config: CoordinatorConfig) -> None:
     coordinator.start()
     logging.getLogger(__name__).info("coordinator %s serving on %s (etcd %s)", config.name,
                                      config.listen, endpoints)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(grace=2)
-    await coordinator.stop()
-    await store.close()
-    if supervisor is not None:
-        supervisor.cancel()
-    if etcd is not None:
-        etcd.stop()
+
+    async def stop_server() -> None:
+        await server.stop(grace=2)
+
+    async def stop_etcd() -> None:
+        if supervisor is not None:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+        if etcd is not None:
+            etcd.stop()
+
+    return [stop_server, coordinator.stop, store.close, stop_etcd]
 
 
 async def supervise(etcd: EtcdServer) -> None:
@@ -89,13 +95,5 @@ async def supervise(etcd: EtcdServer) -> None:
                 log.error("private etcd did not restart: %s", err)
 
 
-def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s coordinator %(levelname)s %(message)s")
-    try:
-        config = config_from_args(args)
-    except ValueError as err:
-        print(f"blocktxn coordinator: {err}")
-        return 2
-    asyncio.run(run(config))
-    return 0
+def main(argv: Sequence[str]) -> int:
+    return daemon.main("coordinator", argv, build_parser(), config_from_args, start)

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blocktxn.ids import IdentifierError, check_id
+from blocktxn.requests import COMPLETIONS, MODES, QUIESCES
 from blocktxn.v1 import agent_pb2 as apb
-from blocktxn.wire import COMPLETIONS, MODE_NAME, MODE_PB, MODES, QUIESCE_PB, QUIESCES
-from coordinator import failpoints
-from coordinator.agent_client import AgentClient
-from coordinator.config import CoordinatorConfig
-from coordinator.errors import (
+from blocktxn.wire import MODE_NAME, MODE_PB, QUIESCE_PB
+
+from . import failpoints
+from .agent_client import AgentClient
+from .config import CoordinatorConfig
+from .errors import (
     AgentCallError,
     CoordinatorError,
     NotFoundError,
@@ -27,8 +29,8 @@ from coordinator.errors import (
     RequestError,
     StoreUnavailableError,
 )
-from coordinator.store import Store
-from coordinator.txn_machine import (
+from .store import Store
+from .txn_machine import (
     OPEN,
     Acked,
     Begin,

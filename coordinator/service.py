@@ -24,7 +24,8 @@ from blocktxn.wire import (
     QUIESCE_NAME,
     QUIESCE_PB,
 )
-from coordinator.errors import (
+
+from .errors import (
     AgentCallError,
     CoordinatorError,
     NotFoundError,
@@ -33,7 +34,7 @@ from coordinator.errors import (
     RequestError,
     StoreUnavailableError,
 )
-from coordinator.runner import Coordinator, TxnRequest
+from .runner import Coordinator, TxnRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -26,7 +26,7 @@ import aetcd
 import aetcd.exceptions
 import grpc
 
-from coordinator.errors import NotLeaderError, StoreUnavailableError
+from .errors import NotLeaderError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 SCHEMA = 1

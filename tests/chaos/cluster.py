@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blocktxn import procs
-from blocktxn.lab import AgentProcess, LabVm, StandInGuestAgent, Workload, close_guests
+from blocktxn.demo.lab import AgentProcess, LabVm, StandInGuestAgent, Workload, close_guests
 from tests.chaos.netlab import NetLab
 
 ETCD = ("e1", "e2", "e3")
@@ -106,7 +106,7 @@ class ChaosCluster:
             ip = self.net.addr(c)
             d = self.workdir / c
             d.mkdir(parents=True, exist_ok=True)
-            p = Proc(c, [*self.net.exec_prefix(c), sys.executable, "-m", "coordinator",
+            p = Proc(c, [*self.net.exec_prefix(c), sys.executable, "-m", "blocktxn.coordinator",
                          "--name", c, "--listen", f"{ip}:7400", "--etcd", self.etcd_endpoints,
                          "--data-dir", str(d)], d / "coordinator.log")
             p.start()

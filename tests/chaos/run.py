@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from blocktxn.client import BackupOptions, ClientError, SyncClient
-from blocktxn.lab import CLUSTER, dirty_counts, images_equal, qmp_call, top_layer_clusters
+from blocktxn.coordinator.errors import StoreUnavailableError
+from blocktxn.coordinator.store import leader_name
+from blocktxn.demo.lab import CLUSTER, dirty_counts, images_equal, qmp_call, top_layer_clusters
 from blocktxn.v1 import coordinator_pb2 as cpb
-from coordinator.errors import StoreUnavailableError
-from coordinator.store import leader_name
 from tests.chaos.cluster import (
     DISK_SIZE,
     DISKS,
@@ -413,7 +413,7 @@ def later(delay: float, action: Any) -> Any:
 
 
 def _catalog(repo: Path) -> list[Any]:
-    from agent.participant import ImageRecord
+    from blocktxn.agent.participant import ImageRecord
 
     path = repo / "catalog.jsonl"
     if not path.exists():

@@ -13,11 +13,11 @@ from typing import Any
 import grpc
 
 from blocktxn import procs
-from blocktxn.lab import free_port
+from blocktxn.coordinator.etcd_server import EtcdServer
+from blocktxn.coordinator.store import leader_name
+from blocktxn.demo.lab import free_port
 from blocktxn.v1 import coordinator_pb2 as cpb
 from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
-from coordinator.etcd_server import EtcdServer
-from coordinator.store import leader_name
 from tests.integration.harness import Host
 
 
@@ -36,8 +36,9 @@ class CoordinatorProcess:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator", "--name", self.name, "--listen", self.address,
-             "--etcd", self.etcd, "--data-dir", str(self.workdir), *self.extra],
+            [sys.executable, "-m", "blocktxn.coordinator", "--name", self.name,
+             "--listen", self.address, "--etcd", self.etcd, "--data-dir", str(self.workdir),
+             *self.extra],
             stdout=subprocess.DEVNULL, stderr=open(self.workdir / f"{self.name}.log", "ab"),
             env={**os.environ, **self.env})
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from blocktxn.lab import (
+from blocktxn.demo.lab import (
     AgentProcess,
     LabVm,
     StandInGuestAgent,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from blocktxn.lab import CLUSTER, images_equal, top_layer_clusters
+from blocktxn.demo.lab import CLUSTER, images_equal, top_layer_clusters
 from blocktxn.v1 import agent_pb2 as pb
 from tests.integration.harness import Host, restore
 

@@ -102,7 +102,7 @@ def test_agent_command_line_errors_exit_2_with_one_line(tmp_path: Any) -> None:
         if "--id" in extra:
             argv["--id"] = extra[1]
             extra = []
-        cmd = [sys.executable, "-m", "agent", *[x for kv in argv.items() for x in kv],
+        cmd = [sys.executable, "-m", "blocktxn.agent", *[x for kv in argv.items() for x in kv],
                *extra]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         assert res.returncode == 2, (args, res)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from blocktxn.lab import CLUSTER, images_equal, top_layer_clusters
+from blocktxn.demo.lab import CLUSTER, images_equal, top_layer_clusters
 from blocktxn.v1 import agent_pb2 as pb
 from tests.integration.harness import Host, iter_files, restore, wait_until
 
@@ -272,7 +272,8 @@ def test_a_failed_cut_waits_for_every_step_in_flight_before_rolling_back(
     assert host.jobs("vm1") == [] and not host.gas["vm1"].is_frozen
     assert all(host.bitmaps("vm1", d) == {} for d in disks)
     assert host.agent.proc is not None  # and no freeze watchdog is left waiting
-    watchdogs = subprocess.run(["pgrep", "-P", str(host.agent.proc.pid), "-f", "agent.watchdog"],
+    watchdogs = subprocess.run(["pgrep", "-P", str(host.agent.proc.pid), "-f",
+                                "blocktxn.agent.watchdog"],
                                capture_output=True, text=True).stdout.split()
     assert watchdogs == []
 

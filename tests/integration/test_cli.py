@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from blocktxn.lab import free_port, images_equal
+from blocktxn.demo.lab import free_port, images_equal
 from tests.integration.cluster import Cluster
 from tests.integration.test_coordinator import two_hosts
 

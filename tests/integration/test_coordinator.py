@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 import pytest
 
-from blocktxn.lab import CLUSTER, images_equal
+from blocktxn.demo.lab import CLUSTER, images_equal
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as cpb
 from tests.integration.cluster import Cluster

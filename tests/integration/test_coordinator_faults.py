@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 import pytest
 
-from blocktxn.lab import CLUSTER
+from blocktxn.coordinator.errors import NotLeaderError
+from blocktxn.coordinator.store import Store
+from blocktxn.demo.lab import CLUSTER
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as cpb
-from coordinator.errors import NotLeaderError
-from coordinator.store import Store
 from tests.integration.cluster import Cluster
 from tests.integration.harness import Host, wait_until
 from tests.integration.test_coordinator import VMS, all_disks, two_hosts

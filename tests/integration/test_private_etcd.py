@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from blocktxn.lab import free_port
+from blocktxn.demo.lab import free_port
 from blocktxn.v1 import coordinator_pb2 as cpb
 from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
 
@@ -25,7 +25,7 @@ def etcd_children(pid: int) -> list[int]:
 def test_private_etcd_is_started_and_restarted(tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
     again: list[int] = []
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator", "--listen", address,
+    proc = subprocess.Popen([sys.executable, "-m", "blocktxn.coordinator", "--listen", address,
                              "--data-dir", str(tmp_path)], stderr=subprocess.DEVNULL)
     try:
         with grpc.insecure_channel(address) as ch:

@@ -6,15 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.main import config_from_args as agent_config
-from blocktxn.cli import build_parser
-from coordinator.main import config_from_args as coordinator_config
+from blocktxn.agent.main import build_parser as agent_parser
+from blocktxn.agent.main import config_from_args as agent_config
+from blocktxn.coordinator.main import build_parser as coordinator_parser
+from blocktxn.coordinator.main import config_from_args as coordinator_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 def test_documented_agent_file_parses_and_flags_override_it() -> None:
-    args = build_parser().parse_args(["agent", "--config", str(DEPLOY / "agent.toml"),
+    args = agent_parser().parse_args(["--config", str(DEPLOY / "agent.toml"),
                                       "--listen", "127.0.0.1:9"])
     cfg = agent_config(args)
     assert cfg.agent_id == "host1" and cfg.listen == "127.0.0.1:9"
@@ -24,10 +25,10 @@ def test_documented_agent_file_parses_and_flags_override_it() -> None:
 
 
 def test_documented_coordinator_file_parses() -> None:
-    cfg = coordinator_config(build_parser().parse_args(
-        ["coordinator", "--config", str(DEPLOY / "coordinator.toml")]))
+    cfg = coordinator_config(coordinator_parser().parse_args(
+        ["--config", str(DEPLOY / "coordinator.toml")]))
     assert cfg.name == "coord1" and cfg.etcd and cfg.etcd.count(",") == 2
-    defaults = coordinator_config(build_parser().parse_args(["coordinator"]))
+    defaults = coordinator_config(coordinator_parser().parse_args([]))
     assert defaults.listen == "127.0.0.1:7400" and defaults.etcd is None
 
 
@@ -42,4 +43,4 @@ def test_bad_agent_files_are_one_line_errors(tmp_path: Path, text: str, word: st
     f = tmp_path / "a.toml"
     f.write_text(text)
     with pytest.raises(ValueError, match=word):
-        agent_config(build_parser().parse_args(["agent", "--config", str(f)]))
+        agent_config(agent_parser().parse_args(["--config", str(f)]))

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.participant import (
+from blocktxn.agent.participant import (
     Aborted,
     AbortRequested,
     ArmAutoThaw,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.txn_machine import (
+from blocktxn.coordinator.txn_machine import (
     Acked,
     Begin,
     CancelRequested,

@@ -442,8 +442,9 @@ class AgentProcess:
     def argv(self) -> list[str]:
         import sys
 
-        argv = [sys.executable, "-m", "agent", "--id", self.agent_id, "--listen", self.address,
-                "--repo", str(self.repo), "--restore-dir", str(self.restore_dir)]
+        argv = [sys.executable, "-m", "blocktxn.agent", "--id", self.agent_id,
+                "--listen", self.address, "--repo", str(self.repo),
+                "--restore-dir", str(self.restore_dir)]
         for vm in self.vms:
             spec = f"{vm.name}={vm.qmp_socket}"
             if vm.name in self.guest_agents:

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from blocktxn.client import BackupOptions, SyncClient
-from blocktxn.lab import (
+from blocktxn.demo.lab import (
     CLUSTER,
     AgentProcess,
     LabVm,
@@ -34,7 +34,6 @@ from blocktxn.lab import (
     images_equal,
     top_layer_clusters,
 )
-from coordinator.etcd_server import EtcdServer
 
 HOSTS = ("h1", "h2", "h3")
 VMS = ("web", "db")
@@ -55,7 +54,6 @@ class Demo:
         self.records: list[tuple[str, str, str]] = [("", "", "")]  # index = record number
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
-        self.etcd = EtcdServer(workdir / "etcd")
         self.coordinator_port = free_port()
         self.coordinator: Any = None
 
@@ -75,12 +73,10 @@ class Demo:
     def start(self) -> None:
         import subprocess
 
-        self.say("starting a private etcd and a coordinator")
-        self.etcd.start()
+        self.say("starting a coordinator with its private etcd")
         self.coordinator = subprocess.Popen(
-            [sys.executable, "-m", "coordinator", "--etcd", self.etcd.endpoint,
-             "--listen", self.address, "--name", "coord1", "--data-dir",
-             str(self.workdir / "coordinator")],
+            [sys.executable, "-m", "blocktxn.coordinator", "--listen", self.address,
+             "--name", "coord1", "--data-dir", str(self.workdir / "coordinator")],
             stdout=subprocess.DEVNULL, stderr=open(self.workdir / "coordinator.log", "ab"))
         self.say(f"starting {len(HOSTS)} hosts x {len(VMS)} VMs x {len(DISKS)} disks "
                  "(qemu-storage-daemon, qcow2 over NBD) and their agents")
@@ -144,8 +140,7 @@ class Demo:
         close_guests(self.gas.values(), self.workloads.values(), self.vms.values())
         if self.coordinator and self.coordinator.poll() is None:
             self.coordinator.terminate()
-            self.coordinator.wait(10)
-        self.etcd.stop()
+            self.coordinator.wait(30)  # it stops its private etcd
 
     # -------------------------------------------------------------- story
     def backup(self, title: str, mode: str) -> Any:
@@ -236,7 +231,12 @@ class Demo:
         self.console.print(f"checks passed: {passed}/{len(self.checks)}")
 
 
-def main(args: argparse.Namespace) -> int:
+def main(argv: list[str]) -> int:
+    """``blocktxn demo [--workdir DIR] [--keep]``."""
+    p = argparse.ArgumentParser(prog="blocktxn demo", description=__doc__)
+    p.add_argument("--workdir", help="where the demo keeps its files (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="leave the cluster running at the end")
+    args = p.parse_args(argv)
     console = Console()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="blocktxn-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,51 @@
+"""The one main loop of both daemons: parse the configuration once, run until
+SIGINT/SIGTERM, stop in order. Exit code 2 and one line for a bad configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+C = TypeVar("C")
+
+#: Stop hooks, run in order after the signal.
+Stops = list[Callable[[], Awaitable[None]]]
+
+
+async def until_signalled() -> None:
+    """Return on the first SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def main(name: str, argv: Sequence[str], parser: argparse.ArgumentParser,
+         configure: Callable[[argparse.Namespace], C],
+         start: Callable[[C], Awaitable[Stops]]) -> int:
+    """Run daemon *name*: *configure* parses the options (ValueError: exit 2),
+    *start* brings the daemon up and returns its stop hooks."""
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    args = parser.parse_args(list(argv))
+    try:
+        config = configure(args)
+    except ValueError as err:
+        print(f"blocktxn {name}: {err}")
+        return 2
+
+    async def run() -> None:
+        stops = await start(config)
+        try:
+            await until_signalled()
+        finally:
+            for stop in stops:
+                await stop()
+
+    asyncio.run(run())
+    return 0
