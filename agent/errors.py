@@ -1,42 +1,53 @@
-"""Errors of the agent.
+"""Errors of the agent; each class is also one of the shared kinds in
+``blocktxn.errors``, whose one table gives its gRPC status code.
 
 AgentError
- +-- BadRequestError        malformed request or identifier  -> INVALID_ARGUMENT
- +-- UnknownError           unknown VM, disk, txn or set      -> NOT_FOUND
- +-- ConflictError          conflicts with the current state  -> FAILED_PRECONDITION
- +-- QemuError              QEMU refused or failed a command  -> FAILED_PRECONDITION
- |    +-- VmLostError       the VM's QMP socket is gone       -> UNAVAILABLE
- +-- TimeoutError_          QEMU or a guest did not answer    -> DEADLINE_EXCEEDED
+ +-- BadRequestError        malformed request or identifier  (InvalidInput) -> INVALID_ARGUMENT
+ +-- UnknownError           unknown VM, disk, txn or set      (NotFound)     -> NOT_FOUND
+ +-- ConflictError          conflicts with the current state  (Conflict)     -> FAILED_PRECONDITION
+ +-- QemuError              the hypervisor refused or failed  (Conflict)     -> FAILED_PRECONDITION
+ |    +-- VmLostError       the VM's control socket is gone   (Unavailable)  -> UNAVAILABLE
+ +-- AgentTimeoutError      QEMU or a guest did not answer    (DeadlineExceeded)
 
-``service.py`` holds the one table from these to gRPC status codes.
+Validation shared with the client and coordinator (``blocktxn.requests``,
+``blocktxn.ids``) raises ``blocktxn.errors.InvalidInput`` itself.
 """
 
 from __future__ import annotations
 
+from blocktxn.errors import (
+    BlocktxnError,
+    Conflict,
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
 
-class AgentError(Exception):
+
+class AgentError(BlocktxnError):
     """Root of every error the agent reports to its callers."""
 
 
-class BadRequestError(AgentError):
+class BadRequestError(AgentError, InvalidInput):
     """The request is malformed: nothing was changed."""
 
 
-class UnknownError(AgentError):
+class UnknownError(AgentError, NotFound):
     """A VM, disk, transaction or backup set that this agent does not have."""
 
 
-class ConflictError(AgentError):
+class ConflictError(AgentError, Conflict):
     """The request conflicts with the current state: nothing was changed."""
 
 
-class QemuError(AgentError):
-    """QEMU (or a guest agent) refused or failed a command."""
+class QemuError(AgentError, Conflict):
+    """The hypervisor (QEMU, a guest agent, a QEMU tool) refused or failed a command."""
 
 
-class VmLostError(QemuError):
-    """The VM's QMP connection is gone."""
+class VmLostError(QemuError, Unavailable):
+    """The VM's control connection is gone."""
 
 
-class AgentTimeoutError(AgentError):
+class AgentTimeoutError(AgentError, DeadlineExceeded):
     """QEMU or a guest agent did not answer within its deadline."""

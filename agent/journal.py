@@ -1,66 +1,100 @@
-"""The participant's local journal: append-only JSON lines, fsync per record.
-
-Replay returns the records in order; compaction keeps only the records of
-transactions that are still open plus one terminal record per finished one.
-"""
+"""The participant's local journal: every journaled event, fsynced before the
+machine sees it, replayed through the same machine on restart, compacted to the
+open transactions plus the most recent finished ones."""
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
+from .jsonl import JsonLines
+from .participant import (
+    OPEN_PHASES,
+    Aborted,
+    Committed,
+    CutDone,
+    CutFailed,
+    CutPlanned,
+    Event,
+    ImageRecord,
+    MemberFailed,
+    MemberPlan,
+    ParticipantMachine,
+    Prepared,
+    StateError,
+    Thawed,
+    TxnPlan,
+    VotedNo,
+)
 
-def fsync_dir(path: Path) -> None:
-    """Make a directory entry (a created, renamed or deleted file) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+log = logging.getLogger(__name__)
+
+KEEP_FINISHED = 200  # finished transactions remembered across compaction
+
+_EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__name__: cls
+    for cls in (CutPlanned, CutDone, CutFailed, Thawed, MemberFailed, Prepared, VotedNo,
+                Committed, Aborted)
+}
+
+
+def event_to_record(txn_id: str, event: Event) -> dict[str, Any]:
+    """A JSON-able dict for one journaled event."""
+    return {"txn": txn_id, "type": type(event).__name__, "data": dataclasses.asdict(event)}
+
+
+def event_from_record(record: dict[str, Any]) -> tuple[str, Event]:
+    """Inverse of :func:`event_to_record`.
+
+    Raises:
+        ValueError: the record is not a known event.
+    """
+    cls = _EVENT_TYPES.get(record.get("type", ""))
+    if cls is None:
+        raise ValueError(f"unknown journal record type {record.get('type')!r}")
+    data = dict(record["data"])
+    if cls is CutPlanned:
+        p = data["plan"]
+        members = tuple(
+            MemberPlan(**{**m, "stale_bitmaps": tuple(m["stale_bitmaps"])}) for m in p["members"]
+        )
+        data["plan"] = TxnPlan(p["txn_id"], members, p["quiesce"], p["freeze_timeout"])
+    elif cls is CutDone:
+        data["bytes_total"] = tuple(tuple(x) for x in data["bytes_total"])
+    elif cls in (Prepared, Committed):
+        data["images"] = tuple(ImageRecord(**i) for i in data["images"])
+    return str(record["txn"]), cls(**data)
 
 
 class Journal:
     """Durable record of every participant state change of one agent."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = None
+        self.file = JsonLines(path)
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Write one record and fsync it before returning."""
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.write(self._fd, json.dumps(record, separators=(",", ":")).encode() + b"\n")
-        os.fsync(self._fd)
+    def append(self, txn_id: str, event: Event) -> None:
+        """Write one event and fsync it before returning."""
+        self.file.append([event_to_record(txn_id, event)])
 
-    def replay(self) -> list[dict[str, Any]]:
-        """Every complete record, oldest first (a torn last line is dropped)."""
-        if not self.path.exists():
-            return []
-        records = []
-        for line in self.path.read_bytes().splitlines():
+    def replay(self, machine: ParticipantMachine) -> None:
+        """Feed every journaled event to *machine* (commands are not run: recovery
+        re-drives the open transactions); then compact."""
+        records = self.file.read()
+        for record in records:
             try:
-                records.append(json.loads(line))
-            except ValueError:
-                break  # torn write at the tail: the change it described never happened
-        return records
-
-    def rewrite(self, records: list[dict[str, Any]]) -> None:
-        """Atomically replace the journal with *records* (compaction)."""
-        self.close()
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            for r in records:
-                f.write(json.dumps(r, separators=(",", ":")).encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
+                txn_id, event = event_from_record(record)
+                machine.handle(txn_id, event)
+            except (StateError, ValueError, KeyError, TypeError) as err:
+                log.error("journal record skipped (%s): %s", err, record)
+        finished = [t for t, st in machine.txns.items() if st.phase not in OPEN_PHASES]
+        drop = set(finished[:-KEEP_FINISHED]) if len(finished) > KEEP_FINISHED else set()
+        if drop:
+            self.file.rewrite(r for r in records if r.get("txn") not in drop)
+            for t in drop:
+                del machine.txns[t]
+        log.info("journal replayed: %d records, open: %s", len(records), machine.open_txns())
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self.file.close()

@@ -5,15 +5,14 @@ transaction and returns the commands a runner must execute; the runner feeds
 the results back as events. Events whose class has ``journaled = True`` are the
 participant's durable history: the runner writes them to the journal (fsync)
 before handing them to the machine, and recovery replays them through the same
-machine.
+machine (the journal's encoding of them is in ``journal.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 
 class Phase(enum.Enum):
@@ -476,44 +475,3 @@ class ParticipantMachine:
         if common is None:
             raise StateError(st.txn_id, st.phase, event)
         return common
-
-
-# ------------------------------------------------------------ journal records
-
-_EVENT_TYPES: dict[str, type[Event]] = {
-    cls.__name__: cls
-    for cls in (CutPlanned, CutDone, CutFailed, Thawed, MemberFailed, Prepared, VotedNo,
-                Committed, Aborted)
-}
-
-
-def event_to_record(txn_id: str, event: Event) -> dict[str, Any]:
-    """A JSON-able dict for one journaled event."""
-    return {"txn": txn_id, "type": type(event).__name__, "data": dataclasses.asdict(event)}
-
-
-def _images(raw: list[dict[str, Any]]) -> tuple[ImageRecord, ...]:
-    return tuple(ImageRecord(**i) for i in raw)
-
-
-def event_from_record(record: dict[str, Any]) -> tuple[str, Event]:
-    """Inverse of :func:`event_to_record`.
-
-    Raises:
-        ValueError: the record is not a known event.
-    """
-    cls = _EVENT_TYPES.get(record.get("type", ""))
-    if cls is None:
-        raise ValueError(f"unknown journal record type {record.get('type')!r}")
-    data = dict(record["data"])
-    if cls is CutPlanned:
-        p = data["plan"]
-        members = tuple(
-            MemberPlan(**{**m, "stale_bitmaps": tuple(m["stale_bitmaps"])}) for m in p["members"]
-        )
-        data["plan"] = TxnPlan(p["txn_id"], members, p["quiesce"], p["freeze_timeout"])
-    elif cls is CutDone:
-        data["bytes_total"] = tuple(tuple(x) for x in data["bytes_total"])
-    elif cls in (Prepared, Committed):
-        data["images"] = _images(data["images"])
-    return str(record["txn"]), cls(**data)

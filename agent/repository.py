@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 from pathlib import Path
 
 from blocktxn.ids import IdentifierError, confine
 
 from .errors import BadRequestError, ConflictError, QemuError, UnknownError
-from .journal import fsync_dir
+from .jsonl import JsonLines, fsync_dir
 from .participant import ImageRecord
 
 
@@ -53,19 +52,20 @@ class Repository:
     def __init__(self, root: Path, restore_roots: list[Path]) -> None:
         self.root = root.resolve()
         self.restore_roots = [r.resolve() for r in restore_roots]
-        self.catalog_path = self.root / "catalog.jsonl"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.catalog = JsonLines(self.root / "catalog.jsonl")
         self._catalog: list[ImageRecord] = self._load()
+
+    def close(self) -> None:
+        self.catalog.close()
 
     # --------------------------------------------------------------- catalog
     def _load(self) -> list[ImageRecord]:
-        if not self.catalog_path.exists():
-            return []
         out = []
-        for line in self.catalog_path.read_bytes().splitlines():
+        for record in self.catalog.read():
             try:
-                out.append(ImageRecord(**json.loads(line)))
-            except (ValueError, TypeError):
+                out.append(ImageRecord(**record))
+            except TypeError:
                 break
         return out
 
@@ -84,11 +84,7 @@ class Repository:
         new = [i for i in images if (i.set_id, i.vm, i.disk) not in known]
         if not new:
             return
-        with open(self.catalog_path, "ab") as f:
-            for i in new:
-                f.write(json.dumps(dataclasses.asdict(i), separators=(",", ":")).encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.catalog.append(dataclasses.asdict(i) for i in new)
         self._catalog.extend(new)
 
     def chain(self, set_id: str, vm: str, disk: str) -> list[ImageRecord]:

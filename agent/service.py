@@ -3,42 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
 
-from blocktxn.server import start_server
+from blocktxn.errors import BlocktxnError
+from blocktxn.server import Ctx, abort_with, guard, start_server
 from blocktxn.tls import TlsFiles
 from blocktxn.v1 import agent_pb2 as pb
 from blocktxn.v1 import agent_pb2_grpc as pb_grpc
-from blocktxn.wire import MODE_NAME, MODE_PB, QUIESCE_NAME
+from blocktxn.wire import MODE_PB, QUIESCE_NAME, disk_requests_from_pb, name_of
 
-from .errors import (
-    AgentError,
-    AgentTimeoutError,
-    BadRequestError,
-    ConflictError,
-    QemuError,
-    UnknownError,
-    VmLostError,
-)
 from .participant import ImageRecord, Phase, TxnState
-from .runner import AgentRunner, MemberRequest
+from .runner import AgentRunner
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-Ctx = grpc.aio.ServicerContext[Any, Any]
-
-#: The one table from agent errors to gRPC status codes (most specific first).
-STATUS_OF: tuple[tuple[type[AgentError], grpc.StatusCode], ...] = (
-    (BadRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (UnknownError, grpc.StatusCode.NOT_FOUND),
-    (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
-    (VmLostError, grpc.StatusCode.UNAVAILABLE),
-    (QemuError, grpc.StatusCode.FAILED_PRECONDITION),
-    (AgentTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-)
 
 PHASE_TO_PB = {
     Phase.CUTTING: pb.PARTICIPANT_PHASE_CUTTING, Phase.FROZEN: pb.PARTICIPANT_PHASE_FROZEN,
@@ -46,21 +25,6 @@ PHASE_TO_PB = {
     Phase.VOTED_NO: pb.PARTICIPANT_PHASE_VOTED_NO,
     Phase.COMMITTED: pb.PARTICIPANT_PHASE_COMMITTED, Phase.ABORTED: pb.PARTICIPANT_PHASE_ABORTED,
 }
-
-
-def status_code(err: AgentError) -> grpc.StatusCode:
-    for cls, code in STATUS_OF:
-        if isinstance(err, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-async def _guard(context: Ctx, call: Callable[[], Awaitable[T]]) -> T:
-    try:
-        return await call()
-    except AgentError as err:
-        await context.abort(status_code(err), str(err).splitlines()[0] if str(err) else repr(err))
-        raise  # unreachable: abort raises
 
 
 def image_to_pb(i: ImageRecord) -> pb.MemberImage:
@@ -111,30 +75,20 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     async def GetInventory(self, request: pb.GetInventoryRequest,
                            context: Ctx) -> pb.Inventory:
-        return await _guard(context, lambda: inventory_to_pb(self.runner))
+        return await guard(context, lambda: inventory_to_pb(self.runner))
 
     async def Cut(self, request: pb.CutRequest,
                   context: Ctx) -> pb.CutResponse:
-        def members() -> list[MemberRequest]:
-            out = []
-            for m in request.members:
-                if m.mode not in MODE_NAME:
-                    raise BadRequestError(f"unknown backup mode {m.mode}")
-                out.append(MemberRequest(m.vm, m.disk, MODE_NAME[m.mode] or "auto", m.speed))
-            return out
-
         async def call() -> TxnState:
-            if request.quiesce not in QUIESCE_NAME:
-                raise BadRequestError(f"unknown quiesce {request.quiesce}")
-            return await self.runner.cut(request.txn_id, members(),
-                                         QUIESCE_NAME[request.quiesce],
-                                         request.freeze_timeout_s)
+            return await self.runner.cut(
+                request.txn_id, disk_requests_from_pb(list(request.members)),
+                name_of(QUIESCE_NAME, request.quiesce, "quiesce"), request.freeze_timeout_s)
 
-        return cut_to_pb(await _guard(context, call))
+        return cut_to_pb(await guard(context, call))
 
     async def Thaw(self, request: pb.ThawRequest,
                    context: Ctx) -> pb.ThawResponse:
-        st = await _guard(context, lambda: self.runner.thaw(request.txn_id))
+        st = await guard(context, lambda: self.runner.thaw(request.txn_id))
         return pb.ThawResponse(thawed_on_own=st.thawed_on_own, thawed_at=st.thawed_at)
 
     async def Status(self, request: pb.StatusRequest,
@@ -148,25 +102,25 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                                            bytes_done=d.done, bytes_total=d.total,
                                            error=d.error) for d in disks],
                 )
-        except AgentError as err:
-            await context.abort(status_code(err), str(err))
+        except BlocktxnError as err:
+            await abort_with(context, err)
 
     async def Prepare(self, request: pb.PrepareRequest,
                       context: Ctx) -> pb.PrepareResponse:
         timeout = request.timeout_s if request.timeout_s > 0 else None
-        st = await _guard(context, lambda: self.runner.prepare(request.txn_id, timeout))
+        st = await guard(context, lambda: self.runner.prepare(request.txn_id, timeout))
         if st.phase in (Phase.PREPARED, Phase.COMMITTED):
             return pb.PrepareResponse(yes=True, images=[image_to_pb(i) for i in st.images])
         return pb.PrepareResponse(yes=False, reason=st.failure or st.abort_reason or "aborted")
 
     async def Commit(self, request: pb.CommitRequest,
                      context: Ctx) -> pb.CommitResponse:
-        st = await _guard(context, lambda: self.runner.commit(request.txn_id))
+        st = await guard(context, lambda: self.runner.commit(request.txn_id))
         return pb.CommitResponse(images=[image_to_pb(i) for i in st.images])
 
     async def Abort(self, request: pb.AbortRequest,
                     context: Ctx) -> pb.AbortResponse:
-        await _guard(context, lambda: self.runner.abort(request.txn_id, request.reason))
+        await guard(context, lambda: self.runner.abort(request.txn_id, request.reason))
         return pb.AbortResponse()
 
     async def ListImages(self, request: pb.ListImagesRequest,
@@ -176,13 +130,13 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     async def Restore(self, request: pb.RestoreRequest,
                       context: Ctx) -> pb.RestoreResponse:
-        path = await _guard(context, lambda: self.runner.restore(
+        path = await guard(context, lambda: self.runner.restore(
             request.set_id, request.vm, request.disk, request.destination, request.format))
         return pb.RestoreResponse(path=str(path), bytes=path.stat().st_size)
 
     async def Verify(self, request: pb.VerifyRequest,
                      context: Ctx) -> pb.VerifyResponse:
-        checks = await _guard(context, lambda: self.runner.verify(request.set_id))
+        checks = await guard(context, lambda: self.runner.verify(request.set_id))
         return pb.VerifyResponse(
             ok=all(ok for _, ok, _ in checks),
             checks=[pb.ImageCheck(image=i, ok=ok, problem=p) for i, ok, p in checks],

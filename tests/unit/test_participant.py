@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blocktxn.agent.journal import event_from_record, event_to_record
 from blocktxn.agent.participant import (
     Aborted,
     AbortRequested,
@@ -38,8 +39,6 @@ from blocktxn.agent.participant import (
     ThawRequested,
     TxnPlan,
     VotedNo,
-    event_from_record,
-    event_to_record,
 )
 
 

@@ -12,7 +12,7 @@ import json
 import random
 from typing import Any
 
-from .errors import AgentTimeoutError, QemuError
+from ..errors import AgentTimeoutError, QemuError
 
 
 class GuestAgentClient:

@@ -1,5 +1,8 @@
 """QMP adapter: one supervised connection per VM, job tracking from QMP events.
 
+Generic QMP only (connect, execute, jobs, the disk graph); the backup steps are in
+``blockjobs.py``.
+
 The connection reconnects on its own when QEMU comes back; every command has a
 deadline; job states are kept current from JOB_STATUS_CHANGE events so waiting
 for a job never polls.
@@ -11,18 +14,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
-from .errors import AgentTimeoutError, QemuError, VmLostError
+from ..backend import NODE_PREFIX, Checkpoint, Disk, JobProgress
+from ..errors import AgentTimeoutError, QemuError, VmLostError
 
 log = logging.getLogger(__name__)
 
-#: Every QMP name this agent creates starts with one of these.
-NODE_PREFIX = "btx"
-BITMAP_PREFIX = "blocktxn:"
 
 #: Drivers that make a node a disk (a format node) rather than a protocol or filter.
 FORMAT_DRIVERS = frozenset(
@@ -34,38 +34,7 @@ FILTER_DRIVERS = frozenset(
 )
 
 
-@dataclass
-class JobState:
-    id: str
-    status: str
-    done: int = 0
-    total: int = 0
-    error: str = ""
-
-
-@dataclass(frozen=True)
-class BitmapInfo:
-    name: str
-    recording: bool
-    persistent: bool
-    inconsistent: bool
-    busy: bool
-    count: int
-    granularity: int
-
-
-@dataclass(frozen=True)
-class DiskNode:
-    name: str
-    size: int
-    format: str
-    bitmaps: tuple[BitmapInfo, ...] = field(default=())
-
-    def bitmap(self, name: str) -> BitmapInfo | None:
-        return next((b for b in self.bitmaps if b.name == name), None)
-
-
-OnChange = Callable[["VmConnection"], Awaitable[None]]
+OnConnection = Callable[["VmConnection"], Awaitable[None]]
 
 
 class VmConnection:
@@ -78,14 +47,14 @@ class VmConnection:
         self.socket_path = socket_path
         self.timeout = timeout
         self.retry_delay = retry_delay
-        self.jobs: dict[str, JobState] = {}
+        self.jobs: dict[str, JobProgress] = {}
         self.generation = 0  # bumps on every (re)connect: a new QEMU loses jobs
         self._client: QMPClient | None = None
         self._connected = asyncio.Event()
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
-        self.on_lost: OnChange | None = None
-        self.on_connected: OnChange | None = None
+        self.on_lost: OnConnection | None = None
+        self.on_connected: OnConnection | None = None
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -158,7 +127,7 @@ class VmConnection:
             if not job_id.startswith(NODE_PREFIX):
                 continue
             status = str(data.get("status", ""))
-            job = self.jobs.setdefault(job_id, JobState(job_id, status))
+            job = self.jobs.setdefault(job_id, JobProgress(job_id, status))
             job.status = status
             if status in ("concluded", "pending", "null"):
                 with contextlib.suppress(QemuError, AgentTimeoutError):
@@ -202,20 +171,20 @@ class VmConnection:
             if not str(j["id"]).startswith(NODE_PREFIX):
                 continue
             seen.add(j["id"])
-            self.jobs[j["id"]] = JobState(
+            self.jobs[j["id"]] = JobProgress(
                 j["id"], j["status"], int(j.get("current-progress", 0)),
                 int(j.get("total-progress", 0)), str(j.get("error", "")),
             )
         for gone in set(self.jobs) - seen:
             del self.jobs[gone]
 
-    async def refresh_jobs(self) -> dict[str, JobState]:
+    async def refresh_jobs(self) -> dict[str, JobProgress]:
         """Current state of this agent's jobs (progress needs a query)."""
         if self.connected:
             await self._refresh_jobs()
         return self.jobs
 
-    async def wait_job(self, job_id: str, statuses: set[str], timeout: float | None) -> JobState:
+    async def wait_job(self, job_id: str, statuses: set[str], timeout: float | None) -> JobProgress:
         """Wait until *job_id* reaches one of *statuses* (or concludes).
 
         Raises:
@@ -245,7 +214,7 @@ class VmConnection:
         return job
 
     # ------------------------------------------------------------- inventory
-    async def disks(self) -> dict[str, DiskNode]:
+    async def disks(self) -> dict[str, Disk]:
         """The VM's disks: top-level format nodes not created by this agent.
 
         Raises:
@@ -262,7 +231,7 @@ class VmConnection:
                 continue
             if drv_of.get(parent["name"]) not in FILTER_DRIVERS:
                 has_format_parent.add(child["name"])
-        result: dict[str, DiskNode] = {}
+        result: dict[str, Disk] = {}
         for n in nodes:
             name = n["node-name"]
             if (
@@ -272,7 +241,7 @@ class VmConnection:
             ):
                 continue
             bitmaps = tuple(
-                BitmapInfo(
+                Checkpoint(
                     b["name"], bool(b.get("recording")), bool(b.get("persistent")),
                     bool(b.get("inconsistent")), bool(b.get("busy")), int(b.get("count", 0)),
                     int(b.get("granularity", 0)),
@@ -280,7 +249,7 @@ class VmConnection:
                 for b in n.get("dirty-bitmaps", [])
                 if "name" in b  # jobs add anonymous bitmaps of their own
             )
-            result[name] = DiskNode(name, int(n["image"]["virtual-size"]), n["drv"], bitmaps)
+            result[name] = Disk(name, int(n["image"]["virtual-size"]), n["drv"], bitmaps)
         return result
 
     async def commands(self) -> set[str]:

@@ -1,6 +1,6 @@
 """The freeze watchdog: a separate process that thaws a guest at its freeze deadline.
 
-The agent starts one per guest it is about to freeze (``python -m agent.watchdog``),
+The agent starts one per guest it is about to freeze (``python -m blocktxn.agent.qemu.watchdog``),
 early, so that its start-up costs nothing inside the freeze; just before the freeze
 it writes the deadline (unix time) as one line on the watchdog's stdin, and it kills
 the watchdog once it has thawed the guest itself. End of input before a deadline
@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 
-from .errors import AgentError
+from ..errors import AgentError
 from .guest_agent import GuestAgentClient
 
 
@@ -36,7 +36,7 @@ async def watch(ga_socket: str, deadline: float) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m agent.watchdog")
+    p = argparse.ArgumentParser(prog="python -m blocktxn.agent.qemu.watchdog")
     p.add_argument("--ga", required=True)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s watchdog %(message)s")

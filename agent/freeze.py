@@ -1,0 +1,86 @@
+"""Freeze ownership and deadlines: which transaction holds each VM quiesced, the
+thaw, and the agent's own auto-thaw at the freeze deadline.
+
+A freeze is VM-wide, so one transaction at a time owns it. Bounded freeze does not
+depend on this file alone: the backend's ``freeze`` also arms something outside the
+agent (QEMU: the watchdog process) that thaws at the deadline if the agent cannot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+from .aio import gather_all
+from .backend import VmBackend
+from .errors import AgentError
+
+log = logging.getLogger(__name__)
+
+
+class FreezeControl:
+    """Quiesce of every VM of one agent, by transaction."""
+
+    def __init__(self, backends: Mapping[str, VmBackend],
+                 on_deadline: Callable[[str], Awaitable[None]]) -> None:
+        self.backends = backends
+        self.owner: dict[str, str] = {}  # vm -> txn id that froze it
+        self._on_deadline = on_deadline
+        self._timers: dict[str, asyncio.Task[None]] = {}
+
+    def frozen_by(self) -> dict[str, str]:
+        """vm -> the transaction that holds it quiesced."""
+        return dict(self.owner)
+
+    async def prepare(self, vms: Sequence[str]) -> None:
+        """Before the freeze window (see VmBackend.freeze_prepare)."""
+        await gather_all(*(self.backends[vm].freeze_prepare() for vm in vms))
+
+    async def freeze(self, txn_id: str, vm: str, quiesce: str, deadline: float) -> None:
+        """Quiesce *vm* for *txn_id* until at most *deadline* (unix time)."""
+        if quiesce == "none":
+            return
+        self.owner[vm] = txn_id
+        await self.backends[vm].freeze(quiesce, deadline)
+
+    async def thaw(self, txn_id: str, vms: Sequence[str], quiesce: str) -> None:
+        """Thaw the VMs *txn_id* froze; release what was prepared for a freeze that
+        never came. A failed thaw is logged: the deadline still thaws the guest."""
+        async def one(vm: str) -> None:
+            backend = self.backends[vm]
+            if self.owner.get(vm) != txn_id:
+                if vm not in self.owner:
+                    await backend.freeze_abandon()
+                return
+            try:
+                await backend.thaw(quiesce)
+            except AgentError as err:
+                log.error("vm %s: thaw failed: %s", vm, err)
+            finally:
+                self.owner.pop(vm, None)
+
+        await asyncio.gather(*(one(vm) for vm in vms))
+
+    # ---------------------------------------------------------- auto-thaw
+    def arm(self, txn_id: str, deadline: float) -> None:
+        """At *deadline*, call back (the runner thaws and records DeadlinePassed)."""
+        async def fire() -> None:
+            await asyncio.sleep(max(0.0, deadline - time.time()))
+            log.warning("txn %s: freeze deadline passed, thawing on our own", txn_id)
+            self._timers.pop(txn_id, None)
+            await self._on_deadline(txn_id)
+
+        self.disarm(txn_id)
+        self._timers[txn_id] = asyncio.create_task(fire(), name=f"auto-thaw-{txn_id}")
+
+    def disarm(self, txn_id: str) -> None:
+        task = self._timers.pop(txn_id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    def stop(self) -> None:
+        for task in self._timers.values():
+            task.cancel()
+        self._timers.clear()

@@ -1,0 +1,139 @@
+"""The backup steps on one QEMU, in QMP: one function per step, and the only place
+that names QMP's block commands.
+
+The checkpoint scheme (DESIGN.md, verified on QEMU 7.2): the cut is ONE
+``transaction`` (individual completion) of ``block-dirty-bitmap-add NEW`` for every
+disk and ``blockdev-backup`` with ``auto-finalize/auto-dismiss: false``; an
+incremental copies ``sync: bitmap`` from OLD with ``bitmap-mode: never``, so OLD keeps
+every bit until the decision. A job at ``pending`` has copied everything and
+committed nothing; finalize → dismiss → ``blockdev-del`` of the target makes QEMU
+flush and close the image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..aio import gather_all
+from ..errors import AgentError, QemuError, VmLostError
+from ..participant import MemberPlan
+from .qmp import VmConnection
+
+log = logging.getLogger(__name__)
+
+
+async def can_pause(conn: VmConnection) -> bool:
+    """QMP ``stop`` exists (qemu-system-*; not qemu-storage-daemon)."""
+    return "stop" in await conn.commands()
+
+
+async def pause(conn: VmConnection) -> None:
+    await conn.execute("stop")
+
+
+async def resume(conn: VmConnection) -> None:
+    await conn.execute("cont")
+
+
+async def attach_targets(conn: VmConnection, members: Sequence[MemberPlan],
+                         path_of: Callable[[str], Path]) -> None:
+    """Open every member's target image as a node of its own (no backing: the job
+    writes only what it copies)."""
+    await gather_all(*(conn.execute("blockdev-add", {
+        "driver": "qcow2", "node-name": m.target_node, "backing": None,
+        "file": {"driver": "file", "filename": str(path_of(m.image))},
+    }) for m in members))
+
+
+async def start_jobs(conn: VmConnection, members: Sequence[MemberPlan]) -> None:
+    """Add every new checkpoint and start every backup job in ONE QMP transaction."""
+    actions: list[dict[str, Any]] = [
+        {"type": "block-dirty-bitmap-add",
+         "data": {"node": m.disk, "name": m.new_bitmap, "persistent": True}}
+        for m in members]
+    for m in members:
+        backup: dict[str, Any] = {
+            "job-id": m.job_id, "device": m.disk, "target": m.target_node,
+            "auto-finalize": False, "auto-dismiss": False,
+        }
+        if m.mode == "incremental":
+            backup.update(sync="bitmap", bitmap=m.sync_bitmap, **{"bitmap-mode": "never"})
+        else:
+            backup["sync"] = "full"
+        if m.speed:
+            backup["speed"] = m.speed
+        actions.append({"type": "blockdev-backup", "data": backup})
+    await conn.execute("transaction", {
+        "actions": actions, "properties": {"completion-mode": "individual"}})
+
+
+async def wait_pending(conn: VmConnection, members: Sequence[MemberPlan],
+                       timeout: float | None) -> None:
+    """Wait until every member's job is ``pending`` (copied, nothing committed).
+
+    Raises:
+        QemuError: a job concluded (failed or cancelled) instead.
+    """
+    async def one(m: MemberPlan) -> None:
+        job = await conn.wait_job(m.job_id, {"pending"}, timeout)
+        if job.status != "pending":
+            raise QemuError(f"{m.vm}/{m.disk}: backup job {job.status}"
+                            f"{': ' + job.error if job.error else ''}")
+
+    await gather_all(*(one(m) for m in members))
+
+
+async def finish(conn: VmConnection, m: MemberPlan) -> int:
+    """Finalize and dismiss a pending job, then delete its target node (QEMU flushes
+    and closes the image); return the bytes copied."""
+    await conn.execute("job-finalize", {"id": m.job_id})
+    job = await conn.wait_job(m.job_id, {"concluded"}, 60)
+    if job.error:
+        raise QemuError(f"{m.vm}/{m.disk}: finalize failed: {job.error}")
+    copied = job.done
+    await conn.execute("job-dismiss", {"id": m.job_id})
+    await conn.execute("blockdev-del", {"node-name": m.target_node})
+    return copied
+
+
+async def remove_bitmaps(conn: VmConnection, bitmaps: Sequence[tuple[str, str]]) -> None:
+    """Drop (disk, bitmap) pairs that exist; a lost VM is logged, not an error."""
+    if not bitmaps:
+        return
+    if not conn.connected:
+        log.warning("vm %s lost: bitmaps %s left for later cleanup", conn.name, list(bitmaps))
+        return
+    try:
+        nodes = await conn.disks()
+        await asyncio.gather(*(
+            conn.execute("block-dirty-bitmap-remove", {"node": disk, "name": name})
+            for disk, name in bitmaps
+            if disk in nodes and nodes[disk].checkpoint(name) is not None))
+    except VmLostError:
+        log.warning("vm %s lost while dropping bitmaps %s", conn.name, list(bitmaps))
+
+
+async def cancel_jobs(conn: VmConnection, members: Sequence[MemberPlan]) -> None:
+    """Cancel and dismiss the members' jobs, delete their target nodes (one query of
+    jobs and one of nodes for all of them); best effort."""
+    if not conn.connected:
+        return
+    try:
+        jobs = dict(await conn.refresh_jobs())
+
+        async def cancel(job_id: str) -> None:
+            if jobs[job_id].status != "concluded":
+                await conn.execute("job-cancel", {"id": job_id})
+                await conn.wait_job(job_id, {"concluded"}, 60)
+            await conn.execute("job-dismiss", {"id": job_id})
+
+        await gather_all(*(cancel(m.job_id) for m in members if m.job_id in jobs))
+        nodes = await conn.node_names()
+        await gather_all(*(conn.execute("blockdev-del", {"node-name": m.target_node})
+                           for m in members if m.target_node in nodes))
+    except AgentError as err:
+        log.warning("rollback on %s incomplete: %s", conn.name, err)

@@ -1,0 +1,150 @@
+"""The QEMU backend: one VM reached through its QMP socket, quiesced through its
+qemu-ga socket, with a watchdog process that thaws the guest at its deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from ..aio import gather_all
+from ..backend import Disk, JobProgress, VmBackend
+from ..errors import QemuError
+from ..participant import MemberPlan
+from . import blockjobs
+from .guest_agent import GuestAgentClient
+from .qmp import VmConnection
+
+
+class QemuVm(VmBackend):
+    """A qemu-system-* or qemu-storage-daemon process (``--vm NAME=QMP[,ga=GA]``)."""
+
+    def __init__(self, name: str, qmp_socket: str, ga_socket: str | None,
+                 qmp_timeout: float) -> None:
+        super().__init__(name)
+        self.conn = VmConnection(name, qmp_socket, timeout=qmp_timeout)
+        self.conn.on_lost = self._lost
+        self.conn.on_connected = self._connected
+        self.ga_socket = ga_socket
+        self.guest_agent = GuestAgentClient(ga_socket) if ga_socket else None
+        self.watchdog: asyncio.subprocess.Process | None = None
+        self._reaping: set[asyncio.Task[int]] = set()
+
+    async def _lost(self, _: VmConnection) -> None:
+        if self.on_lost:
+            await self.on_lost(self)
+
+    async def _connected(self, _: VmConnection) -> None:
+        if self.on_connected:
+            await self.on_connected(self)
+
+    # ------------------------------------------------------------ lifecycle
+    @property
+    def connected(self) -> bool:
+        return self.conn.connected
+
+    def start(self) -> None:
+        self.conn.start()
+
+    async def stop(self) -> None:
+        self._stop_watchdog()
+        await self.conn.stop()
+
+    async def wait_connected(self, timeout: float) -> bool:
+        return await self.conn.wait_connected(timeout)
+
+    # ------------------------------------------------------------ inventory
+    async def disks(self) -> dict[str, Disk]:
+        return await self.conn.disks()
+
+    def job_ids(self) -> set[str]:
+        return set(self.conn.jobs)
+
+    async def progress(self) -> Mapping[str, JobProgress]:
+        return dict(await self.conn.refresh_jobs())
+
+    @property
+    def can_freeze(self) -> bool:
+        return self.guest_agent is not None
+
+    async def can_pause(self) -> bool:
+        return await blockjobs.can_pause(self.conn)
+
+    # -------------------------------------------------------------- quiesce
+    async def freeze_prepare(self) -> None:
+        """Start the watchdog (see watchdog.py) now, so that its start-up costs
+        nothing inside the freeze; it is armed with the deadline just before it."""
+        self._stop_watchdog()
+        assert self.ga_socket is not None
+        self.watchdog = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "blocktxn.agent.qemu.watchdog", "--ga", self.ga_socket,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+            start_new_session=True)
+
+    async def freeze_abandon(self) -> None:
+        self._stop_watchdog()
+
+    async def freeze(self, quiesce: str, deadline: float) -> None:
+        if quiesce == "freeze":
+            assert self.guest_agent is not None
+            await self._arm_watchdog(deadline)
+            await self.guest_agent.freeze()
+        elif quiesce == "pause":
+            await blockjobs.pause(self.conn)
+
+    async def thaw(self, quiesce: str) -> None:
+        try:
+            if quiesce == "freeze":
+                assert self.guest_agent is not None
+                await self.guest_agent.thaw()
+            elif quiesce == "pause":
+                await blockjobs.resume(self.conn)
+        finally:
+            self._stop_watchdog()
+
+    async def _arm_watchdog(self, deadline: float) -> None:
+        """Give the watchdog its deadline: from now on it will thaw by itself.
+
+        Raises:
+            QemuError: no watchdog is running, so the guest must not be frozen.
+        """
+        proc = self.watchdog
+        if proc is None or proc.stdin is None or proc.returncode is not None:
+            raise QemuError(f"VM {self.name}: freeze watchdog is not running; not freezing")
+        try:
+            proc.stdin.write(f"{deadline!r}\n".encode())
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as err:
+            raise QemuError(f"VM {self.name}: freeze watchdog is gone; not freezing") from err
+
+    def _stop_watchdog(self) -> None:
+        proc, self.watchdog = self.watchdog, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            task = asyncio.ensure_future(proc.wait())
+            self._reaping.add(task)
+            task.add_done_callback(self._reaping.discard)
+
+    # ------------------------------------------------------------- the jobs
+    async def attach_targets(self, members: Sequence[MemberPlan],
+                             path_of: Callable[[str], Path]) -> None:
+        await blockjobs.attach_targets(self.conn, members, path_of)
+
+    async def start_jobs(self, members: Sequence[MemberPlan]) -> None:
+        await blockjobs.start_jobs(self.conn, members)
+
+    async def wait_copied(self, members: Sequence[MemberPlan], timeout: float | None) -> None:
+        await blockjobs.wait_pending(self.conn, members, timeout)
+
+    async def close_targets(self, members: Sequence[MemberPlan]) -> dict[tuple[str, str], int]:
+        copied = await gather_all(*(blockjobs.finish(self.conn, m) for m in members))
+        return {m.key: n for m, n in zip(members, copied, strict=True)}
+
+    async def drop_checkpoints(self, checkpoints: Sequence[tuple[str, str]]) -> None:
+        await blockjobs.remove_bitmaps(self.conn, checkpoints)
+
+    async def rollback_jobs(self, members: Sequence[MemberPlan]) -> None:
+        await blockjobs.cancel_jobs(self.conn, members)

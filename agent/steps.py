@@ -1,0 +1,138 @@
+"""The participant's commands carried out: one coroutine per command (cut, barrier,
+publish, rollback) over the VM backends and the repository; each returns the event
+that reports its outcome. QMP and file formats stay behind the backend and the
+repository."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+
+from .aio import gather_all
+from .backend import VmBackend
+from .errors import AgentError
+from .freeze import FreezeControl
+from .participant import (
+    Aborted,
+    Committed,
+    CutDone,
+    CutFailed,
+    Event,
+    ImageRecord,
+    MemberPlan,
+    Prepared,
+    Rollback,
+    TxnPlan,
+    VotedNo,
+)
+from .repository import Repository
+
+log = logging.getLogger(__name__)
+
+
+def by_vm(members: tuple[MemberPlan, ...]) -> dict[str, list[MemberPlan]]:
+    out: dict[str, list[MemberPlan]] = {}
+    for m in members:
+        out.setdefault(m.vm, []).append(m)
+    return out
+
+
+class Steps:
+    """Executes StartCut, FinalizeJobs, Publish and Rollback for one agent."""
+
+    def __init__(self, backends: Mapping[str, VmBackend], repo: Repository,
+                 freeze: FreezeControl) -> None:
+        self.backends = backends
+        self.repo = repo
+        self.freeze = freeze
+
+    async def cut(self, plan: TxnPlan) -> Event:
+        """Prepare targets outside the freeze, then per VM: quiesce and start every job
+        in one atomic step, all within the freeze timeout. CutDone or CutFailed."""
+        members = by_vm(plan.members)
+        try:
+            if plan.quiesce == "freeze":  # started now, armed just before each freeze
+                await self.freeze.prepare(list(members))
+            await gather_all(
+                *(self.repo.create_image(m.image, m.size, m.backing) for m in plan.members))
+            await gather_all(*(self.backends[vm].attach_targets(ms, self.repo.path)
+                               for vm, ms in members.items()))
+            frozen_at = time.time()
+            deadline = frozen_at + plan.freeze_timeout
+
+            async def cut_vm(vm: str, ms: list[MemberPlan]) -> None:
+                await self.freeze.freeze(plan.txn_id, vm, plan.quiesce, deadline)
+                await self.backends[vm].start_jobs(ms)
+
+            await asyncio.wait_for(gather_all(*(cut_vm(vm, ms) for vm, ms in members.items())),
+                                   plan.freeze_timeout)
+            cut_at = time.time()
+            totals = []
+            for vm, ms in members.items():
+                jobs = await self.backends[vm].progress()
+                totals += [(vm, m.disk, jobs[m.job_id].total if m.job_id in jobs else 0)
+                           for m in ms]
+            return CutDone(0.0 if plan.quiesce == "none" else frozen_at, cut_at, deadline,
+                           tuple(totals))
+        except TimeoutError:
+            return CutFailed(f"cut did not finish within the freeze timeout "
+                             f"({plan.freeze_timeout:g}s)")
+        except AgentError as err:
+            return CutFailed(str(err))
+
+    async def barrier(self, txn_id: str, members: tuple[MemberPlan, ...], cut_at: float,
+                      timeout: float | None) -> Event:
+        """prepare_to_complete: every job copied, every target closed and fsynced.
+        Prepared (vote YES) or VotedNo."""
+        groups = by_vm(members)
+        try:
+            await gather_all(*(self.backends[vm].wait_copied(ms, timeout)
+                               for vm, ms in groups.items()))
+            copied: dict[tuple[str, str], int] = {}
+            for part in await gather_all(*(self.backends[vm].close_targets(ms)
+                                           for vm, ms in groups.items())):
+                copied.update(part)
+            await self.repo.make_durable([m.image for m in members])
+        except AgentError as err:
+            return VotedNo(str(err))
+        return Prepared(tuple(ImageRecord(
+            vm=m.vm, disk=m.disk, set_id=txn_id,
+            image=m.image, backing=m.backing, mode=m.mode, bytes=copied[m.key], size=m.size,
+            cut_at=cut_at, checkpoint=m.new_bitmap) for m in members))
+
+    async def publish(self, members: tuple[MemberPlan, ...],
+                      images: tuple[ImageRecord, ...]) -> Event:
+        """Drop the previous checkpoints, checksum and catalog the images. Committed."""
+        removing = self._drop({vm: [(m.disk, b) for m in ms for b in m.stale_bitmaps]
+                               for vm, ms in by_vm(members).items()})
+        checksums = asyncio.ensure_future(gather_all(*(self.repo.sha256(i.image)
+                                                      for i in images)))
+        await gather_all(checksums, removing)
+        done = tuple(replace(i, sha256=s)
+                     for i, s in zip(images, checksums.result(), strict=True))
+        self.repo.record(list(done))
+        return Committed(done)
+
+    async def rollback(self, cmd: Rollback) -> Event:
+        """Thaw, cancel the jobs, drop the new checkpoints, delete the images. Aborted."""
+        self.freeze.disarm(cmd.txn_id)
+        if cmd.thaw_vms:
+            await self.freeze.thaw(cmd.txn_id, cmd.thaw_vms, cmd.quiesce)
+        groups = by_vm(cmd.members)
+        await asyncio.gather(*(self.backends[vm].rollback_jobs(ms)
+                               for vm, ms in groups.items()))
+        try:
+            await self._drop({vm: [(m.disk, m.new_bitmap) for m in ms]
+                              for vm, ms in groups.items()})
+        except AgentError as err:
+            log.warning("rollback of %s: new checkpoints not all dropped: %s", cmd.txn_id, err)
+        for m in cmd.members:
+            self.repo.delete_image(m.image)
+        return Aborted(cmd.reason)
+
+    async def _drop(self, checkpoints: dict[str, list[tuple[str, str]]]) -> None:
+        await gather_all(*(self.backends[vm].drop_checkpoints(pairs)
+                           for vm, pairs in checkpoints.items() if pairs))
