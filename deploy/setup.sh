@@ -4,7 +4,8 @@
 #   bash deploy/setup.sh test [ARGS...]   install, then run the whole test suite (pytest)
 #   bash deploy/setup.sh install          install only
 # Installs (only what is missing): Debian qemu-utils, qemu-system-common (qemu-storage-daemon),
-# etcd-server, nftables; a virtualenv in .venv with blocktxn and its dev tools.
+# etcd-server, nftables; a virtualenv in .venv with blocktxn and its dev tools, at the
+# exact versions of constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,10 +25,14 @@ py=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+# Exact versions from constraints.txt (also for the build backend: PIP_CONSTRAINT
+# reaches pip's isolated build environment), so two installs are the same.
+stamp=.venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
-  .venv/bin/pip install -q --upgrade pip
+  export PIP_CONSTRAINT="$PWD/constraints.txt"
+  .venv/bin/pip install -q "pip==$(sed -n 's/^pip==//p' constraints.txt)"
   .venv/bin/pip install -q -e ".[dev]"
+  rm -f .venv/.installed-*
   touch "$stamp"
 fi
 
