@@ -5,6 +5,7 @@ AgentError
  +-- BadRequestError        malformed request or identifier  (InvalidInput) -> INVALID_ARGUMENT
  +-- UnknownError           unknown VM, disk, txn or set      (NotFound)     -> NOT_FOUND
  +-- ConflictError          conflicts with the current state  (Conflict)     -> FAILED_PRECONDITION
+ |    +-- StateError        an event the participant machine does not allow now
  +-- QemuError              the hypervisor refused or failed  (Conflict)     -> FAILED_PRECONDITION
  |    +-- VmLostError       the VM's control socket is gone   (Unavailable)  -> UNAVAILABLE
  +-- AgentTimeoutError      QEMU or a guest did not answer    (DeadlineExceeded)

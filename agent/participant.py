@@ -14,6 +14,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from .errors import ConflictError
+
 
 class Phase(enum.Enum):
     """Where one transaction stands on this host."""
@@ -32,7 +34,7 @@ OPEN_PHASES = frozenset(
 )
 
 
-class StateError(Exception):
+class StateError(ConflictError):
     """An event that is illegal in the transaction's current phase."""
 
     def __init__(self, txn_id: str, phase: Phase | None, event: object) -> None:
