@@ -1,4 +1,5 @@
-"""etcd adapter: every durable state of the coordinator, under one key prefix.
+"""etcd adapter: every durable state of the coordinator, under one key prefix, as
+typed records in and out; the one place that encodes them.
 
 Keys (values are JSON with ``schema``)::
 
@@ -11,59 +12,69 @@ Keys (values are JSON with ``schema``)::
     PREFIX/live/<id>            present while the agent's heartbeats arrive (lease)
 
 Every transaction-state write compares the leader key's create revision with
-the writer's epoch (fencing): a deposed leader can write nothing.
+the writer's epoch (fencing): a deposed leader can write nothing. A value that
+does not decode raises StoreCorruptError.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import enum
+import functools
 import json
 import logging
+import types
+import typing
 from collections.abc import Awaitable, Callable
+from dataclasses import MISSING
 from typing import Any, TypeVar
 
 import aetcd
 import aetcd.exceptions
 import grpc
 
-from .errors import NotLeaderError, StoreUnavailableError
+from .errors import ConfigError, NotLeaderError, StoreCorruptError, StoreUnavailableError
+from .records import AgentEntry, BackupSet, DecisionRecord, TxnRecord
 
 log = logging.getLogger(__name__)
 SCHEMA = 1
 PREFIX = "/blocktxn/v1/"
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _key(*parts: str) -> bytes:
     return (PREFIX + "/".join(parts)).encode()
 
 
-def _dump(value: dict[str, Any]) -> bytes:
-    return json.dumps({"schema": SCHEMA, **value}, separators=(",", ":")).encode()
+def parse_endpoints(endpoints: str) -> tuple[str, int]:
+    """The aetcd host and port for ``host:port[,host:port...]``.
 
-
-def _load(raw: bytes) -> dict[str, Any]:
-    value: dict[str, Any] = json.loads(raw)
-    if value.get("schema") != SCHEMA:
-        raise ValueError(f"unknown record schema {value.get('schema')}")
-    return value
+    Raises:
+        ConfigError: no endpoint, or a port that is not a number.
+    """
+    hosts = [e.strip().removeprefix("http://") for e in endpoints.split(",") if e.strip()]
+    if not hosts:
+        raise ConfigError("no etcd endpoint")
+    if len(hosts) == 1:
+        host, _, port = hosts[0].rpartition(":")
+    else:  # a gRPC target that lists every member: ipv4:h1:p1,h2:p2,...
+        host, _, port = ("ipv4:" + ",".join(hosts)).rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"etcd endpoint {endpoints!r} is not host:port[,host:port...]")
+    return host, int(port)
 
 
 class Store:
     """A connection to etcd with deadlines on every call."""
 
     def __init__(self, endpoints: str, timeout: float = 5.0) -> None:
-        hosts = [e.strip().removeprefix("http://") for e in endpoints.split(",") if e.strip()]
-        if not hosts:
-            raise ValueError("no etcd endpoint")
-        if len(hosts) == 1:
-            host, _, port = hosts[0].rpartition(":")
-        else:  # a gRPC target that lists every member: ipv4:h1:p1,h2:p2,...
-            head, _, port = ("ipv4:" + ",".join(hosts)).rpartition(":")
-            host = head
+        """Raises: ConfigError for malformed *endpoints*."""
+        host, port = parse_endpoints(endpoints)
         self.timeout = timeout
         self.client = aetcd.Client(
-            host=host, port=int(port), timeout=int(max(1, timeout)),
+            host=host, port=port, timeout=int(max(1, timeout)),
             options={"grpc.keepalive_time_ms": 5000, "grpc.keepalive_timeout_ms": 5000,
                      "grpc.keepalive_permit_without_calls": 1},
         )
@@ -83,15 +94,24 @@ class Store:
 
     # --------------------------------------------------------------- leader
     async def lease(self, ttl: int) -> Any:
+        """Raises: StoreUnavailableError."""
         return await self._call("lease", lambda: self.client.lease(ttl))
 
     async def refresh(self, lease: Any) -> bool:
-        """Keep *lease* alive; False if it has expired."""
+        """Keep *lease* alive; False if it has expired.
+
+        Raises:
+            StoreUnavailableError.
+        """
         reply = await self._call("keepalive", lease.refresh)
         return bool(reply is not None and reply.TTL > 0)
 
     async def try_lead(self, name: str, lease: Any) -> int | None:
-        """Create the leader key if absent; return the epoch if we now lead."""
+        """Create the leader key if absent; return the epoch if we now lead.
+
+        Raises:
+            StoreUnavailableError.
+        """
         key = _key("leader")
         ok, _ = await self._call("campaign", lambda: self.client.transaction(
             compare=[self.tx.create(key) == 0],
@@ -104,110 +124,137 @@ class Store:
         return int(got.create_revision)
 
     async def leader(self) -> tuple[str, int] | None:
+        """The leader key's value and epoch. Raises: StoreUnavailableError."""
         got = await self._call("get leader", lambda: self.client.get(_key("leader")))
-        return None if got is None else (got.value.decode(), int(got.create_revision))
+        return None if got is None else (_text(got.value, "leader"), int(got.create_revision))
 
     async def resign(self, lease: Any) -> None:
+        """Raises: StoreUnavailableError."""
         await self._call("revoke", lease.revoke)
 
-    async def _fenced(self, what: str, epoch: int, ops: list[Any],
-                      extra: list[Any] | None = None) -> None:
+    async def _fenced(self, what: str, epoch: int, ops: list[Any]) -> None:
         ok, _ = await self._call(what, lambda: self.client.transaction(
-            compare=[self.tx.create(_key("leader")) == epoch, *(extra or [])],
-            success=ops, failure=[]))
+            compare=[self.tx.create(_key("leader")) == epoch], success=ops, failure=[]))
         if not ok:
             raise NotLeaderError(f"{what}: rejected, this replica no longer leads (epoch {epoch})")
 
     # ---------------------------------------------------------- transactions
-    async def create_txn(self, epoch: int, record: dict[str, Any]) -> str | None:
+    async def create_txn(self, epoch: int, record: TxnRecord) -> str | None:
         """Write a new record and its request-id index; return an existing txn id
-        if the request id is known already."""
-        req_key = _key("request", record["request_id"])
+        if the request id is known already.
+
+        Raises:
+            NotLeaderError, StoreUnavailableError, StoreCorruptError.
+        """
+        req_key = _key("request", record.request_id)
         existing = await self._call("get request", lambda: self.client.get(req_key))
         if existing is not None:
-            return str(existing.value.decode())
+            return _text(existing.value, req_key)
         ok, _ = await self._call("create txn", lambda: self.client.transaction(
             compare=[self.tx.create(_key("leader")) == epoch, self.tx.create(req_key) == 0],
-            success=[self.tx.put(_key("txn", record["txn_id"]), _dump(record)),
-                     self.tx.put(req_key, record["txn_id"].encode())], failure=[]))
+            success=[self.tx.put(_key("txn", record.txn_id), _dump(record)),
+                     self.tx.put(req_key, record.txn_id.encode())], failure=[]))
         if not ok:
             again = await self._call("get request", lambda: self.client.get(req_key))
             if again is not None:
-                return str(again.value.decode())
+                return _text(again.value, req_key)
             raise NotLeaderError("create txn: rejected, this replica no longer leads")
         return None
 
-    async def put_txn(self, epoch: int, record: dict[str, Any],
-                      backup_set: dict[str, Any] | None = None) -> None:
-        ops = [self.tx.put(_key("txn", record["txn_id"]), _dump(record))]
+    async def put_txn(self, epoch: int, record: TxnRecord,
+                      backup_set: BackupSet | None = None) -> None:
+        """Replace the record (and write the backup set), fenced on *epoch*.
+
+        Raises:
+            NotLeaderError, StoreUnavailableError.
+        """
+        ops = [self.tx.put(_key("txn", record.txn_id), _dump(record))]
         if backup_set is not None:
-            ops.append(self.tx.put(_key("set", backup_set["set_id"]), _dump(backup_set)))
+            ops.append(self.tx.put(_key("set", backup_set.set_id), _dump(backup_set)))
         await self._fenced("put txn", epoch, ops)
 
-    async def get_txn(self, txn_id: str) -> dict[str, Any] | None:
-        got = await self._call("get txn", lambda: self.client.get(_key("txn", txn_id)))
-        return None if got is None else _load(got.value)
+    async def get_txn(self, txn_id: str) -> TxnRecord | None:
+        """Raises: StoreUnavailableError, StoreCorruptError."""
+        key = _key("txn", txn_id)
+        got = await self._call("get txn", lambda: self.client.get(key))
+        return None if got is None else _decode(got.value, key, TxnRecord)
 
-    async def txns(self) -> list[dict[str, Any]]:
-        return await self._prefix("txn")
+    async def txns(self) -> list[TxnRecord]:
+        """Raises: StoreUnavailableError, StoreCorruptError."""
+        return await self._prefix("txn", TxnRecord)
 
-    async def _prefix(self, kind: str) -> list[dict[str, Any]]:
+    async def _prefix(self, kind: str, record: type[R]) -> list[R]:
         got = await self._call(f"list {kind}",
                                lambda: self.client.get_prefix(_key(kind) + b"/"))
-        return [_load(kv.value) for kv in got]
+        return [_decode(kv.value, kv.key, record) for kv in got]
 
     # -------------------------------------------------------------- decision
-    async def decide(self, txn_id: str, decision: dict[str, Any], epoch: int | None
-                     ) -> dict[str, Any]:
+    async def decide(self, decision: DecisionRecord, epoch: int | None) -> DecisionRecord:
         """Create the decision if none exists; return the durable one.
 
         With *epoch* the write is fenced on leadership; without (presumed abort
         by any replica past the deadline) only create-if-absent guards it.
+
+        Raises:
+            NotLeaderError, StoreUnavailableError, StoreCorruptError.
         """
+        txn_id = decision.txn_id
         key = _key("decision", txn_id)
         compare = [self.tx.create(key) == 0]
         if epoch is not None:
             compare.append(self.tx.create(_key("leader")) == epoch)
         ok, _ = await self._call("decide", lambda: self.client.transaction(
-            compare=compare, success=[self.tx.put(key, _dump(decision))], failure=[]))
+            compare=compare, success=[self.tx.put(key, _dump(decision))],
+            failure=[]))
         current = await self.get_decision(txn_id)
         if current is None:
             raise NotLeaderError("decision write rejected: this replica no longer leads")
         if not ok:
-            log.info("txn %s: decision already durable: %s", txn_id, current["decision"])
+            log.info("txn %s: decision already durable: %s", txn_id, current.decision.value)
         return current
 
-    async def get_decision(self, txn_id: str) -> dict[str, Any] | None:
-        got = await self._call("get decision",
-                               lambda: self.client.get(_key("decision", txn_id)))
-        return None if got is None else _load(got.value)
+    async def get_decision(self, txn_id: str) -> DecisionRecord | None:
+        """Raises: StoreUnavailableError, StoreCorruptError."""
+        key = _key("decision", txn_id)
+        got = await self._call("get decision", lambda: self.client.get(key))
+        return None if got is None else _decode(got.value, key, DecisionRecord)
 
     # ------------------------------------------------------------------ sets
-    async def get_set(self, set_id: str) -> dict[str, Any] | None:
-        got = await self._call("get set", lambda: self.client.get(_key("set", set_id)))
-        return None if got is None else _load(got.value)
+    async def get_set(self, set_id: str) -> BackupSet | None:
+        """Raises: StoreUnavailableError, StoreCorruptError."""
+        key = _key("set", set_id)
+        got = await self._call("get set", lambda: self.client.get(key))
+        return None if got is None else _decode(got.value, key, BackupSet)
 
-    async def sets(self) -> list[dict[str, Any]]:
-        return await self._prefix("set")
+    async def sets(self) -> list[BackupSet]:
+        """Raises: StoreUnavailableError, StoreCorruptError."""
+        return await self._prefix("set", BackupSet)
 
     # ---------------------------------------------------------------- agents
-    async def register_agent(self, agent_id: str, entry: dict[str, Any], lease: Any) -> None:
+    async def register_agent(self, entry: AgentEntry, lease: Any) -> None:
+        """Write the entry and its liveness key on *lease*. Raises: StoreUnavailableError."""
         await self._call("register", lambda: self.client.transaction(
-            compare=[], success=[self.tx.put(_key("agent", agent_id), _dump(entry)),
-                                 self.tx.put(_key("live", agent_id), b"1", lease)],
+            compare=[], success=[
+                self.tx.put(_key("agent", entry.agent_id), _dump(entry)),
+                self.tx.put(_key("live", entry.agent_id), b"1", lease)],
             failure=[]))
 
-    async def agents(self) -> tuple[list[dict[str, Any]], set[str]]:
-        entries = await self._prefix("agent")
+    async def agents(self) -> tuple[list[AgentEntry], set[str]]:
+        """Every registered agent, and the ids of those whose lease is alive.
+
+        Raises:
+            StoreUnavailableError, StoreCorruptError.
+        """
+        entries = await self._prefix("agent", AgentEntry)
         live = await self._call("list live", lambda: self.client.get_prefix(_key("live") + b"/"))
-        return entries, {kv.key.decode().rsplit("/", 1)[1] for kv in live}
+        return entries, {_text(kv.key, "live key").rsplit("/", 1)[1] for kv in live}
 
 
 async def leader_name(endpoints: str) -> str | None:
     """The replica name held in the leader key, or None (for tools and tests).
 
     Raises:
-        StoreUnavailableError.
+        StoreUnavailableError, ConfigError.
     """
     store = Store(endpoints)
     try:
@@ -215,3 +262,89 @@ async def leader_name(endpoints: str) -> str | None:
     finally:
         await store.close()
     return None if got is None else got[0].partition("@")[0]
+
+
+# ------------------------------------------------------------------ encoding
+# A record is a JSON object whose keys are its field names (as earlier versions
+# wrote them): enums by value, no decision as "", the (agent, address) pairs of a
+# transaction as an object, tuples as lists. A missing key takes the field's default.
+_PAIRS = tuple[tuple[str, str], ...]
+
+
+def _dump(record: object) -> bytes:
+    return json.dumps({"schema": SCHEMA, **_json_of(record)}, separators=(",", ":")).encode()
+
+
+def _json_of(value: Any, hint: Any = None) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        hints = _hints(type(value))
+        return {f.name: _json_of(getattr(value, f.name), hints[f.name])
+                for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        if hint == _PAIRS:
+            return dict(value)
+        return [_json_of(v) for v in value]
+    return value
+
+
+def _text(raw: bytes, where: object) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as err:
+        raise StoreCorruptError(f"{where!r}: not UTF-8") from err
+
+
+def _decode(raw: bytes, key: object, kind: type[R]) -> R:
+    """Raises: StoreCorruptError for anything but a *kind* record of this schema."""
+    try:
+        value = json.loads(raw)
+        if not isinstance(value, dict) or value.get("schema") != SCHEMA:
+            raise ValueError(f"not a record of schema {SCHEMA}")
+        record: R = _read(kind, value)
+        return record
+    except (ValueError, TypeError, KeyError) as err:
+        raise StoreCorruptError(f"malformed value at {key!r}: {err}") from err
+
+
+@functools.cache
+def _hints(kind: type) -> dict[str, Any]:
+    return typing.get_type_hints(kind)
+
+
+def _read(hint: Any, value: Any) -> Any:
+    """*value* (decoded JSON) as an instance of the type *hint*.
+
+    Raises:
+        ValueError, TypeError, KeyError: it is not one.
+    """
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise TypeError(f"{hint.__name__}: {value!r} is not an object")
+        hints = _hints(hint)
+        return hint(**{f.name: _read(hints[f.name], value[f.name])
+                       for f in dataclasses.fields(hint) if f.name in value
+                       or (f.default is MISSING and f.default_factory is MISSING)})
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType):  # an optional enum: "" is None
+        return None if value in ("", None) else _read(args[0], value)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint(value)
+    if typing.get_origin(hint) is tuple:
+        if hint == _PAIRS:
+            if not isinstance(value, dict):
+                raise TypeError(f"{value!r} is not an object")
+            return tuple(sorted((str(k), _read(str, v)) for k, v in value.items()))
+        if not isinstance(value, list):
+            raise TypeError(f"{value!r} is not a list")
+        return tuple(_read(args[0], v) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, str) and value.isdigit():
+        return int(value)  # proto JSON writes uint64 as a string
+    if type(value) is not hint:
+        raise TypeError(f"{value!r} is not a {hint.__name__}")
+    return value

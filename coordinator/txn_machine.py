@@ -1,40 +1,64 @@
 """The coordinator's transaction machine: pure two-phase commit, no I/O.
 
-``TxnMachine.handle(event)`` returns the commands the runner executes (RPCs to
-agents, durable writes); their results come back as events. The decision is
-only ever taken from ``DecisionDurable`` — the outcome of the fenced
-create-if-absent write — so a machine never acts on a decision that is not
-the durable one.
+``TxnMachine.handle(event)`` returns the commands the driver executes (RPCs to
+agents, durable writes); their results come back as events. The decision is only
+ever taken from ``DecisionDurable`` — the outcome of the fenced create-if-absent
+write — so a machine never acts on a decision that is not the durable one.
+
+Every reply answers one command the machine issued. A reply that arrives after
+the transaction moved on (a cut reply after another cut failed, any reply while
+the decision is being written or after it) is recorded and changes nothing; a
+repeated identical reply is harmless. Anything else — a reply to a command never
+sent, a contradicting repeat, an event of the wrong phase — raises TxnStateError
+and leaves the machine unchanged.
+
+A new leader rebuilds the machine by replaying the durable records through it
+(``RecordLoaded``, ``MarkedRunning``, ``DecisionDurable``), then ``Resumed``.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import TxnStateError
+from .txn_messages import (
+    Acked,
+    Begin,
+    CancelRequested,
+    CutReplied,
+    DeadlinePassed,
+    Decision,
+    DecisionDurable,
+    Finish,
+    MarkedRunning,
+    Persisted,
+    PersistRunning,
+    RecordLoaded,
+    Resumed,
+    SendAbort,
+    SendCommit,
+    SendCut,
+    SendPrepare,
+    SendThaw,
+    ThawReplied,
+    TxnCommand,
+    TxnEvent,
+    TxnPhase,
+    VoteReplied,
+    WriteDecision,
+)
 
 
-class TxnPhase(enum.Enum):
-    CUTTING = "cutting"
-    THAWING = "thawing"
-    RUNNING = "running"
-    DECIDED = "decided"
-    DONE = "done"
+class Step(enum.Enum):
+    """A fan-out the machine has asked for (replies to it may come)."""
 
-
-class Decision(enum.Enum):
-    COMMIT = "commit"
-    ABORT = "abort"
-
-
-OPEN = frozenset({TxnPhase.CUTTING, TxnPhase.THAWING, TxnPhase.RUNNING, TxnPhase.DECIDED})
-
-
-@dataclass(frozen=True)
-class MemberSpec:
-    agent_id: str
-    vm: str
-    disk: str
-    mode: str  # auto | full | incremental
+    CUT = "cut"
+    THAW = "thaw"
+    PERSIST = "persist"
+    PREPARE = "prepare"
 
 
 @dataclass
@@ -45,123 +69,6 @@ class AgentPart:
     vote: bool | None = None
     reason: str = ""
     acked: bool = False
-
-
-# -------------------------------------------------------------------- events
-@dataclass(frozen=True)
-class TxnEvent:
-    pass
-
-
-@dataclass(frozen=True)
-class Begin(TxnEvent):
-    pass
-
-
-@dataclass(frozen=True)
-class CutReplied(TxnEvent):
-    agent_id: str
-    ok: bool
-    error: str = ""
-
-
-@dataclass(frozen=True)
-class ThawReplied(TxnEvent):
-    agent_id: str
-    ok: bool
-    error: str = ""
-
-
-@dataclass(frozen=True)
-class Persisted(TxnEvent):
-    """The RUNNING marker is durable (a new leader will re-query, not abort)."""
-
-
-@dataclass(frozen=True)
-class VoteReplied(TxnEvent):
-    agent_id: str
-    yes: bool
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class DecisionDurable(TxnEvent):
-    decision: Decision
-    reason: str
-    committed: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Acked(TxnEvent):
-    agent_id: str
-
-
-@dataclass(frozen=True)
-class CancelRequested(TxnEvent):
-    reason: str
-
-
-@dataclass(frozen=True)
-class DeadlinePassed(TxnEvent):
-    pass
-
-
-@dataclass(frozen=True)
-class Resumed(TxnEvent):
-    """A new leader took the transaction over from its durable record."""
-
-
-# ------------------------------------------------------------------ commands
-@dataclass(frozen=True)
-class TxnCommand:
-    pass
-
-
-@dataclass(frozen=True)
-class SendCut(TxnCommand):
-    agent_id: str
-
-
-@dataclass(frozen=True)
-class SendThaw(TxnCommand):
-    agent_id: str
-
-
-@dataclass(frozen=True)
-class PersistRunning(TxnCommand):
-    pass
-
-
-@dataclass(frozen=True)
-class SendPrepare(TxnCommand):
-    agent_id: str
-
-
-@dataclass(frozen=True)
-class WriteDecision(TxnCommand):
-    decision: Decision
-    reason: str
-    committed: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class SendCommit(TxnCommand):
-    agent_id: str
-
-
-@dataclass(frozen=True)
-class SendAbort(TxnCommand):
-    agent_id: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Finish(TxnCommand):
-    """Write the final record (and the backup set when something committed)."""
-
-
-class TxnStateError(Exception):
-    """An event that makes no sense in the current phase."""
 
 
 @dataclass
@@ -176,59 +83,37 @@ class TxnMachine:
     decision: Decision | None = None
     reason: str = ""
     committed: tuple[str, ...] = ()
-    deciding: bool = False  # a WriteDecision is in flight
+    deciding: bool = False      # a WriteDecision is in flight
+    started: bool = False       # Begin or RecordLoaded seen
+    recovering: bool = False    # replaying durable records, until Resumed
+    asked: set[Step] = field(default_factory=set)
+    persisted: bool = False
 
     def __post_init__(self) -> None:
         if not self.parts:
             self.parts = {a: AgentPart(a) for a in self.agents}
-
-    @classmethod
-    def recovered(cls, txn_id: str, agents: tuple[str, ...], grouped: bool, running: bool,
-                  decision: Decision | None, reason: str = "", committed: tuple[str, ...] = ()
-                  ) -> TxnMachine:
-        """The machine a new leader rebuilds from the durable record and decision."""
-        m = cls(txn_id, agents, grouped)
-        if running:
-            m.phase = TxnPhase.RUNNING
-        if decision is not None:
-            m.decision, m.reason, m.committed = decision, reason, committed
-            m.phase = TxnPhase.DECIDED
-            for a in committed:  # a COMMIT names exactly the agents that voted YES
-                m.parts[a].vote = True
-        return m
 
     # ----------------------------------------------------------------- API
     def handle(self, event: TxnEvent) -> list[TxnCommand]:
         """Apply one event; return the commands to run.
 
         Raises:
-            TxnStateError: the event is impossible here (a bug in the runner).
+            TxnStateError: the event is not allowed now; nothing changed.
         """
-        if isinstance(event, DecisionDurable):
-            return self._on_decision(event)
-        if isinstance(event, Acked):
-            return self._on_acked(event)
-        if isinstance(event, Resumed):
-            return self._on_resumed()
-        if self.decision is not None or self.deciding:
-            return []  # late replies, cancels and deadlines change nothing once deciding
-        if isinstance(event, (CancelRequested, DeadlinePassed)):
-            why = event.reason if isinstance(event, CancelRequested) else "deadline passed"
-            return self._decide(Decision.ABORT, why)
-        if isinstance(event, Begin):
-            return self._on_begin()
-        if isinstance(event, CutReplied):
-            return self._on_cut(event)
-        if isinstance(event, ThawReplied):
-            return self._on_thaw(event)
-        if isinstance(event, Persisted):
-            return self._on_persisted()
-        if isinstance(event, VoteReplied):
-            return self._on_vote(event)
-        raise TxnStateError(f"{self.txn_id}: unknown event {event!r}")
+        handler = _HANDLERS.get(type(event))
+        if handler is None:
+            raise self._refuse(event, "unknown event")
+        replay = isinstance(event, (RecordLoaded, MarkedRunning, Resumed))
+        if replay and not self.recovering and not isinstance(event, RecordLoaded):
+            raise self._refuse(event, "not replaying")
+        if self.recovering and not replay and not isinstance(event, DecisionDurable):
+            raise self._refuse(event, "still replaying")
+        if not self.started and not isinstance(event, (Begin, RecordLoaded)):
+            raise self._refuse(event, "not started")
+        return handler(self, event)
 
     def validate(self) -> None:
-        """Invariants after every step (used by the tests)."""
+        """Invariants after every step (the driver and the tests call it)."""
         if self.decision == Decision.COMMIT:
             if self.grouped:
                 assert set(self.committed) == set(self.agents)
@@ -238,72 +123,38 @@ class TxnMachine:
             assert self.decision is not None
         if self.phase == TxnPhase.DONE:
             assert all(p.acked for p in self.parts.values())
+        if self.phase in (TxnPhase.THAWING, TxnPhase.RUNNING):
+            assert all(p.cut for p in self.parts.values())
+        if self.phase == TxnPhase.RUNNING:
+            assert all(p.thawed for p in self.parts.values())
+        assert not (self.deciding and self.decision is not None)
+        assert self.decision is not None or not any(p.acked for p in self.parts.values())
 
-    # --------------------------------------------------------- transitions
+    # ------------------------------------------------------------- helpers
+    def _refuse(self, event: TxnEvent, why: str) -> TxnStateError:
+        state = self.phase.value + (" (deciding)" if self.deciding else "")
+        return TxnStateError(f"transaction {self.txn_id} is {state}: "
+                             f"{type(event).__name__} not allowed: {why}")
+
+    def _part(self, event: TxnEvent, agent_id: str, step: Step) -> AgentPart:
+        """The part a reply is from; refused unless its command was sent."""
+        part = self.parts.get(agent_id)
+        if part is None:
+            raise self._refuse(event, f"{agent_id!r} is not a member")
+        if step not in self.asked:
+            raise self._refuse(event, f"no {step.value} was sent")
+        return part
+
+    def _moved_on(self) -> bool:
+        """The decision is being written or is durable: late replies change nothing."""
+        return self.deciding or self.decision is not None
+
     def _decide(self, decision: Decision, reason: str) -> list[TxnCommand]:
         self.deciding = True
         committed: tuple[str, ...] = ()
         if decision == Decision.COMMIT:
             committed = tuple(a for a in self.agents if self.parts[a].vote)
         return [WriteDecision(decision, reason, committed)]
-
-    def _on_begin(self) -> list[TxnCommand]:
-        if self.phase != TxnPhase.CUTTING:
-            raise TxnStateError(f"{self.txn_id}: begin in {self.phase.value}")
-        return [SendCut(a) for a in self.agents]
-
-    def _on_cut(self, event: CutReplied) -> list[TxnCommand]:
-        if self.phase != TxnPhase.CUTTING:
-            return []
-        part = self.parts[event.agent_id]
-        part.cut = event.ok
-        if not event.ok:
-            return self._decide(Decision.ABORT, f"cut failed on {event.agent_id}: {event.error}")
-        if all(p.cut for p in self.parts.values()):
-            self.phase = TxnPhase.THAWING  # every VM frozen at once: the cut is consistent
-            return [SendThaw(a) for a in self.agents]
-        return []
-
-    def _on_thaw(self, event: ThawReplied) -> list[TxnCommand]:
-        if self.phase != TxnPhase.THAWING:
-            return []
-        part = self.parts[event.agent_id]
-        part.thawed = event.ok
-        if not event.ok:
-            return self._decide(Decision.ABORT, f"thaw on {event.agent_id}: {event.error}")
-        if all(p.thawed for p in self.parts.values()):
-            return [PersistRunning()]
-        return []
-
-    def _on_persisted(self) -> list[TxnCommand]:
-        if self.phase != TxnPhase.THAWING:
-            return []
-        self.phase = TxnPhase.RUNNING
-        return [SendPrepare(a) for a in self.agents]
-
-    def _on_vote(self, event: VoteReplied) -> list[TxnCommand]:
-        if self.phase != TxnPhase.RUNNING:
-            return []
-        part = self.parts[event.agent_id]
-        part.vote, part.reason = event.yes, event.reason
-        if self.grouped and not event.yes:
-            return self._decide(Decision.ABORT, f"{event.agent_id} voted NO: {event.reason}")
-        if any(p.vote is None for p in self.parts.values()):
-            return []
-        if any(p.vote for p in self.parts.values()):
-            no = [f"{p.agent_id}: {p.reason}" for p in self.parts.values() if not p.vote]
-            return self._decide(Decision.COMMIT, "; ".join(no))
-        return self._decide(Decision.ABORT, "every agent voted NO")
-
-    def _on_decision(self, event: DecisionDurable) -> list[TxnCommand]:
-        if self.decision is not None:
-            if self.decision != event.decision:
-                raise TxnStateError(f"{self.txn_id}: second decision {event.decision}")
-            return []
-        self.decision, self.reason, self.committed = event.decision, event.reason, event.committed
-        self.deciding = False
-        self.phase = TxnPhase.DECIDED
-        return self._completion()
 
     def _completion(self) -> list[TxnCommand]:
         cmds: list[TxnCommand] = []
@@ -319,23 +170,156 @@ class TxnMachine:
             return [Finish()]
         return cmds
 
-    def _on_acked(self, event: Acked) -> list[TxnCommand]:
-        if self.phase != TxnPhase.DECIDED:
+    # --------------------------------------------------------- transitions
+    def _on_begin(self, event: Begin) -> list[TxnCommand]:
+        if self.started:
+            raise self._refuse(event, "already started")
+        self.started = True
+        self.asked.add(Step.CUT)
+        return [SendCut(a) for a in self.agents]
+
+    def _on_record_loaded(self, event: RecordLoaded) -> list[TxnCommand]:
+        if self.started:
+            raise self._refuse(event, "already started")
+        self.started = self.recovering = True
+        return []
+
+    def _on_marked_running(self, event: MarkedRunning) -> list[TxnCommand]:
+        if self.phase != TxnPhase.CUTTING or self.decision is not None:
+            raise self._refuse(event, "the running marker comes before the decision")
+        for p in self.parts.values():
+            p.cut = p.thawed = True
+        self.phase, self.persisted = TxnPhase.RUNNING, True
+        return []
+
+    def _on_cut(self, event: CutReplied) -> list[TxnCommand]:
+        part = self._part(event, event.agent_id, Step.CUT)
+        if part.cut is not None:
+            if part.cut != event.ok:
+                raise self._refuse(event, f"{event.agent_id} answered the cut already")
+            return []  # the same reply again: harmless
+        if not self._moved_on() and self.phase != TxnPhase.CUTTING:
+            raise self._refuse(event, "the cut is over")
+        part.cut = event.ok
+        if self._moved_on():
+            return []  # e.g. another agent's cut failed first
+        if not event.ok:
+            return self._decide(Decision.ABORT, f"cut failed on {event.agent_id}: {event.error}")
+        if all(p.cut for p in self.parts.values()):
+            self.phase = TxnPhase.THAWING  # every VM frozen at once: the cut is consistent
+            self.asked.add(Step.THAW)
+            return [SendThaw(a) for a in self.agents]
+        return []
+
+    def _on_thaw(self, event: ThawReplied) -> list[TxnCommand]:
+        part = self._part(event, event.agent_id, Step.THAW)
+        thawed = event.ok and not event.on_own
+        if part.thawed is not None:
+            if part.thawed != thawed:
+                raise self._refuse(event, f"{event.agent_id} answered the thaw already")
             return []
-        self.parts[event.agent_id].acked = True
+        part.thawed = thawed
+        if self._moved_on():
+            return []
+        if not thawed:
+            error = "thawed on its own: freeze deadline passed" if event.ok else event.error
+            return self._decide(Decision.ABORT, f"thaw on {event.agent_id}: {error}")
+        if all(p.thawed for p in self.parts.values()):
+            self.asked.add(Step.PERSIST)
+            return [PersistRunning()]
+        return []
+
+    def _on_persisted(self, event: Persisted) -> list[TxnCommand]:
+        if Step.PERSIST not in self.asked:
+            raise self._refuse(event, "no running marker was written")
+        if self.persisted:
+            return []
+        self.persisted = True
+        if self._moved_on():
+            return []
+        self.phase = TxnPhase.RUNNING
+        self.asked.add(Step.PREPARE)
+        return [SendPrepare(a) for a in self.agents]
+
+    def _on_vote(self, event: VoteReplied) -> list[TxnCommand]:
+        part = self._part(event, event.agent_id, Step.PREPARE)
+        if part.vote is not None:
+            if part.vote != event.yes:
+                raise self._refuse(event, f"{event.agent_id} voted already")
+            return []
+        part.vote, part.reason = event.yes, event.reason
+        if self._moved_on():
+            return []
+        if self.grouped and not event.yes:
+            return self._decide(Decision.ABORT, f"{event.agent_id} voted NO: {event.reason}")
+        if any(p.vote is None for p in self.parts.values()):
+            return []
+        if any(p.vote for p in self.parts.values()):
+            no = [f"{p.agent_id}: {p.reason}" for p in self.parts.values() if not p.vote]
+            return self._decide(Decision.COMMIT, "; ".join(no))
+        return self._decide(Decision.ABORT, "every agent voted NO")
+
+    def _on_decision(self, event: DecisionDurable) -> list[TxnCommand]:
+        if self.decision is not None:
+            if (self.decision, self.committed) != (event.decision, event.committed):
+                raise self._refuse(event, f"a second decision {event.decision.value}")
+            return []
+        if not self.deciding and not self.recovering:
+            raise self._refuse(event, "no decision is being written")
+        if event.decision == Decision.COMMIT:
+            # A durable COMMIT names exactly the agents that voted YES (all, if grouped);
+            # replayed, it is the proof of their votes.
+            named = [self.parts.get(a) for a in event.committed]
+            if any(p is None or not (p.vote or (self.recovering and p.vote is None))
+                   for p in named) or (self.grouped and set(event.committed) != set(self.agents)):
+                raise self._refuse(event, "a COMMIT of agents that did not all vote YES")
+            for p in named:
+                if p is not None:
+                    p.vote = True
+        self.decision, self.reason, self.committed = event.decision, event.reason, event.committed
+        self.deciding = False
+        self.phase = TxnPhase.DECIDED
+        return [] if self.recovering else self._completion()
+
+    def _on_acked(self, event: Acked) -> list[TxnCommand]:
+        part = self.parts.get(event.agent_id)
+        if part is None or self.decision is None:
+            raise self._refuse(event, "nothing to acknowledge")
+        if part.acked:
+            return []  # acknowledged twice: harmless
+        part.acked = True
         if all(p.acked for p in self.parts.values()):
             self.phase = TxnPhase.DONE
             return [Finish()]
         return []
 
-    def _on_resumed(self) -> list[TxnCommand]:
-        if self.phase == TxnPhase.DONE:
-            return []
+    def _on_abort_request(self, event: CancelRequested | DeadlinePassed) -> list[TxnCommand]:
+        if self._moved_on():
+            return []  # too late: the decision is being written or is durable
+        why = event.reason if isinstance(event, CancelRequested) else "deadline passed"
+        return self._decide(Decision.ABORT, why)
+
+    def _on_resumed(self, event: Resumed) -> list[TxnCommand]:
+        self.recovering = False
         if self.decision is not None:
             return self._completion()
-        self.deciding = False
         if self.phase == TxnPhase.RUNNING:
-            for p in self.parts.values():
-                p.vote = None
+            self.asked.add(Step.PREPARE)
             return [SendPrepare(a) for a in self.agents]  # re-query: Prepare is idempotent
         return self._decide(Decision.ABORT, "coordinator leader changed during the cut")
+
+
+_HANDLERS: dict[type[TxnEvent], Callable[[TxnMachine, Any], list[TxnCommand]]] = {
+    Begin: TxnMachine._on_begin,
+    RecordLoaded: TxnMachine._on_record_loaded,
+    MarkedRunning: TxnMachine._on_marked_running,
+    CutReplied: TxnMachine._on_cut,
+    ThawReplied: TxnMachine._on_thaw,
+    Persisted: TxnMachine._on_persisted,
+    VoteReplied: TxnMachine._on_vote,
+    DecisionDurable: TxnMachine._on_decision,
+    Acked: TxnMachine._on_acked,
+    CancelRequested: TxnMachine._on_abort_request,
+    DeadlinePassed: TxnMachine._on_abort_request,
+    Resumed: TxnMachine._on_resumed,
+}

@@ -8,8 +8,17 @@ from collections.abc import Callable
 
 import pytest
 
-from blocktxn.coordinator.errors import NotLeaderError
-from blocktxn.coordinator.store import Store
+from blocktxn.coordinator.errors import NotLeaderError, StoreCorruptError
+from blocktxn.coordinator.records import (
+    BackupSet,
+    DecisionRecord,
+    MemberRecord,
+    SetImage,
+    TxnRecord,
+    VoteRecord,
+)
+from blocktxn.coordinator.store import PREFIX, Store
+from blocktxn.coordinator.txn_messages import Decision, TxnPhase
 from blocktxn.demo.lab import CLUSTER
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as cpb
@@ -119,21 +128,71 @@ def test_a_deposed_leader_cannot_write(make_cluster: Callable[..., Cluster]) -> 
             await a.resign(lease_a)             # A's lease is gone (as if it expired)
             epoch_b = await b.try_lead("b@y", await b.lease(5))
             assert epoch_b is not None and epoch_b != epoch_a
-            record = {"txn_id": "t1", "request_id": "r1"}
+            record = TxnRecord("t1", "r1", "grouped", "none", 10.0, 0.0, 0, 0.0, (), ())
             with pytest.raises(NotLeaderError):
                 await a.put_txn(epoch_a, record)
             with pytest.raises(NotLeaderError):
-                await a.decide("t1", {"decision": "commit"}, epoch_a)
+                await a.decide(DecisionRecord("t1", Decision.COMMIT, ""), epoch_a)
             assert await a.get_decision("t1") is None
             await b.put_txn(epoch_b, record)
-            decided = await b.decide("t1", {"decision": "abort", "reason": "", "committed": []},
-                                     epoch_b)
-            again = await b.decide("t1", {"decision": "commit", "reason": "", "committed": []},
-                                   epoch_b)
-            assert decided["decision"] == again["decision"] == "abort"  # single decision
+            decided = await b.decide(DecisionRecord("t1", Decision.ABORT, ""), epoch_b)
+            again = await b.decide(DecisionRecord("t1", Decision.COMMIT, ""), epoch_b)
+            assert decided.decision == again.decision == Decision.ABORT  # single decision
         finally:
             await a.close()
             await b.close()
+
+    asyncio.run(scenario())
+
+
+OLD_RECORD = (  # as the coordinator wrote it before the typed records (no "images" key)
+    '{"schema":1,"txn_id":"tx-old","request_id":"r-old","completion":"individual",'
+    '"quiesce":"freeze","freeze_timeout":10.0,"deadline":1700003600.0,"speed":0,'
+    '"created_at":1700000000.0,"members":[{"agent_id":"h1","vm":"vm1","disk":"d0",'
+    '"mode":"auto","chosen":"full","mode_reason":"no checkpoint","status":"prepared",'
+    '"done":4096,"total":4096,"outcome":"committed"}],"agents":{"h1":"127.0.0.1:1"},'
+    '"phase":"decided","decision":"commit","reason":"","committed":["h1"],'
+    '"votes":[{"agent_id":"h1","yes":true,"reason":""}],"errors":[],"frozen_from":1.5,'
+    '"thawed_at":2.5,"set_id":"","leader":"c0"}')
+
+
+def test_records_round_trip_and_old_values_read_back(make_cluster: Callable[..., Cluster]
+                                                      ) -> None:
+    cluster = make_cluster(0)
+
+    async def scenario() -> None:
+        store = Store(cluster.etcd.endpoint)
+        try:
+            epoch = await store.try_lead("a@x", await store.lease(5))
+            assert epoch is not None
+            image = SetImage("h1", "vm1", "d0", "images/vm1/d0/t2.qcow2", "", "full", 4096,
+                             1 << 20, "ab" * 32, 3.5, "blocktxn:t2")
+            record = TxnRecord(
+                "t2", "r2", "grouped", "freeze", 10.0, 99.0, 7, 1.0,
+                (MemberRecord("h1", "vm1", "d0", "auto", "full", "why", "prepared", 4096,
+                              4096, "committed"),), (("h1", "127.0.0.1:1"),),
+                TxnPhase.DONE, Decision.COMMIT, "", ("h1",), (VoteRecord("h1", True),),
+                ("e",), 1.5, 2.5, "t2", "c0", (image,))
+            assert await store.create_txn(epoch, record) is None
+            assert await store.create_txn(epoch, record) == "t2"   # the same request id
+            bset = BackupSet.of("t2", (image,))
+            await store.put_txn(epoch, record, bset)
+            assert await store.get_txn("t2") == record
+            assert await store.get_set("t2") == bset
+            await store.client.put(f"{PREFIX}txn/tx-old".encode(), OLD_RECORD.encode())
+            old = await store.get_txn("tx-old")
+            assert old is not None and old.images == () and old.agents == (("h1",
+                                                                             "127.0.0.1:1"),)
+            assert (old.phase, old.decision, old.members[0].done) == (
+                TxnPhase.DECIDED, Decision.COMMIT, 4096)
+            for bad in (b"not json", b'{"schema":2}', b'{"schema":1,"txn_id":5}'):
+                await store.client.put(f"{PREFIX}txn/tx-bad".encode(), bad)
+                with pytest.raises(StoreCorruptError):
+                    await store.get_txn("tx-bad")
+            with pytest.raises(StoreCorruptError):
+                await store.txns()
+        finally:
+            await store.close()
 
     asyncio.run(scenario())
 

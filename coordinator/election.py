@@ -1,0 +1,106 @@
+"""Leader election in etcd: a lease and a create-if-absent leader key. The key's
+create revision is the epoch that fences every state write of the leader."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .errors import CoordinatorError, NotLeaderError, StoreUnavailableError
+from .store import Store
+
+log = logging.getLogger(__name__)
+LEASE_TTL = 5
+
+
+class Election:
+    """Campaign until elected, keep the lease alive, campaign again when deposed.
+
+    *on_elected* runs once per term before leading starts (recovery);
+    *on_deposed* runs when a term ends, however it ends.
+    """
+
+    def __init__(self, store: Store, name: str, identity: str,
+                 on_elected: Callable[[], Awaitable[None]],
+                 on_deposed: Callable[[], None]) -> None:
+        self.store = store
+        self.name = name
+        self.identity = identity  # NAME@ADDRESS, the leader key's value
+        self.epoch: int | None = None
+        self._on_elected = on_elected
+        self._on_deposed = on_deposed
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._campaign(), name="election")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._deposed()
+
+    def require(self) -> int:
+        """The current epoch.
+
+        Raises:
+            NotLeaderError: this replica does not lead.
+        """
+        if self.epoch is None:
+            raise NotLeaderError("this replica is not the leader")
+        return self.epoch
+
+    async def leader_address(self) -> str | None:
+        """The address the leader advertises, None if no replica leads.
+
+        Raises:
+            StoreUnavailableError, StoreCorruptError.
+        """
+        got = await self.store.leader()
+        if got is None:
+            return None
+        return got[0].partition("@")[2] or None
+
+    async def _campaign(self) -> None:
+        while True:
+            try:
+                lease = await self.store.lease(LEASE_TTL)
+                epoch = await self.store.try_lead(self.identity, lease)
+                if epoch is None:
+                    await asyncio.sleep(0.5)
+                    continue
+                log.info("%s leads with epoch %d", self.name, epoch)
+                self.epoch = epoch
+                await self._on_elected()
+                await self._keep_leading(lease)
+                log.warning("%s: leader lease lost", self.name)
+            except CoordinatorError as err:
+                log.warning("%s: election: %s", self.name, err)
+            except asyncio.CancelledError:
+                self._deposed()
+                raise
+            self._deposed()
+            await asyncio.sleep(0.5)
+
+    async def _keep_leading(self, lease: Any) -> None:
+        """Refresh the lease; ride out etcd hiccups shorter than the lease's TTL."""
+        last_ok = time.monotonic()
+        while time.monotonic() - last_ok < LEASE_TTL - 1:
+            try:
+                if not await self.store.refresh(lease):
+                    return
+                last_ok = time.monotonic()
+            except StoreUnavailableError as err:
+                log.warning("%s: lease keepalive failed: %s", self.name, err)
+            await asyncio.sleep(LEASE_TTL / 5)
+
+    def _deposed(self) -> None:
+        if self.epoch is not None:
+            log.warning("%s no longer leads", self.name)
+        self.epoch = None
+        self._on_deposed()

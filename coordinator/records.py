@@ -1,0 +1,237 @@
+"""What the coordinator keeps about transactions, decisions, backup sets and agents:
+immutable records, updated by making new ones. ``store.py`` alone turns them into
+etcd values and back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from .errors import NotFoundError
+from .txn_machine import TxnMachine
+from .txn_messages import Decision, TxnPhase
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """One disk of a transaction and how far it got."""
+
+    agent_id: str
+    vm: str
+    disk: str
+    mode: str                # requested: auto | full | incremental
+    chosen: str = ""         # full | incremental, as the agent chose at the cut
+    mode_reason: str = ""
+    status: str = ""         # the job's status, "prepared" once voted
+    done: int = 0            # bytes copied
+    total: int = 0           # bytes to copy
+    outcome: str = ""        # committed | aborted, once acknowledged
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.agent_id, self.vm, self.disk
+
+    def cut_as(self, chosen: str, reason: str, total: int) -> MemberRecord:
+        return replace(self, chosen=chosen, mode_reason=reason, total=total)
+
+    def progressed(self, status: str, done: int, total: int) -> MemberRecord:
+        return replace(self, status=status, done=done, total=total)
+
+    def prepared(self, done: int) -> MemberRecord:
+        return replace(self, status="prepared", done=done)
+
+    def completed(self, outcome: str) -> MemberRecord:
+        return replace(self, outcome=outcome)
+
+
+@dataclass(frozen=True)
+class VoteRecord:
+    agent_id: str
+    yes: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SetImage:
+    """One disk's image in a backup set (as the agent reported it at commit)."""
+
+    agent_id: str
+    vm: str
+    disk: str
+    image: str               # path relative to the agent's repository
+    backing: str             # the previous image of the chain, "" for a full
+    mode: str                # full | incremental
+    bytes: int
+    size: int
+    sha256: str
+    cut_at: float
+    checkpoint: str
+
+
+@dataclass(frozen=True)
+class BackupSet:
+    """What a committed transaction produced: the catalog entry."""
+
+    set_id: str
+    txn_id: str
+    cut_at: float
+    images: tuple[SetImage, ...]
+    agents: tuple[str, ...]
+    bytes: int
+
+    @classmethod
+    def of(cls, txn_id: str, images: tuple[SetImage, ...]) -> BackupSet:
+        return cls(set_id=txn_id, txn_id=txn_id, cut_at=min(i.cut_at for i in images),
+                   images=images, agents=tuple(sorted({i.agent_id for i in images})),
+                   bytes=sum(i.bytes for i in images))
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """The decision: created once, never changed."""
+
+    txn_id: str
+    decision: Decision
+    reason: str
+    committed: tuple[str, ...] = ()
+    at: float = 0.0
+    by: str = ""
+
+    @classmethod
+    def presumed_abort(cls, txn_id: str, by: str) -> DecisionRecord:
+        return cls(txn_id, Decision.ABORT, "presumed abort: deadline passed with no decision",
+                   (), time.time(), by)
+
+
+@dataclass(frozen=True)
+class TxnRecord:
+    """A transaction as clients see it and as etcd keeps it."""
+
+    txn_id: str
+    request_id: str
+    completion: str          # grouped | individual
+    quiesce: str             # none | freeze | pause
+    freeze_timeout: float
+    deadline: float          # unix time
+    speed: int
+    created_at: float
+    members: tuple[MemberRecord, ...]
+    agents: tuple[tuple[str, str], ...]  # (agent id, address), sorted
+    phase: TxnPhase = TxnPhase.CUTTING
+    decision: Decision | None = None
+    reason: str = ""
+    committed: tuple[str, ...] = ()
+    votes: tuple[VoteRecord, ...] = ()
+    errors: tuple[str, ...] = ()
+    frozen_from: float = 0.0
+    thawed_at: float = 0.0
+    set_id: str = ""
+    leader: str = ""
+    images: tuple[SetImage, ...] = ()
+
+    @property
+    def grouped(self) -> bool:
+        return self.completion == "grouped"
+
+    @property
+    def agent_ids(self) -> tuple[str, ...]:
+        return tuple(a for a, _ in self.agents)
+
+    def address(self, agent_id: str) -> str:
+        """Raises: NotFoundError if *agent_id* is not a member agent."""
+        for a, address in self.agents:
+            if a == agent_id:
+                return address
+        raise NotFoundError(f"agent {agent_id} is not in transaction {self.txn_id}")
+
+    def members_of(self, agent_id: str) -> tuple[MemberRecord, ...]:
+        return tuple(m for m in self.members if m.agent_id == agent_id)
+
+    def with_members(self, agent_id: str, change: Callable[[MemberRecord], MemberRecord]
+                     ) -> TxnRecord:
+        """*change* applied to every member of *agent_id*."""
+        return replace(self, members=tuple(change(m) if m.agent_id == agent_id else m
+                                           for m in self.members))
+
+    def with_outcome(self, agent_id: str, outcome: str) -> TxnRecord:
+        return self.with_members(agent_id, lambda m: m.completed(outcome))
+
+    def with_frozen_at(self, frozen_at: float) -> TxnRecord:
+        """The earliest freeze of any agent (0: none)."""
+        if frozen_at and (not self.frozen_from or frozen_at < self.frozen_from):
+            return replace(self, frozen_from=frozen_at)
+        return self
+
+    def with_thawed_at(self, thawed_at: float) -> TxnRecord:
+        return replace(self, thawed_at=max(self.thawed_at, thawed_at))
+
+    def with_error(self, error: str) -> TxnRecord:
+        return replace(self, errors=(*self.errors, error))
+
+    def with_images(self, images: tuple[SetImage, ...]) -> TxnRecord:
+        return replace(self, images=(*self.images, *images))
+
+    def with_machine(self, machine: TxnMachine) -> TxnRecord:
+        """The machine's view: phase, decision, votes."""
+        return replace(
+            self, phase=machine.phase, decision=machine.decision, reason=machine.reason,
+            committed=machine.committed,
+            votes=tuple(VoteRecord(p.agent_id, p.vote, p.reason)
+                        for p in machine.parts.values() if p.vote is not None))
+
+    def with_decision(self, decision: DecisionRecord) -> TxnRecord:
+        return replace(self, decision=decision.decision, reason=decision.reason)
+
+    def backup_set(self) -> BackupSet | None:
+        """The catalog entry of a transaction that committed images."""
+        if self.decision != Decision.COMMIT or not self.images:
+            return None
+        return BackupSet.of(self.txn_id, self.images)
+
+
+@dataclass(frozen=True)
+class DiskEntry:
+    """One disk in an agent's inventory."""
+
+    name: str
+    size: int = 0
+    format: str = ""
+    checkpoint: str = ""
+    checkpoint_usable: bool = False
+    checkpoint_problem: str = ""
+    busy_txn: str = ""
+
+
+@dataclass(frozen=True)
+class VmEntry:
+    """One VM in an agent's inventory."""
+
+    name: str
+    connected: bool = False
+    disks: tuple[DiskEntry, ...] = ()
+    jobs: tuple[str, ...] = ()
+    frozen: bool = False
+    has_guest_agent: bool = False
+
+
+@dataclass(frozen=True)
+class AgentInventory:
+    """What an agent reported at its last registration."""
+
+    agent_id: str = ""
+    vms: tuple[VmEntry, ...] = ()
+    open_transactions: tuple[str, ...] = ()
+
+    def vm(self, name: str) -> VmEntry | None:
+        return next((v for v in self.vms if v.name == name), None)
+
+
+@dataclass(frozen=True)
+class AgentEntry:
+    """A registered agent: where to reach it and what it has."""
+
+    agent_id: str
+    address: str
+    inventory: AgentInventory
+    last_seen: float = 0.0
