@@ -141,7 +141,12 @@ class VmBackend(abc.ABC):
 
     @abc.abstractmethod
     async def thaw(self, quiesce: str) -> None:
-        """End the quiesce of ``freeze``; a guest already thawed is not an error."""
+        """End the quiesce of ``freeze``; a guest already thawed is not an error.
+
+        Raises:
+            AgentError: the thaw failed; whatever ``freeze`` armed for the deadline
+                stays armed.
+        """
 
     @abc.abstractmethod
     async def attach_targets(self, members: Sequence[MemberPlan],

@@ -9,6 +9,7 @@ AgentError
  +-- QemuError              the hypervisor refused or failed  (Conflict)     -> FAILED_PRECONDITION
  |    +-- VmLostError       the VM's control socket is gone   (Unavailable)  -> UNAVAILABLE
  +-- AgentTimeoutError      QEMU or a guest did not answer    (DeadlineExceeded)
+ +-- JournalError           a corrupt journal or catalog record: the agent stops
 
 Validation shared with the client and coordinator (``blocktxn.requests``,
 ``blocktxn.ids``) raises ``blocktxn.errors.InvalidInput`` itself.
@@ -52,3 +53,8 @@ class VmLostError(QemuError, Unavailable):
 
 class AgentTimeoutError(AgentError, DeadlineExceeded):
     """QEMU or a guest agent did not answer within its deadline."""
+
+
+class JournalError(AgentError):
+    """The journal or the catalog cannot be read back (a corrupt record before the
+    end): the agent stops rather than guess what it promised."""

@@ -27,8 +27,10 @@ class FreezeControl:
                  on_deadline: Callable[[str], Awaitable[None]]) -> None:
         self.backends = backends
         self.owner: dict[str, str] = {}  # vm -> txn id that froze it
+        self.deadline: dict[str, float] = {}  # vm -> its freeze deadline
         self._on_deadline = on_deadline
         self._timers: dict[str, asyncio.Task[None]] = {}
+        self._releases: dict[str, asyncio.TimerHandle] = {}
 
     def frozen_by(self) -> dict[str, str]:
         """vm -> the transaction that holds it quiesced."""
@@ -43,25 +45,38 @@ class FreezeControl:
         if quiesce == "none":
             return
         self.owner[vm] = txn_id
+        self.deadline[vm] = deadline
         await self.backends[vm].freeze(quiesce, deadline)
 
-    async def thaw(self, txn_id: str, vms: Sequence[str], quiesce: str) -> None:
+    async def thaw(self, txn_id: str, vms: Sequence[str], quiesce: str) -> list[str]:
         """Thaw the VMs *txn_id* froze; release what was prepared for a freeze that
-        never came. A failed thaw is logged: the deadline still thaws the guest."""
-        async def one(vm: str) -> None:
+        never came. Return what failed: a VM whose thaw failed stays owned by *txn_id*
+        until its deadline, when the safety net armed by the freeze thaws it."""
+        async def one(vm: str) -> str:
             backend = self.backends[vm]
             if self.owner.get(vm) != txn_id:
                 if vm not in self.owner:
                     await backend.freeze_abandon()
-                return
+                return ""
             try:
                 await backend.thaw(quiesce)
             except AgentError as err:
-                log.error("vm %s: thaw failed: %s", vm, err)
-            finally:
-                self.owner.pop(vm, None)
+                log.error("vm %s: thaw failed, left to the deadline's thaw: %s", vm, err)
+                self._release_at_deadline(txn_id, vm)
+                return f"{vm}: thaw failed ({err}); the watchdog thaws it at the deadline"
+            self.owner.pop(vm, None)
+            return ""
 
-        await asyncio.gather(*(one(vm) for vm in vms))
+        return [p for p in await asyncio.gather(*(one(vm) for vm in vms)) if p]
+
+    def _release_at_deadline(self, txn_id: str, vm: str) -> None:
+        def release() -> None:
+            self._releases.pop(vm, None)
+            if self.owner.get(vm) == txn_id:
+                del self.owner[vm]
+
+        delay = max(0.0, self.deadline.get(vm, 0.0) - time.time()) + 1.0
+        self._releases[vm] = asyncio.get_running_loop().call_later(delay, release)
 
     # ---------------------------------------------------------- auto-thaw
     def arm(self, txn_id: str, deadline: float) -> None:
@@ -84,3 +99,5 @@ class FreezeControl:
         for task in self._timers.values():
             task.cancel()
         self._timers.clear()
+        for handle in self._releases.values():
+            handle.cancel()

@@ -1,4 +1,10 @@
-"""Append-only JSON-lines files with fsync: the journal and the catalog both use it."""
+"""Append-only JSON-lines files with fsync: the journal and the catalog both use it.
+
+A record is durable once its whole line, newline included, is fsynced. After a power
+loss the last line may be torn (a prefix of a record, or a record without its
+newline): that record was never acknowledged, so it is cut off before the next
+append. A bad line with complete lines after it cannot come from a torn write: it is
+an error, and the agent stops instead of silently forgetting what follows."""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from .errors import JournalError
 
 
 def fsync_dir(path: Path) -> None:
@@ -29,26 +37,54 @@ class JsonLines:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = None
+        self._durable: int | None = None  # bytes of whole records, once read
 
     def read(self) -> list[dict[str, Any]]:
-        """Every complete record, oldest first (reading stops at a torn line)."""
-        if not self.path.exists():
-            return []
-        records = []
-        for line in self.path.read_bytes().splitlines():
+        """Every durable record, oldest first (a torn last line is not one).
+
+        Raises:
+            JournalError: a corrupt record with whole records after it.
+        """
+        data = self.path.read_bytes() if self.path.exists() else b""
+        records, offset = [], 0
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines, 1):
+            last = number == len(lines)  # the bytes after the final newline
             try:
-                records.append(json.loads(line))
-            except ValueError:
-                break  # torn write at the tail: the change it described never happened
+                if last:
+                    if line:
+                        raise ValueError("no newline: the write was torn")
+                    break
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as err:
+                if number >= len(lines) - 1 and (last or not lines[-1]):
+                    break  # torn write at the tail: the change it described never happened
+                raise JournalError(f"{self.path}: line {number} is corrupt ({err}); "
+                                   "refusing to guess what follows") from err
+            records.append(record)
+            offset += len(line) + 1
+        self._durable = offset
         return records
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
-        """Write *records* and fsync them before returning."""
+        """Write *records* and fsync them before returning (a torn tail is cut first).
+
+        Raises:
+            JournalError: the file holds a corrupt record.
+        """
         data = b"".join(_line(r) for r in records)
         if not data:
             return
         if self._fd is None:
+            if self._durable is None:
+                self.read()
+            assert self._durable is not None
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            if os.fstat(self._fd).st_size > self._durable:
+                os.ftruncate(self._fd, self._durable)
+                os.fsync(self._fd)
         os.write(self._fd, data)
         os.fsync(self._fd)
 
@@ -62,6 +98,7 @@ class JsonLines:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
+        self._durable = None
 
     def close(self) -> None:
         if self._fd is not None:

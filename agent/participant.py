@@ -136,9 +136,13 @@ class CutFailed(Event):
 
 @dataclass(frozen=True)
 class Thawed(Event):
+    """The guests were thawed: by the coordinator's Thaw in time, or not (on_own: by
+    the deadline, or a thaw that failed, left to the deadline's safety net)."""
+
     journaled: ClassVar[bool] = True
     on_own: bool
     at: float
+    problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -419,7 +423,7 @@ class ParticipantMachine:
             st.thawed_at = event.at
             if event.on_own:
                 st.thawed_on_own = True
-                st.fail("freeze deadline passed before the coordinator's thaw")
+                st.fail(event.problem or "freeze deadline passed before the coordinator's thaw")
             return []
         return self._or_raise(st, event)
 

@@ -14,19 +14,23 @@ tools and sha256sum, never by Python.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from blocktxn.ids import IdentifierError, confine
 
-from .errors import BadRequestError, ConflictError, QemuError, UnknownError
+from .errors import BadRequestError, ConflictError, JournalError, QemuError, UnknownError
 from .jsonl import JsonLines, fsync_dir
 from .participant import ImageRecord
 
 
-async def run_tool(*argv: str, timeout: float = 600.0) -> str:
-    """Run a QEMU tool; return stdout.
+async def run_tool(*argv: str, timeout: float | None = 600.0) -> str:
+    """Run a QEMU tool (or sha256sum); return stdout. The child is killed if the
+    caller is cancelled or the *timeout* (None: no limit) passes.
 
     Raises:
         QemuError: non-zero exit or timeout.
@@ -37,9 +41,12 @@ async def run_tool(*argv: str, timeout: float = 600.0) -> str:
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError as exc:
-        proc.kill()
-        await proc.wait()
         raise QemuError(f"{argv[0]} timed out after {timeout:.0f}s") from exc
+    finally:
+        if proc.returncode is None:  # timed out or cancelled: never leave it running
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
     if proc.returncode != 0:
         msg = err.decode(errors="replace").strip().splitlines()
         raise QemuError(f"{argv[0]} failed: {msg[-1] if msg else proc.returncode}")
@@ -61,12 +68,14 @@ class Repository:
 
     # --------------------------------------------------------------- catalog
     def _load(self) -> list[ImageRecord]:
+        """Raises: JournalError for a corrupt catalog."""
         out = []
-        for record in self.catalog.read():
+        for number, record in enumerate(self.catalog.read(), 1):
             try:
                 out.append(ImageRecord(**record))
-            except TypeError:
-                break
+            except TypeError as err:
+                raise JournalError(f"{self.catalog.path}: record {number} is not an image "
+                                   f"({err})") from err
         return out
 
     def images(self, vm: str = "", disk: str = "") -> list[ImageRecord]:
@@ -165,18 +174,24 @@ class Repository:
         except IdentifierError as err:
             raise BadRequestError(str(err)) from err
         chain = self.chain(set_id, vm, disk)
-        if target.exists():
+        if target.exists() or target.is_symlink():
             raise ConflictError(f"restore destination {target} already exists")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.partial")
+        # A private directory of our own (mkdtemp: created anew, mode 0700), so nothing
+        # planted in the restore directory can redirect the write; link() then puts the
+        # result in place only if the name is still free.
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            await run_tool(
-                "qemu-img", "convert", "-O", fmt, str(self.path(chain[-1].image)), str(tmp)
-            )
-            os.replace(tmp, target)
+            tmp = work / "image"
+            await run_tool("qemu-img", "convert", "-O", fmt, str(self.path(chain[-1].image)),
+                           str(tmp), timeout=None)
+            try:
+                os.link(tmp, target)
+            except FileExistsError as err:
+                raise ConflictError(f"restore destination {target} already exists") from err
+            fsync_dir(target.parent)
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            shutil.rmtree(work, ignore_errors=True)
         return target
 
     async def verify(self, set_id: str) -> list[tuple[str, bool, str]]:

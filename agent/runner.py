@@ -131,8 +131,8 @@ class AgentRunner:
             return None
         if isinstance(cmd, ThawGuests):
             self.freeze.disarm(cmd.txn_id)
-            await self.freeze.thaw(cmd.txn_id, cmd.vms, cmd.quiesce)
-            return Thawed(cmd.on_own, time.time())
+            failed = await self.freeze.thaw(cmd.txn_id, cmd.vms, cmd.quiesce)
+            return Thawed(cmd.on_own or bool(failed), time.time(), "; ".join(failed))
         if isinstance(cmd, FinalizeJobs):
             cut_at = self.machine.txns[cmd.txn_id].cut_at
             return await self.steps.barrier(cmd.txn_id, cmd.members, cut_at, cmd.timeout)

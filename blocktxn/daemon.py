@@ -10,6 +10,8 @@ import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from blocktxn.errors import BlocktxnError
+
 C = TypeVar("C")
 
 #: Stop hooks, run in order after the signal.
@@ -29,7 +31,8 @@ def main(name: str, argv: Sequence[str], parser: argparse.ArgumentParser,
          configure: Callable[[argparse.Namespace], C],
          start: Callable[[C], Awaitable[Stops]]) -> int:
     """Run daemon *name*: *configure* parses the options (ValueError: exit 2),
-    *start* brings the daemon up and returns its stop hooks."""
+    *start* brings the daemon up and returns its stop hooks (a blocktxn error while
+    starting, e.g. a corrupt journal: one line, exit 1)."""
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s {name} %(levelname)s %(message)s")
     args = parser.parse_args(list(argv))
@@ -47,5 +50,10 @@ def main(name: str, argv: Sequence[str], parser: argparse.ArgumentParser,
             for stop in stops:
                 await stop()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except BlocktxnError as err:
+        logging.getLogger(name).error("cannot start: %s", err)
+        print(f"blocktxn {name}: cannot start: {err}")
+        return 1
     return 0

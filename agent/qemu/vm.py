@@ -95,14 +95,14 @@ class QemuVm(VmBackend):
             await blockjobs.pause(self.conn)
 
     async def thaw(self, quiesce: str) -> None:
-        try:
-            if quiesce == "freeze":
-                assert self.guest_agent is not None
-                await self.guest_agent.thaw()
-            elif quiesce == "pause":
-                await blockjobs.resume(self.conn)
-        finally:
-            self._stop_watchdog()
+        """Thaw; only a thaw that worked stops the watchdog (a failed one leaves the
+        guest to the watchdog's thaw at the deadline)."""
+        if quiesce == "freeze":
+            assert self.guest_agent is not None
+            await self.guest_agent.thaw()
+        elif quiesce == "pause":
+            await blockjobs.resume(self.conn)
+        self._stop_watchdog()
 
     async def _arm_watchdog(self, deadline: float) -> None:
         """Give the watchdog its deadline: from now on it will thaw by itself.

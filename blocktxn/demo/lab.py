@@ -303,6 +303,7 @@ class StandInGuestAgent:
         self.cuts: list[Cut] = []
         self.frozen_intervals: list[tuple[float, float]] = []
         self.answer_freeze = True  # False: a guest agent that never answers freeze
+        self.fail_thaws = 0  # the next N thaws answer with an error (and stay frozen)
         self._frozen_since: float | None = None
         self._mutex = threading.Lock()
         path.unlink(missing_ok=True)
@@ -354,6 +355,9 @@ class StandInGuestAgent:
             return {"return": len(self.workload.vm.disks)}
         if cmd == "guest-fsfreeze-thaw":
             with self._mutex:
+                if self.fail_thaws > 0:
+                    self.fail_thaws -= 1
+                    return {"error": {"class": "GenericError", "desc": "thaw failed (test)"}}
                 if self._frozen_since is not None:
                     self.frozen_intervals.append((self._frozen_since, time.time()))
                     self._frozen_since = None

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from blocktxn.v1 import agent_pb2 as pb
-from tests.integration.harness import Host, iter_files
+from tests.integration.harness import Host, iter_files, restore
 
 DISKS = [("vm1", "d0"), ("vm1", "d1")]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -107,3 +107,32 @@ def test_agent_command_line_errors_exit_2_with_one_line(tmp_path: Any) -> None:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         assert res.returncode == 2, (args, res)
         assert len(res.stdout.strip().splitlines()) == 1 and "blocktxn agent:" in res.stdout
+
+
+def test_a_corrupt_journal_stops_the_agent_with_one_line(tmp_path: Any) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    aborted = b'{"txn":"%s","type":"Aborted","data":{"reason":"x"}}\n'
+    (repo / "journal.jsonl").write_bytes(aborted % b"t1" + b"{garbage\n" + aborted % b"t2")
+    cmd = [sys.executable, "-m", "blocktxn.agent", "--id", "a1", "--listen", "127.0.0.1:0",
+           "--repo", str(repo)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res
+    assert res.stdout.strip().splitlines() == [res.stdout.strip()]
+    assert "journal.jsonl: line 2 is corrupt" in res.stdout
+
+
+def test_a_planted_symlink_cannot_redirect_a_restore(make_host: Callable[..., Host],
+                                                      tmp_path: Any) -> None:
+    host = make_host()
+    host.workloads["vm1"].write("d0", 3)
+    assert host.backup("t1", DISKS).yes
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"precious")
+    restore_dir = host.agent.restore_dir
+    restore_dir.mkdir(parents=True, exist_ok=True)
+    (restore_dir / ".d0.raw.partial").symlink_to(outside)  # a guess at the temp file
+    path = restore(host, "t1", "vm1", "d0", "d0.raw")
+    assert outside.read_bytes() == b"precious"
+    assert path == restore_dir / "d0.raw" and not path.is_symlink()
+    assert path.stat().st_size == 32 << 20

@@ -303,3 +303,23 @@ def test_a_stopped_agent_cannot_keep_a_guest_frozen(make_host: Callable[..., Hos
     host.abort("t2")
     assert_nothing_left(host, "t2")
     assert_checkpoint_exact(host, "blocktxn:t1", base)
+
+
+def test_a_failed_thaw_keeps_the_watchdog_armed_and_votes_no(
+    make_host: Callable[..., Host],
+) -> None:
+    host = make_host()
+    ga = host.gas["vm1"]
+    host.cut("t1", DISKS, freeze_timeout=4)
+    assert ga.is_frozen
+    ga.fail_thaws = 1                       # the agent's thaw fails once
+    thaw = host.thaw("t1")
+    assert thaw.thawed_on_own               # not a coordinated thaw: the coordinator aborts
+    assert ga.is_frozen
+    wait_until(lambda: not ga.is_frozen, timeout=10, what="the watchdog's thaw")
+    start, end = ga.frozen_intervals[-1]
+    assert end - start < 4 + 1.5            # by the deadline, retries included
+    vote = host.prepare("t1")
+    assert not vote.yes and "thaw failed" in vote.reason
+    host.abort("t1")
+    assert_nothing_left(host, "t1")
