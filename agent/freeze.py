@@ -48,10 +48,18 @@ class FreezeControl:
         self.deadline[vm] = deadline
         await self.backends[vm].freeze(quiesce, deadline)
 
-    async def thaw(self, txn_id: str, vms: Sequence[str], quiesce: str) -> list[str]:
+    async def thaw(self, txn_id: str, vms: Sequence[str], quiesce: str,
+                   after_restart: bool = False) -> list[str]:
         """Thaw the VMs *txn_id* froze; release what was prepared for a freeze that
         never came. Return what failed: a VM whose thaw failed stays owned by *txn_id*
-        until its deadline, when the safety net armed by the freeze thaws it."""
+        until its deadline, when the safety net armed by the freeze thaws it.
+
+        *after_restart*: this process does not know whether it froze them (the journal
+        says it may have): thaw every one no other transaction holds."""
+        if after_restart and quiesce != "none":
+            for vm in vms:
+                self.owner.setdefault(vm, txn_id)
+
         async def one(vm: str) -> str:
             backend = self.backends[vm]
             if self.owner.get(vm) != txn_id:

@@ -229,11 +229,13 @@ class ArmAutoThaw(Command):
 
 @dataclass(frozen=True)
 class ThawGuests(Command):
-    """Thaw the plan's VMs; feed Thawed(on_own)."""
+    """Thaw the plan's VMs; feed Thawed(on_own). After a restart the agent no longer
+    knows what it froze: ``after_restart`` thaws them all the same."""
 
     vms: tuple[str, ...]
     quiesce: str
     on_own: bool
+    after_restart: bool = False
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,7 @@ class Rollback(Command):
     thaw_vms: tuple[str, ...]
     quiesce: str
     reason: str
+    after_restart: bool = False  # thaw thaw_vms even if this process did not freeze them
 
 
 # ---------------------------------------------------------------------- state
@@ -286,6 +289,7 @@ class TxnState:
     bytes_total: dict[tuple[str, str], int] = field(default_factory=dict)
     images: tuple[ImageRecord, ...] = ()
     abort_reason: str = ""
+    preparing: bool = False  # a barrier is running (not journaled: it dies with the process)
 
     @property
     def members(self) -> tuple[MemberPlan, ...]:
@@ -406,7 +410,8 @@ class ParticipantMachine:
             assert st.plan is not None
             reason = "agent restarted during the cut"
             st.fail(reason)
-            return [Rollback(st.txn_id, st.members, st.plan.vms, st.plan.quiesce, reason)]
+            return [Rollback(st.txn_id, st.members, st.plan.vms, st.plan.quiesce, reason,
+                             after_restart=True)]
         return self._or_raise(st, event)
 
     def _on_frozen(self, st: TxnState, event: Event) -> list[Command]:
@@ -417,7 +422,8 @@ class ParticipantMachine:
             late = bool(st.freeze_deadline) and event.at >= st.freeze_deadline
             return [ThawGuests(st.txn_id, st.plan.vms, st.plan.quiesce, on_own=late)]
         if isinstance(event, (DeadlinePassed, Recovered)):
-            return [ThawGuests(st.txn_id, st.plan.vms, st.plan.quiesce, on_own=True)]
+            return [ThawGuests(st.txn_id, st.plan.vms, st.plan.quiesce, on_own=True,
+                               after_restart=isinstance(event, Recovered))]
         if isinstance(event, Thawed):
             st.phase = Phase.RUNNING
             st.thawed_at = event.at
@@ -431,6 +437,9 @@ class ParticipantMachine:
         if isinstance(event, PrepareRequested):
             if st.failure:
                 return [DeclineVote(st.txn_id, st.failure)]
+            if st.preparing:
+                return []  # a repeated Prepare waits for the barrier already running
+            st.preparing = True
             return [FinalizeJobs(st.txn_id, st.members, event.timeout)]
         if isinstance(event, Prepared):
             st.images = event.images
@@ -472,7 +481,10 @@ class ParticipantMachine:
     def _on_aborted(self, st: TxnState, event: Event) -> list[Command]:
         if isinstance(event, (AbortRequested, Aborted, PrepareRequested, Recovered)):
             return []
-        if isinstance(event, (MemberFailed, ThawRequested, DeadlinePassed, Thawed, VotedNo)):
+        # A barrier that was running when the abort came reports late: nothing to do,
+        # the rollback already cancelled its jobs and deleted its images.
+        if isinstance(event, (MemberFailed, ThawRequested, DeadlinePassed, Thawed, VotedNo,
+                              Prepared)):
             return []
         raise StateError(st.txn_id, st.phase, event)
 

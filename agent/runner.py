@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from blocktxn.ids import check_id
 from blocktxn.requests import DiskRequest, check_cut
@@ -53,6 +53,7 @@ from .repository import Repository
 from .steps import Steps
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def make_backends(config: AgentConfig) -> dict[str, VmBackend]:
@@ -77,7 +78,8 @@ class AgentRunner:
         self.steps = Steps(self.backends, self.repo, self.freeze)
         self._locks: dict[str, asyncio.Lock] = {}
         self._plan_lock = asyncio.Lock()
-        self._background: set[asyncio.Task[None]] = set()
+        self._barriers: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         self._started = False
 
     # -------------------------------------------------------------- lifecycle
@@ -106,6 +108,16 @@ class AgentRunner:
     def _lock(self, txn_id: str) -> asyncio.Lock:
         return self._locks.setdefault(txn_id, asyncio.Lock())
 
+    async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run *work* to its end even if the caller is cancelled (an RPC past its
+        deadline): a cut or decision abandoned half-way would leave a guest quiesced
+        or a transaction stuck. The outcome then waits for the caller's retry."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # no "never retrieved"
+        return await asyncio.shield(task)
+
     # ------------------------------------------------------ event/command loop
     def _record(self, txn_id: str, event: Event) -> list[Command]:
         if event.journaled:
@@ -119,9 +131,27 @@ class AgentRunner:
 
     async def _run(self, commands: Sequence[Command]) -> None:
         for cmd in commands:
+            if isinstance(cmd, FinalizeJobs):  # runs without the lock: an Abort may come
+                self._barriers[cmd.txn_id] = self._spawn(self._barrier(cmd))
+                continue
             result = await self._execute(cmd)
             if result is not None:
                 await self._apply(cmd.txn_id, result)
+
+    async def _barrier(self, cmd: FinalizeJobs) -> None:
+        """prepare_to_complete, outside the transaction's lock (copying may take long,
+        and an Abort must be able to cancel the jobs meanwhile); then record the vote."""
+        try:
+            cut_at = self.machine.txns[cmd.txn_id].cut_at
+            try:
+                vote = await self.steps.barrier(cmd.txn_id, cmd.members, cut_at, cmd.timeout)
+            except Exception as err:  # a bug: never leave the vote hanging
+                log.exception("txn %s: barrier failed", cmd.txn_id)
+                vote = VotedNo(f"barrier failed: {err!r}")
+            async with self._lock(cmd.txn_id):
+                await self._apply(cmd.txn_id, vote)
+        finally:
+            self._barriers.pop(cmd.txn_id, None)
 
     async def _execute(self, cmd: Command) -> Event | None:
         if isinstance(cmd, StartCut):
@@ -131,11 +161,8 @@ class AgentRunner:
             return None
         if isinstance(cmd, ThawGuests):
             self.freeze.disarm(cmd.txn_id)
-            failed = await self.freeze.thaw(cmd.txn_id, cmd.vms, cmd.quiesce)
+            failed = await self.freeze.thaw(cmd.txn_id, cmd.vms, cmd.quiesce, cmd.after_restart)
             return Thawed(cmd.on_own or bool(failed), time.time(), "; ".join(failed))
-        if isinstance(cmd, FinalizeJobs):
-            cut_at = self.machine.txns[cmd.txn_id].cut_at
-            return await self.steps.barrier(cmd.txn_id, cmd.members, cut_at, cmd.timeout)
         if isinstance(cmd, DeclineVote):
             return VotedNo(cmd.reason)
         if isinstance(cmd, Publish):
@@ -174,6 +201,10 @@ class AgentRunner:
             missing = sorted({d.vm for d in disks if not self.backends[d.vm].can_freeze})
             if missing:
                 raise ConflictError(f"quiesce freeze needs a guest agent; none for {missing}")
+        return await self._to_the_end(self._cut(txn_id, disks, quiesce, freeze_timeout))
+
+    async def _cut(self, txn_id: str, disks: Sequence[DiskRequest], quiesce: str,
+                   freeze_timeout: float) -> TxnState:
         async with self._lock(txn_id):
             known = self.machine.txns.get(txn_id)
             if known is not None:
@@ -234,7 +265,11 @@ class AgentRunner:
         async with self._lock(txn_id):
             if txn_id not in self.machine.txns:
                 return TxnState(txn_id, Phase.VOTED_NO, failure="transaction unknown on this agent")
-            return await self._decide(txn_id, PrepareRequested(timeout))
+            await self._decide(txn_id, PrepareRequested(timeout))
+        barrier = self._barriers.get(txn_id)
+        if barrier is not None:  # ours, or one a repeated Prepare started earlier
+            await asyncio.shield(barrier)
+        return self.machine.txns[txn_id]
 
     async def commit(self, txn_id: str) -> TxnState:
         """Apply a durable COMMIT decision.
@@ -243,8 +278,7 @@ class AgentRunner:
             InvalidInput, UnknownError, ConflictError (did not vote YES).
         """
         self._known(txn_id)
-        async with self._lock(txn_id):
-            return await self._decide(txn_id, CommitRequested())
+        return await self._to_the_end(self._locked_decide(txn_id, CommitRequested()))
 
     async def abort(self, txn_id: str, reason: str) -> TxnState:
         """Apply an ABORT decision (also for a transaction never seen here).
@@ -253,8 +287,12 @@ class AgentRunner:
             InvalidInput, ConflictError (already committed).
         """
         check_id(txn_id, "transaction id")
+        return await self._to_the_end(
+            self._locked_decide(txn_id, AbortRequested(reason or "aborted")))
+
+    async def _locked_decide(self, txn_id: str, event: Event) -> TxnState:
         async with self._lock(txn_id):
-            return await self._decide(txn_id, AbortRequested(reason or "aborted"))
+            return await self._decide(txn_id, event)
 
     async def _decide(self, txn_id: str, event: Event) -> TxnState:
         try:
@@ -291,10 +329,11 @@ class AgentRunner:
         for txn_id in self.machine.open_txns():
             self._spawn(self._check_members_alive(txn_id, lock=True))
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _fail_members(self, vm: str, reason: str) -> None:
         for txn_id in self.machine.open_txns():

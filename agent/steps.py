@@ -120,7 +120,7 @@ class Steps:
         """Thaw, cancel the jobs, drop the new checkpoints, delete the images. Aborted."""
         self.freeze.disarm(cmd.txn_id)
         if cmd.thaw_vms:
-            await self.freeze.thaw(cmd.txn_id, cmd.thaw_vms, cmd.quiesce)
+            await self.freeze.thaw(cmd.txn_id, cmd.thaw_vms, cmd.quiesce, cmd.after_restart)
         groups = by_vm(cmd.members)
         await asyncio.gather(*(self.backends[vm].rollback_jobs(ms)
                                for vm, ms in groups.items()))

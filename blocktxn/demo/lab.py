@@ -304,6 +304,7 @@ class StandInGuestAgent:
         self.frozen_intervals: list[tuple[float, float]] = []
         self.answer_freeze = True  # False: a guest agent that never answers freeze
         self.fail_thaws = 0  # the next N thaws answer with an error (and stay frozen)
+        self.freeze_delay = 0.0  # seconds a freeze takes before it answers
         self._frozen_since: float | None = None
         self._mutex = threading.Lock()
         path.unlink(missing_ok=True)
@@ -346,6 +347,7 @@ class StandInGuestAgent:
             if not self.answer_freeze:
                 time.sleep(3600)
                 return None
+            time.sleep(self.freeze_delay)
             with self._mutex:
                 if not self.is_frozen:
                     self.workload.lock.acquire()

@@ -273,7 +273,7 @@ def test_a_failed_cut_waits_for_every_step_in_flight_before_rolling_back(
     assert all(host.bitmaps("vm1", d) == {} for d in disks)
     assert host.agent.proc is not None  # and no freeze watchdog is left waiting
     watchdogs = subprocess.run(["pgrep", "-P", str(host.agent.proc.pid), "-f",
-                                "blocktxn.agent.watchdog"],
+                                "blocktxn.agent.qemu.watchdog"],
                                capture_output=True, text=True).stdout.split()
     assert watchdogs == []
 
@@ -321,5 +321,73 @@ def test_a_failed_thaw_keeps_the_watchdog_armed_and_votes_no(
     assert end - start < 4 + 1.5            # by the deadline, retries included
     vote = host.prepare("t1")
     assert not vote.yes and "thaw failed" in vote.reason
+    host.abort("t1")
+    assert_nothing_left(host, "t1")
+
+
+def test_a_restarted_agent_thaws_what_it_froze_before_it_died(
+    make_host: Callable[..., Host],
+) -> None:
+    """Recovery thaws at once: the journal says the guest may be frozen, so the
+    restarted agent thaws it without waiting for the deadline."""
+    host = make_host()
+    ga = host.gas["vm1"]
+    host.cut("t1", DISKS, freeze_timeout=60)
+    assert ga.is_frozen
+    host.restart_agent()                    # SIGKILL, then start again
+    wait_until(lambda: not ga.is_frozen, timeout=10, what="thaw after restart")
+    start, end = ga.frozen_intervals[-1]
+    assert end - start < 30                 # long before the 60 s deadline
+    vote = host.prepare("t1")
+    assert not vote.yes
+    host.abort("t1")
+    assert_nothing_left(host, "t1")
+
+
+def test_an_abort_does_not_wait_behind_a_prepare_still_copying(
+    make_host: Callable[..., Host],
+) -> None:
+    """After another agent votes NO, the coordinator's Abort stops this agent's copy at
+    once, although its Prepare is still waiting for the jobs."""
+    import threading
+
+    host = make_host()
+    write_clusters(host, range(0, 48))
+    assert host.backup("t1", DISKS).yes
+    base = host.gas["vm1"].cuts[-1].seq
+    write_clusters(host, range(0, 48))
+    host.cut("t2", DISKS, speed=SLOW // 4)           # minutes of copying
+    host.thaw("t2")
+    votes: list[pb.PrepareResponse] = []
+    preparing = threading.Thread(target=lambda: votes.append(host.prepare("t2")))
+    preparing.start()
+    time.sleep(1.0)                                   # Prepare waits for the jobs now
+    t0 = time.monotonic()
+    host.abort("t2")
+    took = time.monotonic() - t0
+    preparing.join(30)
+    assert took < 10, f"abort waited {took:.1f}s behind the prepare"
+    assert votes and not votes[0].yes
+    assert_nothing_left(host, "t2")
+    assert_checkpoint_exact(host, "blocktxn:t1", base)
+
+
+def test_a_cut_whose_caller_gave_up_still_ends_cleanly(make_host: Callable[..., Host]) -> None:
+    """The Cut RPC's deadline passes while the guest agent is still freezing: the cut
+    is not abandoned half-way (a guest left quiesced, a transaction stuck cutting); it
+    completes, and the deadline's auto-thaw then makes the agent vote NO."""
+    host = make_host()
+    ga = host.gas["vm1"]
+    ga.freeze_delay = 1.5
+    req = pb.CutRequest(txn_id="t1", quiesce=pb.QUIESCE_FREEZE, freeze_timeout_s=4,
+                        members=[pb.CutMember(vm=v, disk=d) for v, d in DISKS])
+    with pytest.raises(grpc.RpcError) as err:
+        host.stub.Cut(req, timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: ga.is_frozen, timeout=5, what="the freeze")
+    wait_until(lambda: not ga.is_frozen, timeout=10, what="the auto-thaw")
+    update = next(iter(host.stub.Status(pb.StatusRequest(txn_id="t1"), timeout=10)))
+    assert update.phase == pb.PARTICIPANT_PHASE_RUNNING and "deadline" in update.failure
+    assert not host.prepare("t1").yes
     host.abort("t1")
     assert_nothing_left(host, "t1")

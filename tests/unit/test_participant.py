@@ -142,7 +142,8 @@ def test_recovery_during_cut_undoes_it_and_while_frozen_thaws_on_own() -> None:
     assert len(out) == 1 and isinstance(out[0], Rollback)
     m2 = ParticipantMachine()
     run(m2, "t", CutPlanned(p), CutDone(1.0, 2.0, 6.0))
-    assert m2.handle("t", Recovered()) == [ThawGuests("t", ("vm1",), "freeze", on_own=True)]
+    assert m2.handle("t", Recovered()) == [ThawGuests("t", ("vm1",), "freeze", on_own=True,
+                                                      after_restart=True)]
 
 
 def test_busy_disk_and_conflicting_retry_are_refused() -> None:
