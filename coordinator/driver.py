@@ -244,7 +244,10 @@ class TxnDriver:
                 self.notify()
 
     async def _complete(self, cmd: SendCommit | SendAbort) -> TxnEvent:
-        """Deliver the decision; retried until acknowledged."""
+        """Deliver the decision; retried until acknowledged. A COMMIT is durable, so
+        an agent that cannot apply it yet (any error) is asked again until it has
+        published: the backup set is recorded only with every member. An ABORT an
+        agent refuses outright is logged and counted as delivered."""
         client = self._client(cmd.agent_id)
         delay = 0.2
         while True:
@@ -262,10 +265,12 @@ class TxnDriver:
             except AgentCallError as err:
                 if not err.retryable:
                     log.error("txn %s: %s", self.txn_id, err.describe())
-                    self.record = self.record.with_error(err.describe())
-                    return Acked(cmd.agent_id)
+                    if self.record.errors[-1:] != (err.describe(),):
+                        self.record = self.record.with_error(err.describe())
+                    if isinstance(cmd, SendAbort):
+                        return Acked(cmd.agent_id)
                 await asyncio.sleep(delay)
-                delay = min(2.0, delay * 2)
+                delay = min(2.0 if err.retryable else 5.0, delay * 2)
 
     async def _finish(self) -> None:
         """Write the final record, and the backup set when something committed."""

@@ -13,6 +13,9 @@ from .txn_machine import TxnMachine
 from .txn_messages import Decision, TxnPhase
 
 
+MAX_ERRORS = 20  # errors a transaction record keeps, newest last
+
+
 @dataclass(frozen=True)
 class MemberRecord:
     """One disk of a transaction and how far it got."""
@@ -167,7 +170,8 @@ class TxnRecord:
         return replace(self, thawed_at=max(self.thawed_at, thawed_at))
 
     def with_error(self, error: str) -> TxnRecord:
-        return replace(self, errors=(*self.errors, error))
+        """Remember *error* (the last MAX_ERRORS only: a record must stay small)."""
+        return replace(self, errors=(*self.errors, error)[-MAX_ERRORS:])
 
     def with_images(self, images: tuple[SetImage, ...]) -> TxnRecord:
         return replace(self, images=(*self.images, *images))

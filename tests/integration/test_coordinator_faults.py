@@ -255,3 +255,40 @@ def test_leader_crash_at_each_step_is_finished_by_the_next_leader(
         else:
             assert not any(txn.txn_id in b for b in bitmaps)
             assert host.jobs(vm) == []
+
+
+def test_a_commit_one_agent_cannot_apply_yet_is_redelivered_and_the_set_waits_for_it(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """A durable COMMIT is delivered until every member agent has published: an agent
+    that fails its Commit (here: its images are out of reach) is not counted as done,
+    and no backup set is recorded with members missing."""
+    cluster = two_hosts(make_cluster, first_env={"BLOCKTXN_FAILPOINTS": "after_decision=exit"})
+    txn = cluster.start(TARGETS)
+    first = cluster.coordinators[0]
+    assert first.proc is not None
+    wait_until(lambda: first.proc is not None and first.proc.poll() is not None, timeout=60,
+               what="the leader's exit right after the durable decision")
+    h2 = cluster.hosts["h2"]
+    images = list((h2.agent.repo / "images").glob(f"*/*/{txn.txn_id}.qcow2"))
+    assert len(images) == sum(len(ds) for ds in VMS.values())
+    for p in images:
+        p.rename(p.with_suffix(".away"))      # h2 cannot publish for now
+    first.env = {}
+    first.start()                             # the next leader resends the COMMIT
+    time.sleep(10)
+    now = cluster.any_stub().GetTransaction(cpb.GetTransactionRequest(txn_id=txn.txn_id),
+                                            timeout=10)
+    assert now.decision == cpb.DECISION_COMMIT and now.phase == cpb.TXN_PHASE_DECIDED
+    assert not now.set_id and now.errors
+    outcomes = {m.agent_id: m.outcome for m in now.members}
+    assert outcomes == {"h1": "committed", "h2": ""}
+    for p in images:
+        p.with_suffix(".away").rename(p)      # h2 can publish again
+    done = cluster.wait_done(txn.txn_id)
+    assert done.set_id == txn.txn_id
+    bset = cluster.any_stub().GetBackupSet(cpb.GetBackupSetRequest(set_id=done.set_id),
+                                           timeout=10)
+    assert {(i.agent_id, i.vm, i.disk) for i in bset.images} == {
+        (h.agent.agent_id, vm, d) for h, vm, d in all_disks(cluster)}
+    assert all(i.sha256 for i in bset.images)
