@@ -12,7 +12,6 @@ from .errors import NotFoundError
 from .txn_machine import TxnMachine
 from .txn_messages import Decision, TxnPhase
 
-
 MAX_ERRORS = 20  # errors a transaction record keeps, newest last
 
 
