@@ -84,6 +84,8 @@ class Election:
             except asyncio.CancelledError:
                 self._deposed()
                 raise
+            except Exception:  # a bug: never keep an epoch without leading
+                log.exception("%s: election failed", self.name)
             self._deposed()
             await asyncio.sleep(0.5)
 

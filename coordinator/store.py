@@ -79,6 +79,7 @@ class Store:
                      "grpc.keepalive_permit_without_calls": 1},
         )
         self.tx = self.client.transactions
+        self.quarantined: dict[str, str] = {}  # key -> why it was left out of listings
 
     async def _call(self, what: str, make: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -184,9 +185,20 @@ class Store:
         return await self._prefix("txn", TxnRecord)
 
     async def _prefix(self, kind: str, record: type[R]) -> list[R]:
+        """Every *kind* record; a malformed one is quarantined: logged with its key and
+        left out, so that one bad value cannot stop a listing or a new leader."""
         got = await self._call(f"list {kind}",
                                lambda: self.client.get_prefix(_key(kind) + b"/"))
-        return [_decode(kv.value, kv.key, record) for kv in got]
+        out = []
+        for kv in got:
+            try:
+                out.append(_decode(kv.value, kv.key, record))
+            except StoreCorruptError as err:
+                key = kv.key.decode(errors="replace")
+                if key not in self.quarantined:
+                    log.error("quarantined (left out until repaired): %s", err)
+                self.quarantined[key] = str(err)
+        return out
 
     # -------------------------------------------------------------- decision
     async def decide(self, decision: DecisionRecord, epoch: int | None) -> DecisionRecord:
