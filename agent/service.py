@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from blocktxn.errors import BlocktxnError
+from blocktxn.requests import check_interval, check_reason, check_wait
 from blocktxn.server import Ctx, abort_with, guard, start_server
 from blocktxn.tls import TlsFiles
 from blocktxn.v1 import agent_pb2 as pb
@@ -93,8 +94,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     async def Status(self, request: pb.StatusRequest,
                      context: Ctx) -> AsyncIterator[pb.StatusUpdate]:
-        interval = request.interval_s if request.interval_s > 0 else 0.25
         try:
+            interval = check_interval(request.interval_s)
             async for st, disks in self.runner.status(request.txn_id, interval):
                 yield pb.StatusUpdate(
                     txn_id=st.txn_id, phase=PHASE_TO_PB[st.phase], failure=st.failure,
@@ -107,8 +108,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     async def Prepare(self, request: pb.PrepareRequest,
                       context: Ctx) -> pb.PrepareResponse:
-        timeout = request.timeout_s if request.timeout_s > 0 else None
-        st = await guard(context, lambda: self.runner.prepare(request.txn_id, timeout))
+        st = await guard(context, lambda: self.runner.prepare(
+            request.txn_id, check_wait(request.timeout_s, "prepare timeout")))
         if st.phase in (Phase.PREPARED, Phase.COMMITTED):
             return pb.PrepareResponse(yes=True, images=[image_to_pb(i) for i in st.images])
         return pb.PrepareResponse(yes=False, reason=st.failure or st.abort_reason or "aborted")
@@ -120,7 +121,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     async def Abort(self, request: pb.AbortRequest,
                     context: Ctx) -> pb.AbortResponse:
-        await guard(context, lambda: self.runner.abort(request.txn_id, request.reason))
+        await guard(context, lambda: self.runner.abort(request.txn_id,
+                                                        check_reason(request.reason)))
         return pb.AbortResponse()
 
     async def ListImages(self, request: pb.ListImagesRequest,

@@ -6,6 +6,9 @@ Ranges (also in the proto and ``blocktxn backup --help``):
 - freeze timeout: 0..3600 s (0 = the default, 10 s)
 - deadline: 0..604800 s from the start (0 = the default, 3600 s)
 - speed: 0..2**63-1 bytes/s per disk (0 = unlimited)
+- a wait (Prepare's timeout): 0 (no limit) or up to 604800 s
+- a progress interval (Status): 0 (the default, 0.25 s) or 0.05..60 s
+- targets per request, disks per cut: at most 4096; a reason: at most 1024 characters
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ DEFAULT_FREEZE_TIMEOUT = 10.0
 DEADLINE_MAX = 7 * 24 * 3600.0
 DEFAULT_DEADLINE = 3600.0
 SPEED_MAX = 2**63 - 1
+WAIT_MAX = 7 * 24 * 3600.0
+DEFAULT_INTERVAL = 0.25
+INTERVAL_MIN, INTERVAL_MAX = 0.05, 60.0
+MAX_TARGETS = 4096
+MAX_REASON = 1024
 
 
 def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
@@ -48,6 +56,26 @@ def check_speed(speed: int) -> int:
     if speed > SPEED_MAX:
         raise InvalidInput(f"speed {speed} is above {SPEED_MAX}")
     return speed
+
+
+def check_wait(seconds: float, what: str) -> float | None:
+    """A wait in seconds: None for 0 (no limit). Raises: InvalidInput outside 0..7 days."""
+    check_range(seconds, 0.0, WAIT_MAX, what, "s")
+    return seconds or None
+
+
+def check_interval(seconds: float) -> float:
+    """A progress interval: the default for 0. Raises: InvalidInput outside 0.05..60 s."""
+    if seconds == 0:
+        return DEFAULT_INTERVAL
+    return check_range(seconds, INTERVAL_MIN, INTERVAL_MAX, "interval", "s")
+
+
+def check_reason(text: str) -> str:
+    """Raises: InvalidInput for a reason longer than 1024 characters."""
+    if len(text) > MAX_REASON:
+        raise InvalidInput(f"reason of {len(text)} characters is longer than {MAX_REASON}")
+    return text
 
 
 def check_freeze_timeout(seconds: float) -> float:
@@ -119,6 +147,8 @@ class BackupRequest:
         self.options.check()
         if not self.targets:
             raise InvalidInput("no targets: name at least one AGENT/VM[/DISK]")
+        if len(self.targets) > MAX_TARGETS:
+            raise InvalidInput(f"{len(self.targets)} targets: at most {MAX_TARGETS}")
         out = []
         for text, mode in self.targets:
             target = Target.parse(text)
@@ -155,6 +185,8 @@ def check_cut(txn_id: str, disks: list[DiskRequest], quiesce: str,
     check_id(txn_id, "transaction id")
     if not disks:
         raise InvalidInput("no members: a cut needs at least one VM/disk")
+    if len(disks) > MAX_TARGETS:
+        raise InvalidInput(f"{len(disks)} members: at most {MAX_TARGETS}")
     check_choice(quiesce, QUIESCES, "quiesce")
     check_freeze_timeout(freeze_timeout)
     seen: set[tuple[str, str]] = set()

@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator
 
 from blocktxn.ids import check_id
-from blocktxn.requests import BackupRequest, Target
+from blocktxn.requests import BackupRequest, Target, check_reason
 
 from . import planner, recovery
 from .agent_client import ImageCheck, RestoreResult
@@ -123,6 +123,7 @@ class Coordinator:
             NotLeaderError, StoreUnavailableError, StoreCorruptError.
         """
         check_id(txn_id, "transaction id")
+        check_reason(reason)
         self.election.require()
         driver = self.live.get(txn_id)
         if driver is None:

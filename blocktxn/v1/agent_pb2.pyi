@@ -255,7 +255,7 @@ class CutMember(_message.Message):
     disk: _builtins.str
     mode: Global___BackupMode.ValueType
     speed: _builtins.int
-    """bytes per second, 0 = unlimited"""
+    """bytes per second, 0 = unlimited; at most 2^63-1"""
     def __init__(
         self,
         *,
@@ -284,7 +284,7 @@ class CutRequest(_message.Message):
     """[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"""
     quiesce: Global___Quiesce.ValueType
     freeze_timeout_s: _builtins.float
-    """auto-thaw after this long; 0 = 10 s"""
+    """auto-thaw after this long; 0 = 10 s; 0..3600"""
     @_builtins.property
     def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___CutMember]: ...
     def __init__(
@@ -430,7 +430,7 @@ class StatusRequest(_message.Message):
     INTERVAL_S_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.str
     interval_s: _builtins.float
-    """between updates; 0 = 0.25 s"""
+    """between updates; 0 = 0.25 s; else 0.05..60"""
     def __init__(
         self,
         *,
@@ -518,7 +518,7 @@ class PrepareRequest(_message.Message):
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.str
     timeout_s: _builtins.float
-    """wait at most this long for the jobs; 0 = no limit"""
+    """wait at most this long for the jobs; 0 = no limit; 0..604800"""
     def __init__(
         self,
         *,
@@ -668,6 +668,7 @@ class AbortRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.str
     reason: _builtins.str
+    """at most 1024 characters"""
     def __init__(
         self,
         *,

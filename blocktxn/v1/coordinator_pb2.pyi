@@ -258,11 +258,11 @@ class StartTransactionRequest(_message.Message):
     completion: Global___Completion.ValueType
     quiesce: _agent_pb2.Quiesce.ValueType
     freeze_timeout_s: _builtins.float
-    """0 = 10 s"""
+    """0 = 10 s; 0..3600"""
     deadline_s: _builtins.float
-    """seconds from now; 0 = 3600; past it: presumed abort"""
+    """seconds from now; 0 = 3600; 0..604800; past it: presumed abort"""
     speed: _builtins.int
-    """per disk bytes/s, 0 = unlimited"""
+    """per disk bytes/s, 0 = unlimited; at most 2^63-1"""
     @_builtins.property
     def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Target]: ...
     def __init__(
@@ -495,6 +495,7 @@ class CancelTransactionRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.str
     reason: _builtins.str
+    """at most 1024 characters"""
     def __init__(
         self,
         *,

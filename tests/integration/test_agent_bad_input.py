@@ -85,6 +85,17 @@ def test_bad_requests_are_refused_and_change_nothing(make_host: Callable[..., Ho
         set_id="t9", vm="vm1", disk="d0", destination=str(restore_dir / "x")), timeout=10), "t9")
     expect(NOT_FOUND, lambda: stub.Verify(pb.VerifyRequest(set_id="t9"), timeout=10))
     expect(INVALID, lambda: stub.Verify(pb.VerifyRequest(set_id="a/b"), timeout=10))
+    # numbers outside their documented ranges, oversized text
+    for bad in (float("nan"), float("inf"), -1.0, 1e12):
+        expect(INVALID, lambda b=bad: stub.Prepare(  # type: ignore[misc]
+            pb.PrepareRequest(txn_id="busy", timeout_s=b), timeout=10), "timeout")
+    for bad in (1e-6, float("nan"), 1e9):
+        expect(INVALID, lambda b=bad: next(iter(stub.Status(  # type: ignore[misc]
+            pb.StatusRequest(txn_id="busy", interval_s=b), timeout=10))), "interval")
+    expect(INVALID, lambda: stub.Abort(pb.AbortRequest(txn_id="busy", reason="x" * 5000),
+                                       timeout=10), "reason")
+    expect(INVALID, cut(host, "t2", [("vm1", "d1")], freeze_timeout=float("nan")),
+           "freeze timeout")
     assert snapshot(host) == before
 
     # a prepare of a transaction never cut here is a NO vote, not an error

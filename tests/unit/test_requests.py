@@ -57,3 +57,25 @@ def test_an_agent_cut_is_checked_before_anything_happens() -> None:
             ([DiskRequest("v m", "d0")], "none", 0, "VM name")):
         with pytest.raises(InvalidInput, match=word):
             check_cut("t1", disks, quiesce, timeout)
+
+
+def test_waits_intervals_reasons_and_counts_have_ranges() -> None:
+    from blocktxn.requests import MAX_TARGETS, check_interval, check_reason, check_wait
+
+    assert check_wait(0, "t") is None and check_wait(2.5, "t") == 2.5
+    assert check_interval(0) == 0.25 and check_interval(1) == 1
+    for bad in (math.nan, math.inf, -1.0, 1e12):
+        with pytest.raises(InvalidInput, match="timeout"):
+            check_wait(bad, "prepare timeout")
+    for bad in (1e-6, math.nan, 1e9, -1.0):
+        with pytest.raises(InvalidInput, match="interval"):
+            check_interval(bad)
+    assert check_reason("x" * 1024)
+    with pytest.raises(InvalidInput, match="reason"):
+        check_reason("x" * 1025)
+    with pytest.raises(InvalidInput, match="targets"):
+        BackupRequest(tuple((f"h/vm{i}", "") for i in range(MAX_TARGETS + 1))).check()
+    with pytest.raises(InvalidInput, match="members"):
+        check_cut("t", [DiskRequest("vm", f"d{i}") for i in range(MAX_TARGETS + 1)], "none", 0)
+    with pytest.raises(InvalidInput, match="deadline"):
+        BackupRequest((("h/vm", ""),), BackupOptions(deadline=math.inf)).check()
