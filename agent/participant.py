@@ -320,6 +320,16 @@ class ParticipantMachine:
             for m in st.members
         }
 
+    def quiesce_holders(self) -> dict[str, str]:
+        """vm -> the transaction that may hold it quiesced: from the plan of a cut on,
+        until the thaw (a freeze is VM-wide: one transaction at a time)."""
+        return {
+            vm: st.txn_id
+            for st in self.txns.values()
+            if st.phase in (Phase.CUTTING, Phase.FROZEN) and st.plan and st.plan.quiesce != "none"
+            for vm in st.plan.vms
+        }
+
     def open_txns(self) -> list[str]:
         return sorted(t for t, st in self.txns.items() if st.phase in OPEN_PHASES)
 

@@ -239,7 +239,7 @@ class AgentRunner:
             disks=found, last_image=self.repo.last_image,
             image_exists=lambda rel: self.repo.path(rel).exists(),
             image_rel=self.repo.image_rel, busy=self.machine.busy_disks(),
-            frozen=self.freeze.frozen_by())
+            frozen={**self.machine.quiesce_holders(), **self.freeze.frozen_by()})
 
     async def thaw(self, txn_id: str) -> TxnState:
         """End the freeze of *txn_id*. Raises: InvalidInput, UnknownError."""

@@ -391,3 +391,32 @@ def test_a_cut_whose_caller_gave_up_still_ends_cleanly(make_host: Callable[..., 
     assert not host.prepare("t1").yes
     host.abort("t1")
     assert_nothing_left(host, "t1")
+
+
+def test_two_freezes_of_one_vm_cannot_overlap(make_host: Callable[..., Host]) -> None:
+    """Two transactions on different disks of one VM, both with freeze: the second is
+    refused while the first is still cutting (before it has frozen anything), so one
+    watchdog cannot replace the other and one rollback cannot thaw the other's cut."""
+    import threading
+
+    host = make_host()
+    slow = host.workdir / "slowbin"
+    slow.mkdir()
+    real = shutil.which("qemu-img")
+    (slow / "qemu-img").write_text(f'#!/bin/sh\nsleep 1.5\nexec {real} "$@"\n')
+    (slow / "qemu-img").chmod(0o755)
+    host.agent.env = {"PATH": f"{slow}:{os.environ['PATH']}"}
+    host.restart_agent()
+    first: list[pb.CutResponse] = []
+    cutting = threading.Thread(target=lambda: first.append(host.cut("t1", [("vm1", "d0")])))
+    cutting.start()
+    time.sleep(0.5)                       # t1 is planned and creating its image
+    with pytest.raises(grpc.RpcError) as err:
+        host.cut("t2", [("vm1", "d1")])
+    cutting.join(30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "t1" in (err.value.details() or "")
+    assert first and first[0].frozen_at > 0
+    host.thaw("t1")
+    assert host.prepare("t1").yes
+    host.commit("t1")
