@@ -88,13 +88,25 @@ class Journal:
                 machine.handle(txn_id, event)
             except (StateError, ValueError, KeyError, TypeError) as err:
                 log.error("journal record skipped (%s): %s", err, record)
-        finished = [t for t, st in machine.txns.items() if st.phase not in OPEN_PHASES]
-        drop = set(finished[:-KEEP_FINISHED]) if len(finished) > KEEP_FINISHED else set()
-        if drop:
-            self.file.rewrite(r for r in records if r.get("txn") not in drop)
-            for t in drop:
-                del machine.txns[t]
+        self.compact(machine, 0, records)
         log.info("journal replayed: %d records, open: %s", len(records), machine.open_txns())
+
+    def compact(self, machine: ParticipantMachine, slack: int = KEEP_FINISHED,
+                records: list[dict[str, Any]] | None = None) -> set[str]:
+        """Once more than KEEP_FINISHED + *slack* transactions are finished, forget all
+        but the newest KEEP_FINISHED of them, in *machine* and in the file; return the
+        ids forgotten. (With the default slack this runs once per KEEP_FINISHED
+        transactions, so the rewrite costs O(1) per transaction, amortised.)"""
+        finished = [t for t, st in machine.txns.items() if st.phase not in OPEN_PHASES]
+        if len(finished) <= KEEP_FINISHED + slack:
+            return set()
+        drop = set(finished[:-KEEP_FINISHED])
+        kept = self.file.read() if records is None else records
+        self.file.rewrite(r for r in kept if r.get("txn") not in drop)
+        for t in drop:
+            del machine.txns[t]
+        log.info("journal compacted: %d finished transactions forgotten", len(drop))
+        return drop
 
     def close(self) -> None:
         self.file.close()

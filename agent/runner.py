@@ -24,10 +24,12 @@ from .errors import ConflictError, UnknownError
 from .freeze import FreezeControl
 from .journal import Journal
 from .participant import (
+    Aborted,
     AbortRequested,
     ArmAutoThaw,
     Command,
     CommitRequested,
+    Committed,
     CutPlanned,
     DeadlinePassed,
     DeclineVote,
@@ -124,7 +126,16 @@ class AgentRunner:
             self.journal.append(txn_id, event)
         commands = self.machine.handle(txn_id, event)
         self.machine.validate_state()
+        if isinstance(event, (Committed, Aborted)):
+            self._forget()
         return commands
+
+    def _forget(self) -> None:
+        """Keep memory and journal bounded: old finished transactions and idle locks go."""
+        self.journal.compact(self.machine)
+        if len(self._locks) > len(self.machine.txns) + 64:
+            self._locks = {t: lock for t, lock in self._locks.items()
+                           if t in self.machine.txns or lock.locked()}
 
     async def _apply(self, txn_id: str, event: Event) -> None:
         await self._run(self._record(txn_id, event))
@@ -264,6 +275,7 @@ class AgentRunner:
         check_id(txn_id, "transaction id")
         async with self._lock(txn_id):
             if txn_id not in self.machine.txns:
+                self._forget()
                 return TxnState(txn_id, Phase.VOTED_NO, failure="transaction unknown on this agent")
             await self._decide(txn_id, PrepareRequested(timeout))
         barrier = self._barriers.get(txn_id)
