@@ -6,6 +6,7 @@ CoordinatorError (BlocktxnError)
  +-- PreconditionError       conflicts with the state    (Conflict -> FAILED_PRECONDITION)
  +-- NotLeaderError          fenced write rejected       (Unavailable -> UNAVAILABLE)
  +-- StoreUnavailableError   etcd unreachable            (Unavailable -> UNAVAILABLE)
+ +-- StoreRejectedError      etcd refused for good, e.g. too large (Conflict)
  +-- StoreCorruptError       a stored value is malformed (-> INTERNAL)
  +-- ConfigError             a bad configuration value   (InvalidInput, ValueError)
  +-- AgentCallError          an agent RPC failed         (keeps the agent's gRPC code)
@@ -45,6 +46,11 @@ class NotLeaderError(CoordinatorError, Unavailable):
 
 class StoreUnavailableError(CoordinatorError, Unavailable):
     """etcd did not answer within the deadline."""
+
+
+class StoreRejectedError(CoordinatorError, Conflict):
+    """etcd refused the request for good (too large, invalid, not allowed): retrying
+    cannot help."""
 
 
 class StoreCorruptError(CoordinatorError):

@@ -34,10 +34,19 @@ import aetcd
 import aetcd.exceptions
 import grpc
 
-from .errors import ConfigError, NotLeaderError, StoreCorruptError, StoreUnavailableError
+from .errors import (
+    ConfigError,
+    NotLeaderError,
+    StoreCorruptError,
+    StoreRejectedError,
+    StoreUnavailableError,
+)
 from .records import AgentEntry, BackupSet, DecisionRecord, TxnRecord
 
 log = logging.getLogger(__name__)
+#: gRPC codes of an etcd request that a retry cannot fix.
+_REJECTED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
 SCHEMA = 1
 PREFIX = "/blocktxn/v1/"
 T = TypeVar("T")
@@ -82,9 +91,21 @@ class Store:
         self.quarantined: dict[str, str] = {}  # key -> why it was left out of listings
 
     async def _call(self, what: str, make: Callable[[], Awaitable[T]]) -> T:
+        """One etcd request with a deadline.
+
+        Raises:
+            StoreRejectedError: etcd refused it for good (too large, invalid, denied).
+            StoreUnavailableError: anything else: etcd may answer a retry.
+        """
         try:
             return await asyncio.wait_for(make(), self.timeout)
         except (TimeoutError, aetcd.exceptions.ClientError, grpc.RpcError, OSError) as err:
+            rpc = err if isinstance(err, grpc.aio.AioRpcError) else err.__cause__
+            if isinstance(err, (aetcd.exceptions.InvalidArgumentError,
+                                aetcd.exceptions.UnauthenticatedError)) or (
+                    isinstance(rpc, grpc.aio.AioRpcError) and rpc.code() in _REJECTED):
+                detail = rpc.details() if isinstance(rpc, grpc.aio.AioRpcError) else str(err)
+                raise StoreRejectedError(f"etcd {what}: request refused: {detail}") from err
             raise StoreUnavailableError(f"etcd {what}: {err or type(err).__name__}") from err
 
     async def close(self) -> None:

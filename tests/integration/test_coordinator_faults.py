@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from blocktxn.coordinator.errors import NotLeaderError, StoreCorruptError
+from blocktxn.coordinator.errors import NotLeaderError, StoreCorruptError, StoreRejectedError
 from blocktxn.coordinator.records import (
     BackupSet,
     DecisionRecord,
@@ -321,3 +321,29 @@ def test_a_corrupt_record_is_quarantined_not_fatal_to_leadership(
     assert [s.set_id for s in sets.sets] == [done.txn_id]
     log = (first.workdir / f"{first.name}.log").read_text()
     assert "quarantined" in log and "tx-bad" in log
+
+
+def test_an_etcd_request_that_can_never_succeed_is_not_retried(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """etcd refuses a value over its size limit: that is a rejection to report, not an
+    outage to wait out (the driver retries only StoreUnavailableError)."""
+    cluster = make_cluster(0)
+
+    async def scenario() -> None:
+        store = Store(cluster.etcd.endpoint)
+        try:
+            epoch = await store.try_lead("a@x", await store.lease(5))
+            assert epoch is not None
+            huge = TxnRecord("t3", "r3", "grouped", "none", 10.0, 99.0, 0, 1.0,
+                             (MemberRecord("h1", "vm1", "d0", "auto",
+                                           mode_reason="x" * (2 << 20)),),
+                             (("h1", "127.0.0.1:1"),))
+            t0 = time.monotonic()
+            with pytest.raises(StoreRejectedError, match=r"larger than max|too large"):
+                await store.create_txn(epoch, huge)
+            assert time.monotonic() - t0 < 5
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
