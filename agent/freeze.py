@@ -28,6 +28,7 @@ class FreezeControl:
         self.backends = backends
         self.owner: dict[str, str] = {}  # vm -> txn id that froze it
         self.deadline: dict[str, float] = {}  # vm -> its freeze deadline
+        self.since: dict[str, float] = {}  # vm -> when it was quiesced (monotonic)
         self._on_deadline = on_deadline
         self._timers: dict[str, asyncio.Task[None]] = {}
         self._releases: dict[str, asyncio.TimerHandle] = {}
@@ -46,7 +47,10 @@ class FreezeControl:
             return
         self.owner[vm] = txn_id
         self.deadline[vm] = deadline
+        self.since[vm] = time.monotonic()
         await self.backends[vm].freeze(quiesce, deadline)
+        log.info("txn %s: vm %s quiesced (%s) until at most %.1fs from now", txn_id, vm,
+                 quiesce, deadline - time.time())
 
     async def thaw(self, txn_id: str, vms: Sequence[str], quiesce: str,
                    after_restart: bool = False) -> list[str]:
@@ -73,6 +77,8 @@ class FreezeControl:
                 self._release_at_deadline(txn_id, vm)
                 return f"{vm}: thaw failed ({err}); the watchdog thaws it at the deadline"
             self.owner.pop(vm, None)
+            held = time.monotonic() - self.since.pop(vm, time.monotonic())
+            log.info("txn %s: vm %s thawed after %.0f ms", txn_id, vm, held * 1000)
             return ""
 
         return [p for p in await asyncio.gather(*(one(vm) for vm in vms)) if p]

@@ -177,7 +177,7 @@ class AgentRunner:
         if isinstance(cmd, DeclineVote):
             return VotedNo(cmd.reason)
         if isinstance(cmd, Publish):
-            return await self.steps.publish(cmd.members, cmd.images)
+            return await self.steps.publish(cmd.txn_id, cmd.members, cmd.images)
         if isinstance(cmd, Rollback):
             return await self.steps.rollback(cmd)
         raise AssertionError(f"unknown command {cmd!r}")
@@ -333,6 +333,7 @@ class AgentRunner:
 
     # ------------------------------------------------------------- VM events
     async def _vm_lost(self, vm: VmBackend) -> None:
+        log.warning("vm %s: connection lost; its open transactions will vote NO", vm.name)
         self._spawn(self._fail_members(vm.name, "QEMU connection lost"))
 
     async def _vm_connected(self, vm: VmBackend) -> None:
@@ -369,6 +370,7 @@ class AgentRunner:
             elif m.job_id not in vm.job_ids():
                 problem = "backup job vanished (QEMU restarted?)"
             if problem and not st.failure:
+                log.warning("txn %s: %s/%s: %s", txn_id, m.vm, m.disk, problem)
                 if lock:
                     async with self._lock(txn_id):
                         await self._apply(txn_id, MemberFailed(m.vm, m.disk, problem))

@@ -66,6 +66,8 @@ class Steps:
             async def cut_vm(vm: str, ms: list[MemberPlan]) -> None:
                 await self.freeze.freeze(plan.txn_id, vm, plan.quiesce, deadline)
                 await self.backends[vm].start_jobs(ms)
+                log.info("txn %s: vm %s cut (%s): %s", plan.txn_id, vm, plan.quiesce,
+                         ", ".join(f"{m.disk} {m.mode} ({m.mode_reason})" for m in ms))
 
             await asyncio.wait_for(gather_all(*(cut_vm(vm, ms) for vm, ms in members.items())),
                                    plan.freeze_timeout)
@@ -78,9 +80,11 @@ class Steps:
             return CutDone(0.0 if plan.quiesce == "none" else frozen_at, cut_at, deadline,
                            tuple(totals))
         except TimeoutError:
-            return CutFailed(f"cut did not finish within the freeze timeout "
-                             f"({plan.freeze_timeout:g}s)")
+            why = f"cut did not finish within the freeze timeout ({plan.freeze_timeout:g}s)"
+            log.warning("txn %s: cut failed: %s", plan.txn_id, why)
+            return CutFailed(why)
         except AgentError as err:
+            log.warning("txn %s: cut failed: %s", plan.txn_id, err)
             return CutFailed(str(err))
 
     async def barrier(self, txn_id: str, members: tuple[MemberPlan, ...], cut_at: float,
@@ -97,13 +101,16 @@ class Steps:
                 copied.update(part)
             await self.repo.make_durable([m.image for m in members])
         except AgentError as err:
+            log.warning("txn %s: votes NO: %s", txn_id, err)
             return VotedNo(str(err))
+        log.info("txn %s: prepared, votes YES: %s", txn_id,
+                 ", ".join(f"{m.vm}/{m.disk} {copied[m.key]} bytes" for m in members))
         return Prepared(tuple(ImageRecord(
             vm=m.vm, disk=m.disk, set_id=txn_id,
             image=m.image, backing=m.backing, mode=m.mode, bytes=copied[m.key], size=m.size,
             cut_at=cut_at, checkpoint=m.new_bitmap) for m in members))
 
-    async def publish(self, members: tuple[MemberPlan, ...],
+    async def publish(self, txn_id: str, members: tuple[MemberPlan, ...],
                       images: tuple[ImageRecord, ...]) -> Event:
         """Drop the previous checkpoints, checksum and catalog the images. Committed."""
         removing = self._drop({vm: [(m.disk, b) for m in ms for b in m.stale_bitmaps]
@@ -114,6 +121,8 @@ class Steps:
         done = tuple(replace(i, sha256=s)
                      for i, s in zip(images, checksums.result(), strict=True))
         self.repo.record(list(done))
+        log.info("txn %s: committed: %d images catalogued, previous checkpoints dropped",
+                 txn_id, len(done))
         return Committed(done)
 
     async def rollback(self, cmd: Rollback) -> Event:
@@ -131,6 +140,8 @@ class Steps:
             log.warning("rollback of %s: new checkpoints not all dropped: %s", cmd.txn_id, err)
         for m in cmd.members:
             self.repo.delete_image(m.image)
+        log.info("txn %s: rolled back (%s): %d jobs cancelled, new checkpoints dropped",
+                 cmd.txn_id, cmd.reason, len(cmd.members))
         return Aborted(cmd.reason)
 
     async def _drop(self, checkpoints: dict[str, list[tuple[str, str]]]) -> None:
