@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -237,6 +238,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--workdir", help="where the demo keeps its files (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="leave the cluster running at the end")
     args = p.parse_args(argv)
+
+    def stop_on_signal(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM/SIGHUP stop the demo like Ctrl-C: all of it
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop_on_signal)
     console = Console()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="blocktxn-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -147,3 +147,23 @@ def test_a_planted_symlink_cannot_redirect_a_restore(make_host: Callable[..., Ho
     assert outside.read_bytes() == b"precious"
     assert path == restore_dir / "d0.raw" and not path.is_symlink()
     assert path.stat().st_size == 32 << 20
+
+
+def test_an_agent_whose_peers_are_gone_exits_promptly_on_sigterm(tmp_path: Any) -> None:
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "blocktxn.agent", "--id", "a1", "--listen", "127.0.0.1:0",
+           "--repo", str(tmp_path / "repo"), "--vm", f"vm1={tmp_path / 'gone.sock'}",
+           "--coordinator", "127.0.0.1:1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(8)            # started (it waits 5 s for the VM), heartbeats failing
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and took < 4, (proc.returncode, took)

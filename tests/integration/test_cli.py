@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,11 +84,54 @@ def test_cli_covers_the_daily_work_with_exit_codes(make_cluster: Callable[..., C
     assert res.returncode == 3
 
 
-def test_demo_runs_end_to_end_and_passes_every_check(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "blocktxn", "demo", "--workdir",
-                          str(tmp_path / "demo")], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "checks passed: 9/9" in res.stdout and "demo passed" in res.stdout
+def _running_under(path: Path) -> list[str]:
+    """Command lines of live processes that name *path* (read from /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(path) in cmdline:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def test_demo_runs_end_to_end_passes_every_check_and_stops_everything_on_sigterm(
+        tmp_path: Path) -> None:
+    """The demo, kept running as an operator would, then stopped the way a service
+    manager or `timeout` stops it: SIGTERM must stop every process it started."""
+    import signal
+
+    workdir = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "-m", "blocktxn", "demo", "--keep", "--workdir",
+                             str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out = ""
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 300
+        while "keeps running" not in out and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out += line
+        assert "keeps running" in out, out[-3000:]
+        assert _running_under(workdir)              # the cluster is up
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=60)
+        out += rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        left = _running_under(workdir)
+        for line in left:  # started by this test's demo: never leave them behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split(":")[0]), signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "checks passed: 9/9" in out and "demo passed" in out
     for word in ("full backup committed", "aborted everywhere", "causal consistency",
                  "exactly every change"):
-        assert word in res.stdout
+        assert word in out
+    assert left == []
