@@ -16,8 +16,6 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
-from google.protobuf import json_format
-
 EXIT_OK, EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 #: Subcommands that hand the rest of the command line to a module's ``main(argv) -> int``.
@@ -52,15 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="blocktxn", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--coordinator", help="HOST:PORT (default $BLOCKTXN_COORDINATOR, "
-                        "else 127.0.0.1:7400)")
+    where = "HOST:PORT (default $BLOCKTXN_COORDINATOR, else 127.0.0.1:7400)"
+    parser.add_argument("--coordinator", help=where)
     tls.add_arguments(parser, env=True)
+    # the same options after the subcommand, as operators type them
+    common = _Parser(add_help=False)
+    common.add_argument("--coordinator", help=where, default=argparse.SUPPRESS)
+    tls.add_arguments(common, env=True, suppress=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (_, text) in ENTRIES.items():
         entry = sub.add_parser(name, help=f"{text} (`blocktxn {name} --help`)", add_help=False)
         entry.add_argument("rest", nargs=argparse.REMAINDER)
 
-    b = sub.add_parser("backup", help="back up targets as one transaction")
+    b = sub.add_parser("backup", parents=[common], help="back up targets as one transaction")
     b.add_argument("targets", nargs="+", metavar="TARGET", help="AGENT/VM or AGENT/VM/DISK")
     b.add_argument("--mode", choices=requests.MODES, default="auto")
     b.add_argument("--completion", choices=requests.COMPLETIONS, default="grouped")
@@ -77,62 +79,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("txn", help="transactions")
     tsub = t.add_subparsers(dest="txn_command", required=True, parser_class=_Parser)
-    tl = tsub.add_parser("list")
+    tl = tsub.add_parser("list", parents=[common])
     tl.add_argument("--open", action="store_true")
     tl.add_argument("--json", action="store_true")
-    ts = tsub.add_parser("show")
+    ts = tsub.add_parser("show", parents=[common])
     ts.add_argument("txn_id")
     ts.add_argument("--json", action="store_true")
-    tc = tsub.add_parser("cancel")
+    tc = tsub.add_parser("cancel", parents=[common])
     tc.add_argument("txn_id")
     tc.add_argument("--reason", default="cancelled by operator")
     tc.add_argument("--json", action="store_true")
 
-    ag = sub.add_parser("agents", help="registered agents")
+    ag = sub.add_parser("agents", parents=[common], help="registered agents")
     ag.add_argument("--json", action="store_true")
 
     s = sub.add_parser("sets", help="backup sets")
     ssub = s.add_subparsers(dest="sets_command", required=True, parser_class=_Parser)
-    sl = ssub.add_parser("list")
+    sl = ssub.add_parser("list", parents=[common])
     sl.add_argument("--json", action="store_true")
-    ss = ssub.add_parser("show")
+    ss = ssub.add_parser("show", parents=[common])
     ss.add_argument("set_id")
     ss.add_argument("--json", action="store_true")
 
-    r = sub.add_parser("restore", help="restore one disk of a backup set")
+    r = sub.add_parser("restore", parents=[common], help="restore one disk of a backup set")
     r.add_argument("set_id")
     r.add_argument("target", help="AGENT/VM/DISK")
     r.add_argument("--to", required=True, dest="destination", help="path on the agent's host")
     r.add_argument("--format", choices=["raw", "qcow2"], default="raw")
     r.add_argument("--json", action="store_true")
 
-    v = sub.add_parser("verify", help="verify every image chain of a backup set")
+    v = sub.add_parser("verify", parents=[common],
+                       help="verify every image chain of a backup set")
     v.add_argument("set_id")
     v.add_argument("--json", action="store_true")
     return parser
-
-
-def _dump(message: Any) -> dict[str, Any]:
-    result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return result
-
-
-def txn_summary(txn: Any) -> dict[str, Any]:
-    """The one JSON object `backup --json` prints."""
-    from blocktxn.wire import DECISION_NAME, MODE_NAME, PHASE_NAME
-
-    out: dict[str, Any] = {
-        "txn_id": txn.txn_id,
-        "state": DECISION_NAME.get(txn.decision) or PHASE_NAME.get(txn.phase, "?"),
-        "members": [{"target": f"{m.agent_id}/{m.vm}/{m.disk}",
-                     "mode": MODE_NAME.get(m.mode) or "auto", "bytes": m.bytes_done,
-                     "outcome": m.outcome} for m in txn.members],
-    }
-    if txn.set_id:
-        out["set_id"] = txn.set_id
-    if txn.decision == 2:
-        out["reason"] = txn.reason
-    return out
 
 
 async def _backup(args: argparse.Namespace) -> int:
@@ -140,13 +120,14 @@ async def _backup(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
     from blocktxn.client import BackupOptions, Client
+    from blocktxn.shapes import txn_json
 
     opts = BackupOptions(args.mode, args.completion, args.quiesce, args.freeze_timeout,
                          args.deadline, args.speed, args.request_id)
     async with Client(args.coordinator, tls=args.tls) as client:
         txn = await client.backup(args.targets, opts)
         if not args.wait:
-            print(json.dumps(txn_summary(txn)) if args.json else txn.txn_id)
+            print(json.dumps(txn_json(txn)) if args.json else txn.txn_id)
             return EXIT_OK
         console = Console(stderr=True)
         if args.json:
@@ -166,7 +147,7 @@ async def _backup(args: argparse.Namespace) -> int:
                                         total=m.bytes_total or None,
                                         status=m.outcome or m.job_status)
             txn = await client.get(txn.txn_id)
-        summary = txn_summary(txn)
+        summary = txn_json(txn)
         if args.json:
             print(json.dumps(summary))
         elif summary["state"] == "committed":
@@ -190,6 +171,7 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 async def _operator(args: argparse.Namespace) -> int:
     from blocktxn.client import Client
+    from blocktxn.shapes import agent_json, restore_json, set_json, txn_json, verify_json
     from blocktxn.wire import DECISION_NAME, MODE_NAME, PHASE_NAME
 
     async with Client(args.coordinator, tls=args.tls) as client:
@@ -197,7 +179,7 @@ async def _operator(args: argparse.Namespace) -> int:
             if args.txn_command == "list":
                 txns = await client.list_transactions(args.open)
                 if args.json:
-                    print(json.dumps([txn_summary(t) for t in txns]))
+                    print(json.dumps([txn_json(t) for t in txns]))
                 else:
                     _table("transactions", ["txn", "phase", "decision", "members", "reason"],
                            [[t.txn_id, PHASE_NAME[t.phase], DECISION_NAME[t.decision],
@@ -206,7 +188,7 @@ async def _operator(args: argparse.Namespace) -> int:
             txn = await (client.get(args.txn_id) if args.txn_command == "show"
                          else client.cancel(args.txn_id, args.reason))
             if args.json:
-                print(json.dumps(_dump(txn)))
+                print(json.dumps(txn_json(txn)))
             else:
                 print(f"{txn.txn_id}: {PHASE_NAME[txn.phase]} {DECISION_NAME[txn.decision]} "
                       f"{txn.reason}".rstrip())
@@ -218,7 +200,7 @@ async def _operator(args: argparse.Namespace) -> int:
         if args.command == "agents":
             agents = await client.agents()
             if args.json:
-                print(json.dumps([_dump(a) for a in agents]))
+                print(json.dumps([agent_json(a) for a in agents]))
             else:
                 _table("agents", ["agent", "address", "state", "VMs", "disks"],
                        [[a.agent_id, a.address, "live" if a.live else "lost",
@@ -229,7 +211,7 @@ async def _operator(args: argparse.Namespace) -> int:
             sets = [await client.set(args.set_id)] if args.sets_command == "show" \
                 else await client.sets()
             if args.json:
-                data = [_dump(s) for s in sets]
+                data = [set_json(s) for s in sets]
                 print(json.dumps(data[0] if args.sets_command == "show" else data))
             else:
                 _table("backup sets", ["set", "images", "bytes", "agents"],
@@ -238,12 +220,12 @@ async def _operator(args: argparse.Namespace) -> int:
             return EXIT_OK
         if args.command == "restore":
             resp = await client.restore(args.set_id, args.target, args.destination, args.format)
-            print(json.dumps(_dump(resp)) if args.json else f"restored to {resp.path}")
+            print(json.dumps(restore_json(resp)) if args.json else f"restored to {resp.path}")
             return EXIT_OK
         if args.command == "verify":
             result = await client.verify(args.set_id)
             if args.json:
-                print(json.dumps(_dump(result)))
+                print(json.dumps(verify_json(args.set_id, result)))
             else:
                 _table(f"verify {args.set_id}", ["image", "ok", "problem"],
                        [[c.image, "yes" if c.ok else "NO", c.problem] for c in result.checks])

@@ -11,6 +11,7 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -63,12 +64,16 @@ class TlsFiles:
         return server.add_insecure_port(listen)
 
 
-def add_arguments(p: argparse.ArgumentParser, env: bool = False) -> None:
+def add_arguments(p: argparse.ArgumentParser, env: bool = False,
+                  suppress: bool = False) -> None:
+    """The three TLS options; *suppress*: absent ones leave the namespace alone (for a
+    subcommand that repeats options its parent command takes)."""
     hint = " (default $BLOCKTXN_TLS_{})" if env else ""
-    p.add_argument("--tls-cert", type=Path, help="PEM certificate" + hint.format("CERT"))
-    p.add_argument("--tls-key", type=Path, help="PEM private key" + hint.format("KEY"))
+    kw: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate" + hint.format("CERT"), **kw)
+    p.add_argument("--tls-key", type=Path, help="PEM private key" + hint.format("KEY"), **kw)
     p.add_argument("--tls-ca", type=Path, help="PEM CA bundle: verify peers, and on a "
-                   "server require client certificates (mutual TLS)" + hint.format("CA"))
+                   "server require client certificates (mutual TLS)" + hint.format("CA"), **kw)
 
 
 def from_args(args: argparse.Namespace, env: bool = False) -> TlsFiles:

@@ -59,6 +59,15 @@ def test_cli_covers_the_daily_work_with_exit_codes(make_cluster: Callable[..., C
     assert [t["state"] for t in txns] == ["committed", "committed", "aborted"]
     shown = json.loads(cli(cluster, "sets", "show", set_id, "--json").stdout)
     assert len(shown["images"]) == 3
+    # one JSON shape per object, whichever command prints it; global options may also
+    # come after the subcommand
+    here = ["--coordinator", cluster.coordinators[0].address]
+    one = json.loads(cli(None, "txn", "show", set_id, "--json", *here).stdout)
+    assert one == next(t for t in txns if t["txn_id"] == set_id) == {**result, **one}
+    assert one["state"] == "committed" and one["decision"] == "commit"
+    listed = json.loads(cli(None, "sets", "list", "--json", *here).stdout)
+    assert next(s for s in listed if s["set_id"] == set_id) == shown
+    assert {i["target"] for i in shown["images"]} == {m["target"] for m in result["members"]}
 
     dest = cluster.hosts["h1"].agent.restore_dir / "vm1-d0.raw"
     restored = cli(cluster, "restore", set_id, "h1/vm1/d0", "--to", str(dest))
