@@ -156,7 +156,9 @@ class Repository:
         await asyncio.to_thread(sync)
 
     async def sha256(self, rel: str) -> str:
-        out = await run_tool("sha256sum", "--", str(self.path(rel)))
+        """The image's checksum (no time limit: its size has none; the child is killed
+        if the caller gives up)."""
+        out = await run_tool("sha256sum", "--", str(self.path(rel)), timeout=None)
         return out.split()[0]
 
     # -------------------------------------------------------- restore/verify

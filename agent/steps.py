@@ -100,6 +100,8 @@ class Steps:
                                            for vm, ms in groups.items())):
                 copied.update(part)
             await self.repo.make_durable([m.image for m in members])
+            # the checksum of each closed image, now: a Commit must do no O(disk) work
+            sums = await gather_all(*(self.repo.sha256(m.image) for m in members))
         except AgentError as err:
             log.warning("txn %s: votes NO: %s", txn_id, err)
             return VotedNo(str(err))
@@ -108,18 +110,20 @@ class Steps:
         return Prepared(tuple(ImageRecord(
             vm=m.vm, disk=m.disk, set_id=txn_id,
             image=m.image, backing=m.backing, mode=m.mode, bytes=copied[m.key], size=m.size,
-            cut_at=cut_at, checkpoint=m.new_bitmap) for m in members))
+            cut_at=cut_at, checkpoint=m.new_bitmap, sha256=sha)
+            for m, sha in zip(members, sums, strict=True)))
 
     async def publish(self, txn_id: str, members: tuple[MemberPlan, ...],
                       images: tuple[ImageRecord, ...]) -> Event:
-        """Drop the previous checkpoints, checksum and catalog the images. Committed."""
+        """Drop the previous checkpoints, catalog the images. Committed. (Checksums
+        come from the barrier; only a vote journaled by an older version lacks them.)"""
         removing = self._drop({vm: [(m.disk, b) for m in ms for b in m.stale_bitmaps]
                                for vm, ms in by_vm(members).items()})
-        checksums = asyncio.ensure_future(gather_all(*(self.repo.sha256(i.image)
-                                                      for i in images)))
+        checksums = asyncio.ensure_future(gather_all(*(
+            self.repo.sha256(i.image) for i in images if not i.sha256)))
         await gather_all(checksums, removing)
-        done = tuple(replace(i, sha256=s)
-                     for i, s in zip(images, checksums.result(), strict=True))
+        missing = iter(checksums.result())
+        done = tuple(i if i.sha256 else replace(i, sha256=next(missing)) for i in images)
         self.repo.record(list(done))
         log.info("txn %s: committed: %d images catalogued, previous checkpoints dropped",
                  txn_id, len(done))
