@@ -29,6 +29,7 @@ class FreezeControl:
         self.owner: dict[str, str] = {}  # vm -> txn id that froze it
         self.deadline: dict[str, float] = {}  # vm -> its freeze deadline
         self.since: dict[str, float] = {}  # vm -> when it was quiesced (monotonic)
+        self.quiesce: dict[str, str] = {}  # vm -> how (freeze or pause)
         self._on_deadline = on_deadline
         self._timers: dict[str, asyncio.Task[None]] = {}
         self._releases: dict[str, asyncio.TimerHandle] = {}
@@ -47,6 +48,7 @@ class FreezeControl:
             return
         self.owner[vm] = txn_id
         self.deadline[vm] = deadline
+        self.quiesce[vm] = quiesce
         self.since[vm] = time.monotonic()
         await self.backends[vm].freeze(quiesce, deadline)
         log.info("txn %s: vm %s quiesced (%s) until at most %.1fs from now", txn_id, vm,
@@ -109,9 +111,17 @@ class FreezeControl:
         if task is not None and task is not asyncio.current_task():
             task.cancel()
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """The agent is stopping: no more timers, and every guest it holds quiesced is
+        thawed now (a failed thaw is left to the deadline's safety net)."""
         for task in self._timers.values():
             task.cancel()
         self._timers.clear()
+        held: dict[tuple[str, str], list[str]] = {}
+        for vm, txn_id in self.owner.items():
+            held.setdefault((txn_id, self.quiesce.get(vm, "freeze")), []).append(vm)
+        for (txn_id, quiesce), vms in held.items():
+            log.warning("txn %s: stopping: thawing %s", txn_id, ", ".join(vms))
+            await self.thaw(txn_id, vms, quiesce)
         for handle in self._releases.values():
             handle.cancel()

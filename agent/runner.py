@@ -99,7 +99,7 @@ class AgentRunner:
                 await self._check_members_alive(txn_id)
 
     async def stop(self) -> None:
-        self.freeze.stop()
+        await self.freeze.stop()
         for task in self._background:
             task.cancel()
         for vm in self.backends.values():

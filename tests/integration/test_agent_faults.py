@@ -420,3 +420,23 @@ def test_two_freezes_of_one_vm_cannot_overlap(make_host: Callable[..., Host]) ->
     host.thaw("t1")
     assert host.prepare("t1").yes
     host.commit("t1")
+
+
+def test_an_agent_stopped_by_sigterm_thaws_its_guests_first(
+    make_host: Callable[..., Host],
+) -> None:
+    """A service manager stops the agent (SIGTERM) while a guest is frozen: the agent
+    thaws it before it exits, and never takes the watchdog away from a frozen guest."""
+    host = make_host()
+    ga = host.gas["vm1"]
+    host.cut("t1", DISKS, freeze_timeout=60)
+    assert ga.is_frozen and host.agent.proc is not None
+    host.agent.proc.send_signal(signal.SIGTERM)
+    host.agent.proc.wait(30)
+    wait_until(lambda: not ga.is_frozen, timeout=5, what="thaw before exit")
+    start, end = ga.frozen_intervals[-1]
+    assert end - start < 30                       # long before the 60 s deadline
+    host.start_agent()                            # restarted: the transaction votes NO
+    assert not host.prepare("t1").yes
+    host.abort("t1")
+    assert_nothing_left(host, "t1")
