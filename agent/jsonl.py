@@ -45,7 +45,10 @@ class JsonLines:
         Raises:
             JournalError: a corrupt record with whole records after it.
         """
-        data = self.path.read_bytes() if self.path.exists() else b""
+        try:
+            data = self.path.read_bytes() if self.path.exists() else b""
+        except OSError as err:
+            raise JournalError(f"{self.path}: cannot read: {err}") from err
         records, offset = [], 0
         lines = data.split(b"\n")
         for number, line in enumerate(lines, 1):
@@ -72,21 +75,26 @@ class JsonLines:
         """Write *records* and fsync them before returning (a torn tail is cut first).
 
         Raises:
-            JournalError: the file holds a corrupt record.
+            JournalError: the file holds a corrupt record, or cannot be written.
         """
         data = b"".join(_line(r) for r in records)
         if not data:
             return
-        if self._fd is None:
-            if self._durable is None:
-                self.read()
-            assert self._durable is not None
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            if os.fstat(self._fd).st_size > self._durable:
-                os.ftruncate(self._fd, self._durable)
-                os.fsync(self._fd)
-        os.write(self._fd, data)
-        os.fsync(self._fd)
+        try:
+            if self._fd is None:
+                if self._durable is None:
+                    self.read()
+                assert self._durable is not None
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                if os.fstat(self._fd).st_size > self._durable:
+                    os.ftruncate(self._fd, self._durable)
+                    os.fsync(self._fd)
+            os.write(self._fd, data)
+            os.fsync(self._fd)
+        except OSError as err:  # e.g. the disk is full: nothing was promised
+            self.close()
+            self._durable = None  # a partial write is a torn tail: cut at the next append
+            raise JournalError(f"{self.path}: cannot write: {err}") from err
 
     def rewrite(self, records: Iterable[dict[str, Any]]) -> None:
         """Atomically replace the file with *records* (compaction)."""

@@ -28,10 +28,6 @@ log = logging.getLogger(__name__)
 FORMAT_DRIVERS = frozenset(
     {"qcow2", "raw", "qed", "vmdk", "vdi", "vhdx", "vpc", "luks", "parallels", "qcow"}
 )
-FILTER_DRIVERS = frozenset(
-    {"copy-before-write", "throttle", "blkdebug", "blkverify", "preallocate",
-     "compress", "snapshot-access", "copy-on-read"}
-)
 
 
 OnConnection = Callable[["VmConnection"], Awaitable[None]]
@@ -229,7 +225,10 @@ class VmConnection:
             parent, child = by_id.get(edge["parent"]), by_id.get(edge["child"])
             if not parent or not child or parent["type"] != "block-driver":
                 continue
-            if drv_of.get(parent["name"]) not in FILTER_DRIVERS:
+            # Only a known format driver above makes a node a backing file rather than a
+            # disk: a filter above (e.g. a running backup's copy-before-write node, which is
+            # implicit and absent from query-named-block-nodes) does not.
+            if drv_of.get(parent["name"]) in FORMAT_DRIVERS:
                 has_format_parent.add(child["name"])
         result: dict[str, Disk] = {}
         for n in nodes:

@@ -69,3 +69,33 @@ def test_full_then_two_incrementals_restore_exactly_the_cut(
         dirty = host.bitmaps("vm1", disk)["blocktxn:t3"]["count"]
         assert dirty == len(wl.clusters(disk, ga.cuts[2].seq)) * CLUSTER
     assert host.jobs("vm1") == []
+
+
+def test_the_inventory_lists_every_disk_whatever_a_backup_is_doing(
+    make_host: Callable[..., Host],
+) -> None:
+    """Found by CI: an inventory taken while a cut starts the jobs (the disk query and the
+    graph query are two QMP round trips) saw the job's copy-before-write filter in the
+    graph only, and hid the disk under it; the coordinator then refused that VM as having
+    no disk. Inventories are taken back to back while backups run."""
+    import threading
+
+    host = make_host({"vm1": ["d0", "d1"], "vm2": ["d0"]})
+    wrong: list[tuple[str, list[str]]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            for v in host.inventory().vms:
+                if len(v.disks) != (2 if v.name == "vm1" else 1):
+                    wrong.append((v.name, [d.name for d in v.disks]))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        for i in range(8):
+            assert host.backup(f"t{i}", [("vm1", "d0"), ("vm1", "d1"), ("vm2", "d0")]).yes
+    finally:
+        done.set()
+        poller.join(30)
+    assert wrong == []

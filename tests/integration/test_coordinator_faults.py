@@ -156,15 +156,21 @@ OLD_RECORD = (  # as the coordinator wrote it before the typed records (no "imag
     '"thawed_at":2.5,"set_id":"","leader":"c0"}')
 
 
+async def leading_store(cluster: Cluster) -> tuple[Store, int]:
+    """A store on the cluster's etcd that holds the leader key (epoch)."""
+    store = Store(cluster.etcd.endpoint)
+    epoch = await store.try_lead("a@x", await store.lease(5))
+    assert epoch is not None
+    return store, epoch
+
+
 def test_records_round_trip_and_old_values_read_back(make_cluster: Callable[..., Cluster]
                                                       ) -> None:
     cluster = make_cluster(0)
 
     async def scenario() -> None:
-        store = Store(cluster.etcd.endpoint)
+        store, epoch = await leading_store(cluster)
         try:
-            epoch = await store.try_lead("a@x", await store.lease(5))
-            assert epoch is not None
             image = SetImage("h1", "vm1", "d0", "images/vm1/d0/t2.qcow2", "", "full", 4096,
                              1 << 20, "ab" * 32, 3.5, "blocktxn:t2")
             record = TxnRecord(
@@ -261,7 +267,7 @@ def test_a_commit_one_agent_cannot_apply_yet_is_redelivered_and_the_set_waits_fo
     make_cluster: Callable[..., Cluster],
 ) -> None:
     """A durable COMMIT is delivered until every member agent has published: an agent
-    that fails its Commit (here: its images are out of reach) is not counted as done,
+    that fails its Commit (here: it cannot write its catalog) is not counted as done,
     and no backup set is recorded with members missing."""
     cluster = two_hosts(make_cluster, first_env={"BLOCKTXN_FAILPOINTS": "after_decision=exit"})
     txn = cluster.start(TARGETS)
@@ -270,10 +276,9 @@ def test_a_commit_one_agent_cannot_apply_yet_is_redelivered_and_the_set_waits_fo
     wait_until(lambda: first.proc is not None and first.proc.poll() is not None, timeout=60,
                what="the leader's exit right after the durable decision")
     h2 = cluster.hosts["h2"]
-    images = list((h2.agent.repo / "images").glob(f"*/*/{txn.txn_id}.qcow2"))
-    assert len(images) == sum(len(ds) for ds in VMS.values())
-    for p in images:
-        p.rename(p.with_suffix(".away"))      # h2 cannot publish for now
+    catalog = h2.agent.repo / "catalog.jsonl"
+    assert not catalog.exists()
+    catalog.mkdir()                           # h2 cannot catalog its images for now
     first.env = {}
     first.start()                             # the next leader resends the COMMIT
     time.sleep(10)
@@ -283,8 +288,7 @@ def test_a_commit_one_agent_cannot_apply_yet_is_redelivered_and_the_set_waits_fo
     assert not now.set_id and now.errors
     outcomes = {m.agent_id: m.outcome for m in now.members}
     assert outcomes == {"h1": "committed", "h2": ""}
-    for p in images:
-        p.with_suffix(".away").rename(p)      # h2 can publish again
+    catalog.rmdir()                           # h2 can publish again
     done = cluster.wait_done(txn.txn_id)
     assert done.set_id == txn.txn_id
     bset = cluster.any_stub().GetBackupSet(cpb.GetBackupSetRequest(set_id=done.set_id),
@@ -331,10 +335,8 @@ def test_an_etcd_request_that_can_never_succeed_is_not_retried(
     cluster = make_cluster(0)
 
     async def scenario() -> None:
-        store = Store(cluster.etcd.endpoint)
+        store, epoch = await leading_store(cluster)
         try:
-            epoch = await store.try_lead("a@x", await store.lease(5))
-            assert epoch is not None
             huge = TxnRecord("t3", "r3", "grouped", "none", 10.0, 99.0, 0, 1.0,
                              (MemberRecord("h1", "vm1", "d0", "auto",
                                            mode_reason="x" * (2 << 20)),),
