@@ -28,6 +28,7 @@ class AgentConfig:
     qmp_timeout: float = 10.0
     connect_wait: float = 5.0  # at start, wait this long for every VM's QMP
     tls: TlsFiles = field(default_factory=TlsFiles)
+    in_doubt_after: float = 30.0  # a vote this old with no decision: ask for it
 
 
 def parse_vm(spec: str) -> VmConfig:

@@ -16,6 +16,7 @@ from blocktxn.ids import check_id
 
 from .config import AgentConfig, parse_vm
 from .heartbeat import register_forever
+from .indoubt import resolve_in_doubt_forever
 from .runner import AgentRunner
 from .service import serve
 
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise", help="address the coordinator dials (default: --listen)")
     p.add_argument("--qmp-timeout", type=float, default=10.0,
                    help="deadline of a QMP command, 0.1..3600 s (default 10)")
+    p.add_argument("--in-doubt-after", type=float, default=30.0,
+                   help="after voting, wait this long for the decision before asking the "
+                   "coordinator for it, 1..86400 s (default 30)")
     tls.add_arguments(p)
     return p
 
@@ -51,6 +55,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     check_id(args.id, "agent id")
     if not 0.1 <= float(args.qmp_timeout) <= 3600:
         raise ValueError(f"--qmp-timeout {args.qmp_timeout} is not within 0.1..3600 s")
+    if not 1 <= float(args.in_doubt_after) <= 86400:
+        raise ValueError(f"--in-doubt-after {args.in_doubt_after} is not within 1..86400 s")
     vms = tuple(parse_vm(v) for v in args.vm)
     if len({v.name for v in vms}) != len(vms):
         raise ValueError("a VM name is given twice")
@@ -58,6 +64,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         agent_id=args.id, listen=args.listen, repo=args.repo, vms=vms,
         restore_dirs=tuple(args.restore_dir), coordinator=args.coordinator,
         advertise=args.advertise, qmp_timeout=args.qmp_timeout, tls=tls.from_args(args),
+        in_doubt_after=float(args.in_doubt_after),
     )
 
 
@@ -66,14 +73,15 @@ async def start(config: AgentConfig) -> daemon.Stops:
     runner = AgentRunner(config)
     await runner.start()
     server = await serve(runner, config.listen, config.tls)
-    heartbeat = (asyncio.create_task(register_forever(runner, config))
-                 if config.coordinator else None)
+    helpers = [asyncio.create_task(register_forever(runner, config)),
+               asyncio.create_task(resolve_in_doubt_forever(runner, config))
+               ] if config.coordinator else []
 
     async def stop_heartbeat() -> None:
-        if heartbeat is not None:
-            heartbeat.cancel()
+        for task in helpers:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+                await task
 
     async def stop_server() -> None:
         await server.stop(grace=2)

@@ -19,7 +19,7 @@ from blocktxn.coordinator.records import (
 )
 from blocktxn.coordinator.store import PREFIX, Store
 from blocktxn.coordinator.txn_messages import Decision, TxnPhase
-from blocktxn.demo.lab import CLUSTER
+from blocktxn.demo.lab import CLUSTER, free_port
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as cpb
 from tests.integration.cluster import Cluster
@@ -349,3 +349,33 @@ def test_an_etcd_request_that_can_never_succeed_is_not_retried(
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_an_agent_in_doubt_asks_for_the_decision_itself(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """The COMMIT never reaches h2 (the leader died right after the durable decision,
+    and h2 came back on another address than the transaction names): h2, prepared and
+    hearing nothing, asks a replica for the decision and publishes by itself."""
+    cluster = two_hosts(make_cluster, first_env={"BLOCKTXN_FAILPOINTS": "after_decision=exit"})
+    txn = cluster.start(TARGETS)
+    first = cluster.coordinators[0]
+    wait_until(lambda: first.proc is not None and first.proc.poll() is not None, timeout=60,
+               what="the leader's exit right after the durable decision")
+    h2 = cluster.hosts["h2"]
+    h2.kill_agent()
+    h2.agent.port = free_port()                  # the record still names the old address
+    h2.agent.extra = [*h2.agent.extra, "--in-doubt-after", "2"]
+    h2.start_agent()
+    first.env = {}
+    first.start()                                # h1 gets its COMMIT; h2's goes nowhere
+
+    def published() -> set[tuple[str, str]]:
+        images = h2.stub.ListImages(apb.ListImagesRequest(), timeout=10).images
+        return {(i.vm, i.disk) for i in images if i.set_id == txn.txn_id}
+
+    assert published() == set()                  # prepared, not committed
+    wait_until(lambda: published() == {(vm, d) for vm, ds in VMS.items() for d in ds},
+               timeout=60, what="h2 applies the COMMIT it asked for")
+    log = (h2.agent.workdir / "agent.log").read_text()
+    assert "in doubt: the durable decision is COMMIT" in log
