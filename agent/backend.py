@@ -180,3 +180,10 @@ class VmBackend(abc.ABC):
     async def rollback_jobs(self, members: Sequence[MemberPlan]) -> None:
         """Cancel and forget the members' jobs and targets, whatever state they are in
         (best effort: a lost VM has nothing left to roll back)."""
+
+    # ------------------------------------------------------------- leftovers
+    @abc.abstractmethod
+    async def sweep(self, keep_jobs: set[str], keep_nodes: set[str],
+                    keep_checkpoints: dict[str, set[str]]) -> list[str]:
+        """Remove the agent's own jobs, nodes and checkpoints that are not kept (per
+        disk); return what was removed."""

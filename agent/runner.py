@@ -20,7 +20,7 @@ from blocktxn.requests import DiskRequest, check_cut
 from . import planner, views
 from .backend import VmBackend
 from .config import AgentConfig
-from .errors import ConflictError, UnknownError
+from .errors import AgentError, ConflictError, UnknownError
 from .freeze import FreezeControl
 from .journal import Journal
 from .participant import (
@@ -97,6 +97,9 @@ class AgentRunner:
             async with self._lock(txn_id):
                 await self._apply(txn_id, Recovered())
                 await self._check_members_alive(txn_id)
+        for vm in self.backends.values():
+            if vm.connected:
+                self._spawn(self._sweep(vm))
 
     async def stop(self) -> None:
         await self.freeze.stop()
@@ -339,8 +342,32 @@ class AgentRunner:
     async def _vm_connected(self, vm: VmBackend) -> None:
         if not self._started:
             return
+        self._spawn(self._sweep(vm))
         for txn_id in self.machine.open_txns():
             self._spawn(self._check_members_alive(txn_id, lock=True))
+
+    async def _sweep(self, vm: VmBackend) -> None:
+        """Remove what rollbacks could not (the VM was unreachable then): every job, node
+        and checkpoint of ours that no open transaction and no committed backup owns."""
+        async with self._plan_lock:  # no cut plans meanwhile; a running one is open
+            members = [m for t in self.machine.open_txns()
+                       for m in self.machine.txns[t].members if m.vm == vm.name]
+            keep: dict[str, set[str]] = {}
+            for m in members:
+                keep.setdefault(m.disk, set()).update(
+                    {m.new_bitmap, *([m.sync_bitmap] if m.sync_bitmap else [])})
+            try:
+                for name in await vm.disks():
+                    last = self.repo.last_image(vm.name, name)
+                    if last is not None:
+                        keep.setdefault(name, set()).add(last.checkpoint)
+                gone = await vm.sweep({m.job_id for m in members},
+                                      {m.target_node for m in members}, keep)
+            except AgentError as err:
+                log.warning("vm %s: sweeping leftovers failed: %s", vm.name, err)
+                return
+        if gone:
+            log.warning("vm %s: removed leftovers: %s", vm.name, ", ".join(gone))
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..aio import gather_all
+from ..backend import CHECKPOINT_PREFIX, NODE_PREFIX
 from ..errors import AgentError, QemuError, VmLostError
 from ..participant import MemberPlan
 from .qmp import VmConnection
@@ -137,3 +138,32 @@ async def cancel_jobs(conn: VmConnection, members: Sequence[MemberPlan]) -> None
                            for m in members if m.target_node in nodes))
     except AgentError as err:
         log.warning("rollback on %s incomplete: %s", conn.name, err)
+
+
+async def sweep(conn: VmConnection, keep_jobs: set[str], keep_nodes: set[str],
+                keep_bitmaps: dict[str, set[str]]) -> list[str]:
+    """Remove this agent's leftovers (named with its prefixes) that no open transaction
+    and no committed checkpoint owns: jobs, target nodes, then bitmaps. Return what went.
+    A rollback that found the VM disconnected leaves them behind; they would keep a disk
+    (or its checkpoint) busy forever."""
+    gone: list[str] = []
+    jobs = dict(await conn.refresh_jobs())
+    stale = [j for j in jobs if j not in keep_jobs]
+    for job_id in stale:
+        if jobs[job_id].status != "concluded":
+            await conn.execute("job-cancel", {"id": job_id})
+            await conn.wait_job(job_id, {"concluded"}, 60)
+        await conn.execute("job-dismiss", {"id": job_id})
+        gone.append(f"job {job_id}")
+    for node in sorted(await conn.node_names()):
+        if node.startswith(NODE_PREFIX) and node not in keep_nodes:
+            await conn.execute("blockdev-del", {"node-name": node})
+            gone.append(f"node {node}")
+    for disk in (await conn.disks()).values():
+        for c in disk.checkpoints:
+            if c.name.startswith(CHECKPOINT_PREFIX) and c.name not in keep_bitmaps.get(
+                    disk.name, set()):
+                await conn.execute("block-dirty-bitmap-remove",
+                                   {"node": disk.name, "name": c.name})
+                gone.append(f"bitmap {disk.name}/{c.name}")
+    return gone

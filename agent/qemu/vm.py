@@ -152,3 +152,7 @@ class QemuVm(VmBackend):
 
     async def rollback_jobs(self, members: Sequence[MemberPlan]) -> None:
         await blockjobs.cancel_jobs(self.conn, members)
+
+    async def sweep(self, keep_jobs: set[str], keep_nodes: set[str],
+                    keep_checkpoints: dict[str, set[str]]) -> list[str]:
+        return await blockjobs.sweep(self.conn, keep_jobs, keep_nodes, keep_checkpoints)

@@ -312,6 +312,12 @@ class StandInGuestAgent:
 
         class Handler(socketserver.StreamRequestHandler):
             def handle(self) -> None:
+                try:
+                    self._serve()
+                except OSError:
+                    return  # the client went away (a killed agent, a timed-out call)
+
+            def _serve(self) -> None:
                 for line in self.rfile:
                     try:
                         msg = json.loads(line)

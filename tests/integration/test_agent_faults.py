@@ -438,3 +438,31 @@ def test_an_agent_stopped_by_sigterm_thaws_its_guests_first(
     assert not host.prepare("t1").yes
     host.abort("t1")
     assert_nothing_left(host, "t1")
+
+
+def test_leftover_jobs_nodes_and_checkpoints_are_swept_and_committed_ones_kept(
+    make_host: Callable[..., Host],
+) -> None:
+    """What a rollback could not remove (the VM was unreachable then) is swept when the
+    agent (re)connects: a job of ours still copying, its target node, a stale
+    checkpoint. The committed checkpoint and anything not ours stay."""
+    host = make_host()
+    write_clusters(host, range(0, 8))
+    assert host.backup("t1", DISKS).yes
+    host.qmp("vm1", "block-dirty-bitmap-add", {"node": "d1", "name": "blocktxn:ghost",
+                                                "persistent": True})
+    host.qmp("vm1", "block-dirty-bitmap-add", {"node": "d1", "name": "someone-elses"})
+    host.qmp("vm1", "blockdev-add", {"driver": "null-co", "node-name": "btxghostnode",
+                                     "size": 32 << 20})
+    host.qmp("vm1", "blockdev-backup", {"job-id": "btxghostjob", "device": "d0",
+                                        "target": "btxghostnode", "sync": "full",
+                                        "speed": 4096, "auto-dismiss": False})
+    assert [j["id"] for j in host.jobs("vm1")] == ["btxghostjob"]
+    host.restart_agent()
+    wait_until(lambda: host.jobs("vm1") == [], timeout=20, what="the sweep")
+    nodes = {n["node-name"] for n in host.qmp("vm1", "query-named-block-nodes",
+                                             {"flat": True})}
+    assert "btxghostnode" not in nodes
+    assert set(host.bitmaps("vm1", "d0")) == {"blocktxn:t1"}
+    assert set(host.bitmaps("vm1", "d1")) == {"blocktxn:t1", "someone-elses"}
+    assert host.backup("t2", DISKS).yes          # and the next backup is incremental
