@@ -9,12 +9,15 @@ an error, and the agent stops instead of silently forgetting what follows."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from .errors import JournalError
+
+log = logging.getLogger(__name__)
 
 
 def fsync_dir(path: Path) -> None:
@@ -86,7 +89,10 @@ class JsonLines:
                     self.read()
                 assert self._durable is not None
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                if os.fstat(self._fd).st_size > self._durable:
+                size = os.fstat(self._fd).st_size
+                if size > self._durable:
+                    log.warning("%s: cutting a torn last record (%d bytes) before appending",
+                                self.path, size - self._durable)
                     os.ftruncate(self._fd, self._durable)
                     os.fsync(self._fd)
             os.write(self._fd, data)

@@ -32,11 +32,23 @@ from tests.chaos.cluster import (
 )
 
 FAULTS = ("none", "kill_leader", "stop_leader", "kill_agent", "stop_agent", "kill_etcd",
-          "stop_etcd", "partition", "io_error", "kill_vm", "repo_full", "ga_silent")
+          "stop_etcd", "partition", "io_error", "kill_vm", "repo_full", "ga_silent",
+          "power_loss", "term_agent")
 STEPS = ("cut", "run", "barrier", "decided")
 FREEZE_TIMEOUT = 4.0
 DEADLINE = 25.0
 STOP_FOR = 6.0  # SIGSTOP of an agent: longer than the freeze timeout (the watchdog thaws)
+
+
+def tear_tail(path: Path, rng: random.Random) -> None:
+    """Append a prefix of the file's last record: a write that power loss cut short."""
+    if not path.exists():
+        return
+    lines = path.read_bytes().splitlines()
+    if lines:
+        last = lines[-1]
+        with open(path, "ab") as f:
+            f.write(last[: rng.randrange(1, len(last))])
 
 
 @dataclass
@@ -164,11 +176,17 @@ class Driver:
             else:
                 proc.signal(signal.SIGSTOP)
                 undo.append(later(6.5, lambda: proc.signal(signal.SIGCONT)))
-        elif fault in ("kill_agent", "stop_agent"):
+        elif fault in ("kill_agent", "stop_agent", "power_loss", "term_agent"):
             agent = h.agent
             assert agent is not None and agent.proc is not None
-            if fault == "kill_agent":
+            if fault in ("kill_agent", "power_loss"):
                 agent.kill()
+                if fault == "power_loss":  # the write in flight was torn
+                    for name in ("journal.jsonl", "catalog.jsonl"):
+                        tear_tail(h.repo / name, rng)
+                undo.append(later(1.0, lambda: agent.start()))
+            elif fault == "term_agent":    # as a service manager stops it
+                agent.stop()
                 undo.append(later(1.0, lambda: agent.start()))
             else:
                 agent.proc.send_signal(signal.SIGSTOP)
