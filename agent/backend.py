@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .participant import MemberPlan
+from .participant_messages import MemberPlan
 
 #: Every name this agent creates in a VM starts with one of these (jobs and nodes;
 #: checkpoints); it never touches anything else there.

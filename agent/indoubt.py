@@ -16,7 +16,7 @@ from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
 
 from .config import AgentConfig
 from .errors import AgentError
-from .participant import Phase
+from .participant_messages import Phase
 from .runner import AgentRunner
 
 log = logging.getLogger(__name__)

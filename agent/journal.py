@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .jsonl import JsonLines
-from .participant import (
+from .participant import ParticipantMachine
+from .participant_messages import (
     OPEN_PHASES,
     Aborted,
     Committed,
@@ -21,7 +22,6 @@ from .participant import (
     ImageRecord,
     MemberFailed,
     MemberPlan,
-    ParticipantMachine,
     Prepared,
     StateError,
     Thawed,

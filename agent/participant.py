@@ -10,267 +10,40 @@ machine (the journal's encoding of them is in ``journal.py``).
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
-from typing import ClassVar
 
-from .errors import ConflictError
-
-
-class Phase(enum.Enum):
-    """Where one transaction stands on this host."""
-
-    CUTTING = "cutting"
-    FROZEN = "frozen"
-    RUNNING = "running"
-    PREPARED = "prepared"
-    VOTED_NO = "voted_no"
-    COMMITTED = "committed"
-    ABORTED = "aborted"
-
-
-OPEN_PHASES = frozenset(
-    {Phase.CUTTING, Phase.FROZEN, Phase.RUNNING, Phase.PREPARED, Phase.VOTED_NO}
+from .participant_messages import (
+    OPEN_PHASES,
+    Aborted,
+    AbortRequested,
+    ArmAutoThaw,
+    Command,
+    CommitRequested,
+    Committed,
+    CutDone,
+    CutFailed,
+    CutPlanned,
+    DeadlinePassed,
+    DeclineVote,
+    Event,
+    FinalizeJobs,
+    ImageRecord,
+    MemberFailed,
+    MemberPlan,
+    Phase,
+    Prepared,
+    PrepareRequested,
+    Publish,
+    Recovered,
+    Rollback,
+    StartCut,
+    StateError,
+    Thawed,
+    ThawGuests,
+    ThawRequested,
+    TxnPlan,
+    VotedNo,
 )
-
-
-class StateError(ConflictError):
-    """An event that is illegal in the transaction's current phase."""
-
-    def __init__(self, txn_id: str, phase: Phase | None, event: object) -> None:
-        self.txn_id = txn_id
-        self.phase = phase
-        where = phase.value if phase else "unknown"
-        super().__init__(f"transaction {txn_id} is {where}: {type(event).__name__} not allowed")
-
-
-# ----------------------------------------------------------------- plan types
-
-
-@dataclass(frozen=True)
-class MemberPlan:
-    """Everything decided at cut time for one disk: names, mode, files."""
-
-    vm: str
-    disk: str
-    mode: str  # "full" | "incremental"
-    mode_reason: str
-    new_bitmap: str
-    sync_bitmap: str | None  # previous checkpoint an incremental copies from
-    stale_bitmaps: tuple[str, ...]  # this agent's bitmaps to drop on commit
-    job_id: str
-    target_node: str
-    image: str  # relative to the repository
-    backing: str  # previous image ("" for full)
-    size: int
-    speed: int
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.vm, self.disk)
-
-
-@dataclass(frozen=True)
-class TxnPlan:
-    txn_id: str
-    members: tuple[MemberPlan, ...]
-    quiesce: str  # "none" | "freeze" | "pause"
-    freeze_timeout: float
-
-    @property
-    def vms(self) -> tuple[str, ...]:
-        return tuple(sorted({m.vm for m in self.members}))
-
-    def same_request(self, other: TxnPlan) -> bool:
-        """True if *other* asks for the same disks with the same quiesce."""
-        return {m.key for m in self.members} == {m.key for m in other.members} and (
-            self.quiesce == other.quiesce
-        )
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One image a prepared/committed member produced."""
-
-    vm: str
-    disk: str
-    set_id: str
-    image: str
-    backing: str
-    mode: str
-    bytes: int
-    size: int
-    cut_at: float
-    checkpoint: str
-    sha256: str = ""
-
-
-# --------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True)
-class Event:
-    journaled: ClassVar[bool] = False
-
-
-@dataclass(frozen=True)
-class CutPlanned(Event):
-    journaled: ClassVar[bool] = True
-    plan: TxnPlan
-
-
-@dataclass(frozen=True)
-class CutDone(Event):
-    journaled: ClassVar[bool] = True
-    frozen_at: float
-    cut_at: float
-    freeze_deadline: float
-    bytes_total: tuple[tuple[str, str, int], ...] = ()
-
-
-@dataclass(frozen=True)
-class CutFailed(Event):
-    journaled: ClassVar[bool] = True
-    reason: str
-
-
-@dataclass(frozen=True)
-class Thawed(Event):
-    """The guests were thawed: by the coordinator's Thaw in time, or not (on_own: by
-    the deadline, or a thaw that failed, left to the deadline's safety net)."""
-
-    journaled: ClassVar[bool] = True
-    on_own: bool
-    at: float
-    problem: str = ""
-
-
-@dataclass(frozen=True)
-class MemberFailed(Event):
-    journaled: ClassVar[bool] = True
-    vm: str
-    disk: str  # "" for the whole VM
-    reason: str
-
-
-@dataclass(frozen=True)
-class Prepared(Event):
-    journaled: ClassVar[bool] = True
-    images: tuple[ImageRecord, ...]
-
-
-@dataclass(frozen=True)
-class VotedNo(Event):
-    journaled: ClassVar[bool] = True
-    reason: str
-
-
-@dataclass(frozen=True)
-class Committed(Event):
-    journaled: ClassVar[bool] = True
-    images: tuple[ImageRecord, ...]
-
-
-@dataclass(frozen=True)
-class Aborted(Event):
-    journaled: ClassVar[bool] = True
-    reason: str
-
-
-@dataclass(frozen=True)
-class ThawRequested(Event):
-    at: float = 0.0  # when the coordinator's thaw arrived (unix time)
-
-
-@dataclass(frozen=True)
-class DeadlinePassed(Event):
-    pass
-
-
-@dataclass(frozen=True)
-class PrepareRequested(Event):
-    timeout: float | None = None
-
-
-@dataclass(frozen=True)
-class CommitRequested(Event):
-    pass
-
-
-@dataclass(frozen=True)
-class AbortRequested(Event):
-    reason: str
-
-
-@dataclass(frozen=True)
-class Recovered(Event):
-    """The agent restarted; the journal has been replayed."""
-
-
-# ------------------------------------------------------------------- commands
-
-
-@dataclass(frozen=True)
-class Command:
-    txn_id: str
-
-
-@dataclass(frozen=True)
-class StartCut(Command):
-    """Quiesce, then one QMP transaction per VM; feed CutDone or CutFailed."""
-
-    plan: TxnPlan
-
-
-@dataclass(frozen=True)
-class ArmAutoThaw(Command):
-    deadline: float
-
-
-@dataclass(frozen=True)
-class ThawGuests(Command):
-    """Thaw the plan's VMs; feed Thawed(on_own). After a restart the agent no longer
-    knows what it froze: ``after_restart`` thaws them all the same."""
-
-    vms: tuple[str, ...]
-    quiesce: str
-    on_own: bool
-    after_restart: bool = False
-
-
-@dataclass(frozen=True)
-class FinalizeJobs(Command):
-    """Wait for pending, finalize, dismiss, close and fsync; feed Prepared or VotedNo."""
-
-    members: tuple[MemberPlan, ...]
-    timeout: float | None
-
-
-@dataclass(frozen=True)
-class DeclineVote(Command):
-    """Feed VotedNo(reason) without touching QEMU."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class Publish(Command):
-    """Drop the previous checkpoints, checksum and catalog the images; feed Committed."""
-
-    members: tuple[MemberPlan, ...]
-    images: tuple[ImageRecord, ...]
-
-
-@dataclass(frozen=True)
-class Rollback(Command):
-    """Cancel jobs, delete targets and images, drop the new checkpoints, thaw; feed Aborted."""
-
-    members: tuple[MemberPlan, ...]
-    thaw_vms: tuple[str, ...]
-    quiesce: str
-    reason: str
-    after_restart: bool = False  # thaw thaw_vms even if this process did not freeze them
-
 
 # ---------------------------------------------------------------------- state
 

@@ -16,7 +16,7 @@ from blocktxn.requests import DEFAULT_FREEZE_TIMEOUT, DiskRequest
 
 from .backend import CHECKPOINT_PREFIX, NODE_PREFIX, Disk
 from .errors import ConflictError, UnknownError
-from .participant import ImageRecord, MemberPlan, TxnPlan
+from .participant_messages import ImageRecord, MemberPlan, TxnPlan
 
 
 def short_name(*parts: str) -> str:

@@ -25,7 +25,7 @@ from blocktxn.ids import IdentifierError, confine
 
 from .errors import BadRequestError, ConflictError, JournalError, QemuError, UnknownError
 from .jsonl import JsonLines, fsync_dir
-from .participant import ImageRecord
+from .participant_messages import ImageRecord
 
 
 async def run_tool(*argv: str, timeout: float | None = 600.0) -> str:

@@ -20,10 +20,11 @@ from blocktxn.requests import DiskRequest, check_cut
 from . import planner, views
 from .backend import VmBackend
 from .config import AgentConfig
-from .errors import AgentError, ConflictError, UnknownError
+from .errors import ConflictError, UnknownError
 from .freeze import FreezeControl
 from .journal import Journal
-from .participant import (
+from .participant import ParticipantMachine, TxnState
+from .participant_messages import (
     Aborted,
     AbortRequested,
     ArmAutoThaw,
@@ -35,8 +36,6 @@ from .participant import (
     DeclineVote,
     Event,
     FinalizeJobs,
-    MemberFailed,
-    ParticipantMachine,
     Phase,
     PrepareRequested,
     Publish,
@@ -47,12 +46,12 @@ from .participant import (
     Thawed,
     ThawGuests,
     ThawRequested,
-    TxnState,
     VotedNo,
 )
 from .qemu import QemuVm
 from .repository import Repository
 from .steps import Steps
+from .vm_events import VmEvents
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,16 +72,17 @@ class AgentRunner:
         self.journal = Journal(self.repo.root / "journal.jsonl")
         self.machine = ParticipantMachine()
         self.backends = make_backends(config)
+        self.vm_events = VmEvents(self)
         for vm in self.backends.values():
-            vm.on_lost = self._vm_lost
-            vm.on_connected = self._vm_connected
+            vm.on_lost = self.vm_events.lost
+            vm.on_connected = self.vm_events.connected
         self.freeze = FreezeControl(self.backends, self._deadline_passed)
         self.steps = Steps(self.backends, self.repo, self.freeze)
         self._locks: dict[str, asyncio.Lock] = {}
-        self._plan_lock = asyncio.Lock()
+        self.plan_lock = asyncio.Lock()
         self._barriers: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
-        self._started = False
+        self.started = False
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -92,14 +92,14 @@ class AgentRunner:
             vm.start()
         await asyncio.gather(
             *(vm.wait_connected(self.config.connect_wait) for vm in self.backends.values()))
-        self._started = True
+        self.started = True
         for txn_id in self.machine.open_txns():
-            async with self._lock(txn_id):
-                await self._apply(txn_id, Recovered())
-                await self._check_members_alive(txn_id)
+            async with self.lock(txn_id):
+                await self.apply(txn_id, Recovered())
+                await self.vm_events.check_members_alive(txn_id)
         for vm in self.backends.values():
             if vm.connected:
-                self._spawn(self._sweep(vm))
+                self.spawn(self.vm_events.sweep(vm))
 
     async def stop(self) -> None:
         await self.freeze.stop()
@@ -110,7 +110,7 @@ class AgentRunner:
         self.journal.close()
         self.repo.close()
 
-    def _lock(self, txn_id: str) -> asyncio.Lock:
+    def lock(self, txn_id: str) -> asyncio.Lock:
         return self._locks.setdefault(txn_id, asyncio.Lock())
 
     async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
@@ -140,17 +140,17 @@ class AgentRunner:
             self._locks = {t: lock for t, lock in self._locks.items()
                            if t in self.machine.txns or lock.locked()}
 
-    async def _apply(self, txn_id: str, event: Event) -> None:
+    async def apply(self, txn_id: str, event: Event) -> None:
         await self._run(self._record(txn_id, event))
 
     async def _run(self, commands: Sequence[Command]) -> None:
         for cmd in commands:
             if isinstance(cmd, FinalizeJobs):  # runs without the lock: an Abort may come
-                self._barriers[cmd.txn_id] = self._spawn(self._barrier(cmd))
+                self._barriers[cmd.txn_id] = self.spawn(self._barrier(cmd))
                 continue
             result = await self._execute(cmd)
             if result is not None:
-                await self._apply(cmd.txn_id, result)
+                await self.apply(cmd.txn_id, result)
 
     async def _barrier(self, cmd: FinalizeJobs) -> None:
         """prepare_to_complete, outside the transaction's lock (copying may take long,
@@ -162,8 +162,8 @@ class AgentRunner:
             except Exception as err:  # a bug: never leave the vote hanging
                 log.exception("txn %s: barrier failed", cmd.txn_id)
                 vote = VotedNo(f"barrier failed: {err!r}")
-            async with self._lock(cmd.txn_id):
-                await self._apply(cmd.txn_id, vote)
+            async with self.lock(cmd.txn_id):
+                await self.apply(cmd.txn_id, vote)
         finally:
             self._barriers.pop(cmd.txn_id, None)
 
@@ -191,8 +191,8 @@ class AgentRunner:
         if st is None or st.plan is None:
             return
         await self.freeze.thaw(txn_id, st.plan.vms, st.plan.quiesce)  # before any lock
-        async with self._lock(txn_id):
-            await self._apply(txn_id, DeadlinePassed())
+        async with self.lock(txn_id):
+            await self.apply(txn_id, DeadlinePassed())
 
     # ------------------------------------------------------------------ calls
     async def inventory(self) -> list[views.VmView]:
@@ -219,7 +219,7 @@ class AgentRunner:
 
     async def _cut(self, txn_id: str, disks: Sequence[DiskRequest], quiesce: str,
                    freeze_timeout: float) -> TxnState:
-        async with self._lock(txn_id):
+        async with self.lock(txn_id):
             known = self.machine.txns.get(txn_id)
             if known is not None:
                 if known.plan is None or {m.key for m in known.members} != {
@@ -227,7 +227,7 @@ class AgentRunner:
                     raise ConflictError(
                         f"transaction {txn_id} is already {known.phase.value} with other members")
             else:
-                async with self._plan_lock:
+                async with self.plan_lock:
                     plan = planner.plan_cut(txn_id, disks, quiesce, freeze_timeout,
                                             await self._facts(disks, quiesce))
                     commands = self._record(txn_id, CutPlanned(plan))
@@ -258,8 +258,8 @@ class AgentRunner:
     async def thaw(self, txn_id: str) -> TxnState:
         """End the freeze of *txn_id*. Raises: InvalidInput, UnknownError."""
         st = self._known(txn_id)
-        async with self._lock(txn_id):
-            await self._apply(txn_id, ThawRequested(time.time()))
+        async with self.lock(txn_id):
+            await self.apply(txn_id, ThawRequested(time.time()))
         return st
 
     async def status(self, txn_id: str, interval: float
@@ -276,7 +276,7 @@ class AgentRunner:
             InvalidInput, ConflictError (prepare before thaw).
         """
         check_id(txn_id, "transaction id")
-        async with self._lock(txn_id):
+        async with self.lock(txn_id):
             if txn_id not in self.machine.txns:
                 self._forget()
                 return TxnState(txn_id, Phase.VOTED_NO, failure="transaction unknown on this agent")
@@ -306,12 +306,12 @@ class AgentRunner:
             self._locked_decide(txn_id, AbortRequested(reason or "aborted")))
 
     async def _locked_decide(self, txn_id: str, event: Event) -> TxnState:
-        async with self._lock(txn_id):
+        async with self.lock(txn_id):
             return await self._decide(txn_id, event)
 
     async def _decide(self, txn_id: str, event: Event) -> TxnState:
         try:
-            await self._apply(txn_id, event)
+            await self.apply(txn_id, event)
         except StateError as err:
             raise ConflictError(str(err)) from err
         return self.machine.txns[txn_id]
@@ -334,73 +334,8 @@ class AgentRunner:
         check_id(set_id, "set id")
         return await self.repo.verify(set_id)
 
-    # ------------------------------------------------------------- VM events
-    async def _vm_lost(self, vm: VmBackend) -> None:
-        log.warning("vm %s: connection lost; its open transactions will vote NO", vm.name)
-        self._spawn(self._fail_members(vm.name, "QEMU connection lost"))
-
-    async def _vm_connected(self, vm: VmBackend) -> None:
-        if not self._started:
-            return
-        self._spawn(self._sweep(vm))
-        for txn_id in self.machine.open_txns():
-            self._spawn(self._check_members_alive(txn_id, lock=True))
-
-    async def _sweep(self, vm: VmBackend) -> None:
-        """Remove what rollbacks could not (the VM was unreachable then): every job, node
-        and checkpoint of ours that no open transaction and no committed backup owns."""
-        async with self._plan_lock:  # no cut plans meanwhile; a running one is open
-            members = [m for t in self.machine.open_txns()
-                       for m in self.machine.txns[t].members if m.vm == vm.name]
-            keep: dict[str, set[str]] = {}
-            for m in members:
-                keep.setdefault(m.disk, set()).update(
-                    {m.new_bitmap, *([m.sync_bitmap] if m.sync_bitmap else [])})
-            try:
-                for name in await vm.disks():
-                    last = self.repo.last_image(vm.name, name)
-                    if last is not None:
-                        keep.setdefault(name, set()).add(last.checkpoint)
-                gone = await vm.sweep({m.job_id for m in members},
-                                      {m.target_node for m in members}, keep)
-            except AgentError as err:
-                log.warning("vm %s: sweeping leftovers failed: %s", vm.name, err)
-                return
-        if gone:
-            log.warning("vm %s: removed leftovers: %s", vm.name, ", ".join(gone))
-
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+    def spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
-
-    async def _fail_members(self, vm: str, reason: str) -> None:
-        for txn_id in self.machine.open_txns():
-            st = self.machine.txns[txn_id]
-            if st.phase in (Phase.CUTTING, Phase.FROZEN, Phase.RUNNING) and any(
-                m.vm == vm for m in st.members
-            ):
-                async with self._lock(txn_id):
-                    await self._apply(txn_id, MemberFailed(vm, "", reason))
-
-    async def _check_members_alive(self, txn_id: str, lock: bool = False) -> None:
-        """A running member whose VM is gone or whose job vanished will vote NO."""
-        st = self.machine.txns[txn_id]
-        if st.phase not in (Phase.FROZEN, Phase.RUNNING):
-            return
-        for m in st.members:
-            vm = self.backends[m.vm]
-            problem = ""
-            if not vm.connected:
-                problem = "QEMU not reachable"
-            elif m.job_id not in vm.job_ids():
-                problem = "backup job vanished (QEMU restarted?)"
-            if problem and not st.failure:
-                log.warning("txn %s: %s/%s: %s", txn_id, m.vm, m.disk, problem)
-                if lock:
-                    async with self._lock(txn_id):
-                        await self._apply(txn_id, MemberFailed(m.vm, m.disk, problem))
-                else:
-                    await self._apply(txn_id, MemberFailed(m.vm, m.disk, problem))
-

@@ -15,7 +15,8 @@ from blocktxn.v1 import agent_pb2 as pb
 from blocktxn.v1 import agent_pb2_grpc as pb_grpc
 from blocktxn.wire import MODE_PB, QUIESCE_NAME, disk_requests_from_pb, name_of
 
-from .participant import ImageRecord, Phase, TxnState
+from .participant import TxnState
+from .participant_messages import ImageRecord, Phase
 from .runner import AgentRunner
 
 log = logging.getLogger(__name__)

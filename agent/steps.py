@@ -15,7 +15,7 @@ from .aio import gather_all
 from .backend import VmBackend
 from .errors import AgentError
 from .freeze import FreezeControl
-from .participant import (
+from .participant_messages import (
     Aborted,
     Committed,
     CutDone,

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from .backend import JobProgress, VmBackend
 from .errors import AgentError
-from .participant import ParticipantMachine, Phase, TxnState
+from .participant import ParticipantMachine, TxnState
+from .participant_messages import Phase
 from .planner import checkpoint_state
 from .repository import Repository
 

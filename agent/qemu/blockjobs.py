@@ -21,7 +21,7 @@ from typing import Any
 from ..aio import gather_all
 from ..backend import CHECKPOINT_PREFIX, NODE_PREFIX
 from ..errors import AgentError, QemuError, VmLostError
-from ..participant import MemberPlan
+from ..participant_messages import MemberPlan
 from .qmp import VmConnection
 
 log = logging.getLogger(__name__)

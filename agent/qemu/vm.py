@@ -12,7 +12,7 @@ from pathlib import Path
 from ..aio import gather_all
 from ..backend import Disk, JobProgress, VmBackend
 from ..errors import QemuError
-from ..participant import MemberPlan
+from ..participant_messages import MemberPlan
 from . import blockjobs
 from .guest_agent import GuestAgentClient
 from .qmp import VmConnection

@@ -431,7 +431,7 @@ def later(delay: float, action: Any) -> Any:
 
 
 def _catalog(repo: Path) -> list[Any]:
-    from blocktxn.agent.participant import ImageRecord
+    from blocktxn.agent.participant_messages import ImageRecord
 
     path = repo / "catalog.jsonl"
     if not path.exists():

@@ -6,7 +6,7 @@ import pytest
 
 from blocktxn.agent.backend import Checkpoint, Disk
 from blocktxn.agent.errors import ConflictError, UnknownError
-from blocktxn.agent.participant import ImageRecord
+from blocktxn.agent.participant_messages import ImageRecord
 from blocktxn.agent.planner import Facts, checkpoint_state, plan_cut
 from blocktxn.requests import DiskRequest
 

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blocktxn.agent.journal import event_from_record, event_to_record
-from blocktxn.agent.participant import (
+from blocktxn.agent.participant import ParticipantMachine
+from blocktxn.agent.participant_messages import (
     Aborted,
     AbortRequested,
     ArmAutoThaw,
@@ -25,7 +26,6 @@ from blocktxn.agent.participant import (
     ImageRecord,
     MemberFailed,
     MemberPlan,
-    ParticipantMachine,
     Phase,
     Prepared,
     PrepareRequested,
