@@ -23,13 +23,11 @@ from rich.console import Console
 from rich.table import Table
 
 from blocktxn.client import BackupOptions, SyncClient
+from blocktxn.demo.guest import StandInGuestAgent, Workload, close_guests
 from blocktxn.demo.lab import (
     CLUSTER,
     AgentProcess,
     LabVm,
-    StandInGuestAgent,
-    Workload,
-    close_guests,
     dirty_counts,
     free_port,
     images_equal,

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blocktxn import procs
-from blocktxn.demo.lab import AgentProcess, LabVm, StandInGuestAgent, Workload, close_guests
+from blocktxn.demo.guest import StandInGuestAgent, Workload, close_guests
+from blocktxn.demo.lab import AgentProcess, LabVm
 from tests.chaos.netlab import NetLab
 
 ETCD = ("e1", "e2", "e3")

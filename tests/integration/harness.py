@@ -9,14 +9,8 @@ from typing import Any
 
 import grpc
 
-from blocktxn.demo.lab import (
-    AgentProcess,
-    LabVm,
-    StandInGuestAgent,
-    Workload,
-    close_guests,
-    qmp_call,
-)
+from blocktxn.demo.guest import StandInGuestAgent, Workload, close_guests
+from blocktxn.demo.lab import AgentProcess, LabVm, qmp_call
 from blocktxn.v1 import agent_pb2 as pb
 from blocktxn.v1 import agent_pb2_grpc as pb_grpc
 
