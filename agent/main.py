@@ -17,6 +17,7 @@ from blocktxn.ids import check_id
 from .config import AgentConfig, parse_vm
 from .heartbeat import register_forever
 from .indoubt import resolve_in_doubt_forever
+from .replicas import Replicas
 from .runner import AgentRunner
 from .service import serve
 
@@ -73,15 +74,19 @@ async def start(config: AgentConfig) -> daemon.Stops:
     runner = AgentRunner(config)
     await runner.start()
     server = await serve(runner, config.listen, config.tls)
-    helpers = [asyncio.create_task(register_forever(runner, config)),
-               asyncio.create_task(resolve_in_doubt_forever(runner, config))
-               ] if config.coordinator else []
+    replicas = Replicas(config.coordinator, config.tls) if config.coordinator else None
+    helpers = [asyncio.create_task(register_forever(runner, config, replicas)),
+               asyncio.create_task(resolve_in_doubt_forever(runner, config.in_doubt_after,
+                                                            replicas))
+               ] if replicas else []
 
     async def stop_heartbeat() -> None:
         for task in helpers:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if replicas is not None:
+            await replicas.close()
 
     async def stop_server() -> None:
         await server.stop(grace=2)
