@@ -44,11 +44,10 @@ class VmEvents:
             for m in members:
                 keep.setdefault(m.disk, set()).update(
                     {m.new_bitmap, *([m.sync_bitmap] if m.sync_bitmap else [])})
+            last = {i.disk: i.checkpoint for i in self.runner.repo.images(vm.name)}
+            for disk, checkpoint in last.items():  # the catalog is in commit order
+                keep.setdefault(disk, set()).add(checkpoint)
             try:
-                for name in await vm.disks():
-                    last = self.runner.repo.last_image(vm.name, name)
-                    if last is not None:
-                        keep.setdefault(name, set()).add(last.checkpoint)
                 gone = await vm.sweep({m.job_id for m in members},
                                       {m.target_node for m in members}, keep)
             except AgentError as err:
