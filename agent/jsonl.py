@@ -52,26 +52,22 @@ class JsonLines:
             data = self.path.read_bytes() if self.path.exists() else b""
         except OSError as err:
             raise JournalError(f"{self.path}: cannot read: {err}") from err
-        records, offset = [], 0
-        lines = data.split(b"\n")
+        end = data.rfind(b"\n") + 1  # whole lines end here; bytes after it are torn
+        lines = data[:end].split(b"\n")[:-1]
+        records = []
         for number, line in enumerate(lines, 1):
-            last = number == len(lines)  # the bytes after the final newline
             try:
-                if last:
-                    if line:
-                        raise ValueError("no newline: the write was torn")
-                    break
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise ValueError("not a JSON object")
             except ValueError as err:
-                if number >= len(lines) - 1 and (last or not lines[-1]):
-                    break  # torn write at the tail: the change it described never happened
+                if number == len(lines) and end == len(data):
+                    end -= len(line) + 1  # the last line, garbled by the write in flight
+                    break
                 raise JournalError(f"{self.path}: line {number} is corrupt ({err}); "
                                    "refusing to guess what follows") from err
             records.append(record)
-            offset += len(line) + 1
-        self._durable = offset
+        self._durable = end
         return records
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
