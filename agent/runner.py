@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from blocktxn import failpoints
 from blocktxn.ids import check_id
 from blocktxn.requests import DiskRequest, check_cut
 
@@ -293,6 +294,7 @@ class AgentRunner:
             InvalidInput, UnknownError, ConflictError (did not vote YES).
         """
         self._known(txn_id)
+        failpoints.hit("agent_commit")
         return await self._to_the_end(self._locked_decide(txn_id, CommitRequested()))
 
     async def abort(self, txn_id: str, reason: str) -> TxnState:

@@ -12,10 +12,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import Protocol, TypeVar
 
+from blocktxn import failpoints
 from blocktxn.errors import InvalidInput
 from blocktxn.requests import DiskRequest
 
-from . import failpoints
 from .agent_client import AgentClient
 from .errors import AgentCallError, NotLeaderError, StoreUnavailableError, TxnStateError
 from .records import DecisionRecord, MemberRecord, TxnRecord
