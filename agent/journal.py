@@ -60,11 +60,14 @@ def event_from_record(record: dict[str, Any]) -> tuple[str, Event]:
         members = tuple(
             MemberPlan(**{**m, "stale_bitmaps": tuple(m["stale_bitmaps"])}) for m in p["members"]
         )
-        data["plan"] = TxnPlan(p["txn_id"], members, p["quiesce"], p["freeze_timeout"])
+        data["plan"] = TxnPlan(p["txn_id"], members, p["quiesce"], p["freeze_timeout"],
+                               bool(p.get("individual", False)))
     elif cls is CutDone:
         data["bytes_total"] = tuple(tuple(x) for x in data["bytes_total"])
     elif cls in (Prepared, Committed):
         data["images"] = tuple(ImageRecord(**i) for i in data["images"])
+        if "left_out" in data:
+            data["left_out"] = tuple(tuple(x) for x in data["left_out"])
     return str(record["txn"]), cls(**data)
 
 

@@ -61,6 +61,8 @@ class TxnState:
     thawed_at: float = 0.0
     bytes_total: dict[tuple[str, str], int] = field(default_factory=dict)
     images: tuple[ImageRecord, ...] = ()
+    left_out: tuple[tuple[str, str, str], ...] = ()  # individual: (vm, disk, why) rolled back
+    failed: dict[tuple[str, str], str] = field(default_factory=dict)  # individual, per disk
     abort_reason: str = ""
     preparing: bool = False  # a barrier is running (not journaled: it dies with the process)
 
@@ -115,7 +117,9 @@ class ParticipantMachine:
                     assert m.key not in held, f"disk {m.key} in {held[m.key]} and {st.txn_id}"
                     held[m.key] = st.txn_id
             if st.phase in (Phase.PREPARED, Phase.COMMITTED):
-                assert {(i.vm, i.disk) for i in st.images} == {m.key for m in st.members}
+                out = {(vm, disk) for vm, disk, _ in st.left_out}
+                assert {(i.vm, i.disk) for i in st.images} == {m.key for m in st.members} - out
+                assert st.images and (not out or (st.plan is not None and st.plan.individual))
                 assert not st.failure or st.phase == Phase.COMMITTED or st.thawed_on_own is False
             if st.thawed_on_own:
                 assert st.phase not in (Phase.PREPARED, Phase.COMMITTED)
@@ -156,6 +160,13 @@ class ParticipantMachine:
         """Events with the same meaning in every open phase."""
         if isinstance(event, MemberFailed):
             if st.phase in (Phase.CUTTING, Phase.FROZEN, Phase.RUNNING):
+                if st.plan is not None and st.plan.individual:
+                    # per disk, as in QEMU: the transaction fails once no disk is left
+                    for m in st.members:
+                        if m.vm == event.vm and event.disk in ("", m.disk):
+                            st.failed.setdefault(m.key, event.reason)
+                    if len(st.failed) < len(st.members):
+                        return []
                 st.fail(f"{event.vm}{'/' + event.disk if event.disk else ''}: {event.reason}")
             return []
         if isinstance(event, AbortRequested):
@@ -223,9 +234,11 @@ class ParticipantMachine:
             if st.preparing:
                 return []  # a repeated Prepare waits for the barrier already running
             st.preparing = True
-            return [FinalizeJobs(st.txn_id, st.members, event.timeout)]
+            assert st.plan is not None
+            return [FinalizeJobs(st.txn_id, st.members, event.timeout, st.plan.individual,
+                                 tuple((vm, disk, why) for (vm, disk), why in st.failed.items()))]
         if isinstance(event, Prepared):
-            st.images = event.images
+            st.images, st.left_out = event.images, event.left_out
             st.phase = Phase.PREPARED
             return []
         if isinstance(event, VotedNo):
@@ -238,7 +251,9 @@ class ParticipantMachine:
 
     def _on_prepared(self, st: TxnState, event: Event) -> list[Command]:
         if isinstance(event, CommitRequested):
-            return [Publish(st.txn_id, st.members, st.images)]
+            prepared = {(i.vm, i.disk) for i in st.images}
+            return [Publish(st.txn_id, tuple(m for m in st.members if m.key in prepared),
+                            st.images)]
         if isinstance(event, Committed):
             st.images = event.images
             st.phase = Phase.COMMITTED

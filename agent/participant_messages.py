@@ -70,15 +70,16 @@ class TxnPlan:
     members: tuple[MemberPlan, ...]
     quiesce: str  # "none" | "freeze" | "pause"
     freeze_timeout: float
+    individual: bool = False  # per-disk completion: a failed disk is left out, not fatal
 
     @property
     def vms(self) -> tuple[str, ...]:
         return tuple(sorted({m.vm for m in self.members}))
 
     def same_request(self, other: TxnPlan) -> bool:
-        """True if *other* asks for the same disks with the same quiesce."""
+        """True if *other* asks for the same disks with the same quiesce and completion."""
         return {m.key for m in self.members} == {m.key for m in other.members} and (
-            self.quiesce == other.quiesce
+            self.quiesce == other.quiesce and self.individual == other.individual
         )
 
 
@@ -149,8 +150,12 @@ class MemberFailed(Event):
 
 @dataclass(frozen=True)
 class Prepared(Event):
+    """The vote YES: *images* of the prepared disks. In individual mode *left_out*
+    holds (vm, disk, why) of each disk that failed and was rolled back already."""
+
     journaled: ClassVar[bool] = True
     images: tuple[ImageRecord, ...]
+    left_out: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -234,10 +239,14 @@ class ThawGuests(Command):
 
 @dataclass(frozen=True)
 class FinalizeJobs(Command):
-    """Wait for pending, finalize, dismiss, close and fsync; feed Prepared or VotedNo."""
+    """Wait for pending, finalize, dismiss, close and fsync; feed Prepared or VotedNo.
+    With *individual*, each disk prepares on its own: the ones that fail (and those in
+    *failed*: (vm, disk, why) known already) are rolled back and left out."""
 
     members: tuple[MemberPlan, ...]
     timeout: float | None
+    individual: bool = False
+    failed: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ class Facts:
 
 
 def plan_cut(txn_id: str, disks: Sequence[DiskRequest], quiesce: str, freeze_timeout: float,
-             facts: Facts) -> TxnPlan:
+             facts: Facts, individual: bool = False) -> TxnPlan:
     """The plan of a cut (request already validated).
 
     Raises:
@@ -118,4 +118,5 @@ def plan_cut(txn_id: str, disks: Sequence[DiskRequest], quiesce: str, freeze_tim
         for vm in facts.disks:
             if vm in facts.frozen:
                 raise ConflictError(f"VM {vm} is frozen by transaction {facts.frozen[vm]}")
-    return TxnPlan(txn_id, tuple(plans), quiesce, freeze_timeout or DEFAULT_FREEZE_TIMEOUT)
+    return TxnPlan(txn_id, tuple(plans), quiesce, freeze_timeout or DEFAULT_FREEZE_TIMEOUT,
+                   individual)

@@ -159,7 +159,7 @@ class AgentRunner:
         try:
             cut_at = self.machine.txns[cmd.txn_id].cut_at
             try:
-                vote = await self.steps.barrier(cmd.txn_id, cmd.members, cut_at, cmd.timeout)
+                vote = await self.steps.barrier(cmd, cut_at)
             except Exception as err:  # a bug: never leave the vote hanging
                 log.exception("txn %s: barrier failed", cmd.txn_id)
                 vote = VotedNo(f"barrier failed: {err!r}")
@@ -201,7 +201,7 @@ class AgentRunner:
                                      self.freeze.frozen_by())
 
     async def cut(self, txn_id: str, disks: Sequence[DiskRequest], quiesce: str = "none",
-                  freeze_timeout: float = 0.0) -> TxnState:
+                  freeze_timeout: float = 0.0, individual: bool = False) -> TxnState:
         """Quiesce and start every member's backup job; see the proto.
 
         Raises:
@@ -216,10 +216,11 @@ class AgentRunner:
             missing = sorted({d.vm for d in disks if not self.backends[d.vm].can_freeze})
             if missing:
                 raise ConflictError(f"quiesce freeze needs a guest agent; none for {missing}")
-        return await self._to_the_end(self._cut(txn_id, disks, quiesce, freeze_timeout))
+        return await self._to_the_end(
+            self._cut(txn_id, disks, quiesce, freeze_timeout, individual))
 
     async def _cut(self, txn_id: str, disks: Sequence[DiskRequest], quiesce: str,
-                   freeze_timeout: float) -> TxnState:
+                   freeze_timeout: float, individual: bool) -> TxnState:
         async with self.lock(txn_id):
             known = self.machine.txns.get(txn_id)
             if known is not None:
@@ -230,7 +231,7 @@ class AgentRunner:
             else:
                 async with self.plan_lock:
                     plan = planner.plan_cut(txn_id, disks, quiesce, freeze_timeout,
-                                            await self._facts(disks, quiesce))
+                                            await self._facts(disks, quiesce), individual)
                     commands = self._record(txn_id, CutPlanned(plan))
                 await self._run(commands)
             st = self.machine.txns[txn_id]

@@ -84,7 +84,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         async def call() -> TxnState:
             return await self.runner.cut(
                 request.txn_id, disk_requests_from_pb(list(request.members)),
-                name_of(QUIESCE_NAME, request.quiesce, "quiesce"), request.freeze_timeout_s)
+                name_of(QUIESCE_NAME, request.quiesce, "quiesce"), request.freeze_timeout_s,
+                request.individual)
 
         return cut_to_pb(await guard(context, call))
 
@@ -112,7 +113,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         st = await guard(context, lambda: self.runner.prepare(
             request.txn_id, check_wait(request.timeout_s, "prepare timeout")))
         if st.phase in (Phase.PREPARED, Phase.COMMITTED):
-            return pb.PrepareResponse(yes=True, images=[image_to_pb(i) for i in st.images])
+            return pb.PrepareResponse(
+                yes=True, images=[image_to_pb(i) for i in st.images],
+                left_out=[f"{vm}/{disk}: {why}" for vm, disk, why in st.left_out])
         return pb.PrepareResponse(yes=False, reason=st.failure or st.abort_reason or "aborted")
 
     async def Commit(self, request: pb.CommitRequest,

@@ -21,6 +21,7 @@ from .participant_messages import (
     CutDone,
     CutFailed,
     Event,
+    FinalizeJobs,
     ImageRecord,
     MemberPlan,
     Prepared,
@@ -87,31 +88,67 @@ class Steps:
             log.warning("txn %s: cut failed: %s", plan.txn_id, err)
             return CutFailed(str(err))
 
-    async def barrier(self, txn_id: str, members: tuple[MemberPlan, ...], cut_at: float,
-                      timeout: float | None) -> Event:
+    async def barrier(self, cmd: FinalizeJobs, cut_at: float) -> Event:
         """prepare_to_complete: every job copied, every target closed and fsynced.
-        Prepared (vote YES) or VotedNo."""
+        Prepared (vote YES) or VotedNo. Grouped, any failure is a NO; individual, each
+        disk on its own: the failed ones are rolled back and left out of the vote."""
+        txn_id = cmd.txn_id
+        if not cmd.individual:
+            try:
+                every = await self._prepare(txn_id, cmd.members, cut_at, cmd.timeout)
+            except AgentError as err:
+                log.warning("txn %s: votes NO: %s", txn_id, err)
+                return VotedNo(str(err))
+            return self._yes(txn_id, every)
+        known = {(vm, disk): why for vm, disk, why in cmd.failed}
+        trying = [m for m in cmd.members if m.key not in known]
+        results = await asyncio.gather(
+            *(self._prepare(txn_id, (m,), cut_at, cmd.timeout) for m in trying),
+            return_exceptions=True)
+        images: list[ImageRecord] = []
+        for m, res in zip(trying, results, strict=True):
+            if isinstance(res, AgentError):
+                known[m.key] = str(res)
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                images += res
+        left_out = tuple((vm, disk, why) for (vm, disk), why in sorted(known.items()))
+        if not images:
+            why = "; ".join(f"{vm}/{disk}: {w}" for vm, disk, w in left_out)
+            log.warning("txn %s: votes NO: every disk failed: %s", txn_id, why)
+            return VotedNo(why)
+        failed = tuple(m for m in cmd.members if m.key in known)
+        for m in failed:
+            log.warning("txn %s: %s/%s left out (rolled back): %s", txn_id, m.vm, m.disk,
+                        known[m.key])
+        await self._undo(failed)
+        return self._yes(txn_id, images, left_out)
+
+    async def _prepare(self, txn_id: str, members: tuple[MemberPlan, ...], cut_at: float,
+                       timeout: float | None) -> list[ImageRecord]:
         groups = by_vm(members)
-        try:
-            await gather_all(*(self.backends[vm].wait_copied(ms, timeout)
-                               for vm, ms in groups.items()))
-            copied: dict[tuple[str, str], int] = {}
-            for part in await gather_all(*(self.backends[vm].close_targets(ms)
-                                           for vm, ms in groups.items())):
-                copied.update(part)
-            await self.repo.make_durable([m.image for m in members])
-            # the checksum of each closed image, now: a Commit must do no O(disk) work
-            sums = await gather_all(*(self.repo.sha256(m.image) for m in members))
-        except AgentError as err:
-            log.warning("txn %s: votes NO: %s", txn_id, err)
-            return VotedNo(str(err))
-        log.info("txn %s: prepared, votes YES: %s", txn_id,
-                 ", ".join(f"{m.vm}/{m.disk} {copied[m.key]} bytes" for m in members))
-        return Prepared(tuple(ImageRecord(
+        await gather_all(*(self.backends[vm].wait_copied(ms, timeout)
+                           for vm, ms in groups.items()))
+        copied: dict[tuple[str, str], int] = {}
+        for part in await gather_all(*(self.backends[vm].close_targets(ms)
+                                       for vm, ms in groups.items())):
+            copied.update(part)
+        await self.repo.make_durable([m.image for m in members])
+        # the checksum of each closed image, now: a Commit must do no O(disk) work
+        sums = await gather_all(*(self.repo.sha256(m.image) for m in members))
+        return [ImageRecord(
             vm=m.vm, disk=m.disk, set_id=txn_id,
             image=m.image, backing=m.backing, mode=m.mode, bytes=copied[m.key], size=m.size,
             cut_at=cut_at, checkpoint=m.new_bitmap, sha256=sha)
-            for m, sha in zip(members, sums, strict=True)))
+            for m, sha in zip(members, sums, strict=True)]
+
+    @staticmethod
+    def _yes(txn_id: str, images: list[ImageRecord],
+             left_out: tuple[tuple[str, str, str], ...] = ()) -> Prepared:
+        log.info("txn %s: prepared, votes YES: %s", txn_id,
+                 ", ".join(f"{i.vm}/{i.disk} {i.bytes} bytes" for i in images))
+        return Prepared(tuple(images), left_out)
 
     async def publish(self, txn_id: str, members: tuple[MemberPlan, ...],
                       images: tuple[ImageRecord, ...]) -> Event:
@@ -134,19 +171,23 @@ class Steps:
         self.freeze.disarm(cmd.txn_id)
         if cmd.thaw_vms:
             await self.freeze.thaw(cmd.txn_id, cmd.thaw_vms, cmd.quiesce, cmd.after_restart)
-        groups = by_vm(cmd.members)
+        await self._undo(cmd.members)
+        log.info("txn %s: rolled back (%s): %d jobs cancelled, new checkpoints dropped",
+                 cmd.txn_id, cmd.reason, len(cmd.members))
+        return Aborted(cmd.reason)
+
+    async def _undo(self, members: tuple[MemberPlan, ...]) -> None:
+        """Cancel the members' jobs, drop their new checkpoints, delete their images."""
+        groups = by_vm(members)
         await asyncio.gather(*(self.backends[vm].rollback_jobs(ms)
                                for vm, ms in groups.items()))
         try:
             await self._drop({vm: [(m.disk, m.new_bitmap) for m in ms]
                               for vm, ms in groups.items()})
         except AgentError as err:
-            log.warning("rollback of %s: new checkpoints not all dropped: %s", cmd.txn_id, err)
-        for m in cmd.members:
+            log.warning("rollback: new checkpoints not all dropped: %s", err)
+        for m in members:
             self.repo.delete_image(m.image)
-        log.info("txn %s: rolled back (%s): %d jobs cancelled, new checkpoints dropped",
-                 cmd.txn_id, cmd.reason, len(cmd.members))
-        return Aborted(cmd.reason)
 
     async def _drop(self, checkpoints: dict[str, list[tuple[str, str]]]) -> None:
         await gather_all(*(self.backends[vm].drop_checkpoints(pairs)

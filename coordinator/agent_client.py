@@ -61,6 +61,7 @@ class Ballot:
     yes: bool
     reason: str
     prepared: tuple[PreparedDisk, ...]
+    left_out: tuple[str, ...] = ()  # individual, YES: "vm/disk: why" rolled back
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class AgentClient:
         raise AssertionError("unreachable")
 
     async def cut(self, txn_id: str, disks: list[DiskRequest], quiesce: str,
-                  freeze_timeout: float) -> CutResult:
+                  freeze_timeout: float, individual: bool = False) -> CutResult:
         """Quiesce, add the checkpoints and start the jobs (retried for 5 s).
 
         Raises:
@@ -137,7 +138,7 @@ class AgentClient:
         """
         check_cut(txn_id, disks, quiesce, freeze_timeout)
         req = apb.CutRequest(txn_id=txn_id, quiesce=QUIESCE_PB[quiesce],
-                             freeze_timeout_s=freeze_timeout,
+                             freeze_timeout_s=freeze_timeout, individual=individual,
                              members=disk_requests_to_pb(disks))
         resp = await self._call("Cut", lambda t: self.stub.Cut(req, timeout=t), retry_for=5)
         return CutResult(tuple(ChosenMode(m.vm, m.disk, MODE_NAME.get(m.mode, ""),
@@ -160,7 +161,8 @@ class AgentClient:
         resp = await self._call("Prepare", lambda t: self.stub.Prepare(req, timeout=t),
                                 timeout=wait + 5, retry_for=wait)
         return Ballot(resp.yes, resp.reason,
-                      tuple(PreparedDisk(i.vm, i.disk, i.bytes) for i in resp.images))
+                      tuple(PreparedDisk(i.vm, i.disk, i.bytes) for i in resp.images),
+                      tuple(resp.left_out))
 
     async def commit(self, txn_id: str) -> tuple[SetImage, ...]:
         """The agent's committed images. Raises: AgentCallError."""

@@ -204,7 +204,7 @@ class TxnDriver:
         disks = [DiskRequest(m.vm, m.disk, m.mode, r.speed) for m in r.members_of(agent_id)]
         try:
             cut = await self._client(agent_id).cut(self.txn_id, disks, r.quiesce,
-                                                   r.freeze_timeout)
+                                                   r.freeze_timeout, not r.grouped)
         except AgentCallError as err:
             return CutReplied(agent_id, False, err.details or err.code.name)
         except InvalidInput as err:  # nothing was sent
@@ -232,7 +232,9 @@ class TxnDriver:
             progress.cancel()
         prepared = _by_disk(ballot.prepared, lambda m, p: m.prepared(p.bytes))
         self.record = self.record.with_members(agent_id, prepared)
-        return VoteReplied(agent_id, ballot.yes, ballot.reason)
+        reason = ballot.reason if not ballot.yes else "; ".join(
+            f"left out {agent_id}/{why}" for why in ballot.left_out)
+        return VoteReplied(agent_id, ballot.yes, reason)
 
     async def _follow(self, agent_id: str) -> None:
         """Copy an agent's progress stream into the record (best effort)."""

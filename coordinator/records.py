@@ -157,7 +157,12 @@ class TxnRecord:
                                            for m in self.members))
 
     def with_outcome(self, agent_id: str, outcome: str) -> TxnRecord:
-        return self.with_members(agent_id, lambda m: m.completed(outcome))
+        """Every member of *agent_id* completed with *outcome*; a COMMIT counts only the
+        disks the agent published (individual mode leaves failed disks out)."""
+        published = {(i.vm, i.disk) for i in self.images if i.agent_id == agent_id}
+        return self.with_members(agent_id, lambda m: m.completed(
+            "aborted" if outcome == "committed" and (m.vm, m.disk) not in published
+            else outcome))
 
     def with_frozen_at(self, frozen_at: float) -> TxnRecord:
         """The earliest freeze of any agent (0: none)."""

@@ -255,8 +255,10 @@ class TxnMachine:
         if any(p.vote is None for p in self.parts.values()):
             return []
         if any(p.vote for p in self.parts.values()):
-            no = [f"{p.agent_id}: {p.reason}" for p in self.parts.values() if not p.vote]
-            return self._decide(Decision.COMMIT, "; ".join(no))
+            # individual: why each NO, and the disks a YES left out
+            notes = [p.reason if p.vote else f"{p.agent_id}: {p.reason}"
+                     for p in self.parts.values() if p.reason or not p.vote]
+            return self._decide(Decision.COMMIT, "; ".join(notes))
         return self._decide(Decision.ABORT, "every agent voted NO")
 
     def _on_decision(self, event: DecisionDurable) -> list[TxnCommand]:

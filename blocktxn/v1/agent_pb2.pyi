@@ -280,11 +280,14 @@ class CutRequest(_message.Message):
     MEMBERS_FIELD_NUMBER: _builtins.int
     QUIESCE_FIELD_NUMBER: _builtins.int
     FREEZE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    INDIVIDUAL_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.str
     """[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"""
     quiesce: Global___Quiesce.ValueType
     freeze_timeout_s: _builtins.float
     """auto-thaw after this long; 0 = 10 s; 0..3600"""
+    individual: _builtins.bool
+    """per-disk completion: a disk that fails is left out"""
     @_builtins.property
     def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___CutMember]: ...
     def __init__(
@@ -294,10 +297,11 @@ class CutRequest(_message.Message):
         members: _abc.Iterable[Global___CutMember] | None = ...,
         quiesce: Global___Quiesce.ValueType = ...,
         freeze_timeout_s: _builtins.float = ...,
+        individual: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["freeze_timeout_s", b"freeze_timeout_s", "members", b"members", "quiesce", b"quiesce", "txn_id", b"txn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["freeze_timeout_s", b"freeze_timeout_s", "individual", b"individual", "members", b"members", "quiesce", b"quiesce", "txn_id", b"txn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -599,12 +603,17 @@ class PrepareResponse(_message.Message):
     YES_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     IMAGES_FIELD_NUMBER: _builtins.int
+    LEFT_OUT_FIELD_NUMBER: _builtins.int
     yes: _builtins.bool
     reason: _builtins.str
     """for NO"""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemberImage]:
-        """for YES"""
+        """for YES: the prepared disks"""
+
+    @_builtins.property
+    def left_out(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """individual mode, YES: "vm/disk: why" of each disk"""
 
     def __init__(
         self,
@@ -612,10 +621,11 @@ class PrepareResponse(_message.Message):
         yes: _builtins.bool = ...,
         reason: _builtins.str = ...,
         images: _abc.Iterable[Global___MemberImage] | None = ...,
+        left_out: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "reason", b"reason", "yes", b"yes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "left_out", b"left_out", "reason", b"reason", "yes", b"yes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

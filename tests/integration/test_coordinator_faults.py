@@ -23,7 +23,7 @@ from blocktxn.demo.lab import CLUSTER, free_port
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as cpb
 from tests.integration.cluster import Cluster
-from tests.integration.harness import Host, wait_until
+from tests.integration.harness import wait_until
 from tests.integration.test_coordinator import VMS, all_disks, two_hosts
 
 TARGETS = ["h1/vm1", "h1/vm2", "h2/vm1", "h2/vm2"]
@@ -75,21 +75,37 @@ def test_cancel_during_run_aborts_everywhere(make_cluster: Callable[..., Cluster
     assert_kept(cluster, base, since)
 
 
-def test_individual_mode_commits_the_healthy_members(make_cluster: Callable[..., Cluster]
-                                                     ) -> None:
+def test_individual_mode_commits_every_healthy_disk(make_cluster: Callable[..., Cluster]
+                                                    ) -> None:
+    """As in QEMU, individual completion is per disk: an I/O error on h2/vm1/d1 aborts
+    that disk alone; the other disks of the same agent and VM commit."""
     cluster = two_hosts(make_cluster, read_error=("d1",))
     base, since = prime(cluster)
     cluster.hosts["h2"].workloads["vm1"].arm_read_error("d1", 2)
     done = cluster.wait_done(cluster.start(TARGETS, completion=cpb.COMPLETION_INDIVIDUAL).txn_id)
-    assert done.decision == cpb.DECISION_COMMIT
-    assert list(done.committed_agents) == ["h1"]
-    outcomes = {(m.agent_id, m.outcome) for m in done.members}
-    assert outcomes == {("h1", "committed"), ("h2", "aborted")}
-    assert_kept(cluster, base, since, hosts=("h2",))
-    h1: Host = cluster.hosts["h1"]
-    for vm, disks in VMS.items():
-        for d in disks:
-            assert set(h1.bitmaps(vm, d)) == {f"blocktxn:{done.txn_id}"}
+    assert done.decision == cpb.DECISION_COMMIT, done.reason
+    assert sorted(done.committed_agents) == ["h1", "h2"]
+    failed = ("h2", "vm1", "d1")
+    outcomes = {(m.agent_id, m.vm, m.disk): m.outcome for m in done.members}
+    assert outcomes.pop(failed) == "aborted"
+    assert set(outcomes.values()) == {"committed"}, outcomes
+    assert "h2/vm1/d1" in done.reason, done.reason
+    bset = cluster.any_stub().GetBackupSet(cpb.GetBackupSetRequest(set_id=done.set_id),
+                                          timeout=10)
+    assert {(i.agent_id, i.vm, i.disk) for i in bset.images} == set(outcomes)
+    for host, vm, disk in all_disks(cluster):
+        key = (host.agent.agent_id, vm, disk)
+        bitmaps = host.bitmaps(vm, disk)
+        if key == failed:  # kept its previous checkpoint with every write since
+            assert set(bitmaps) == {f"blocktxn:{base}"}, bitmaps
+            written = host.workloads[vm].clusters(disk, since[(host.agent.agent_id, vm)])
+            assert bitmaps[f"blocktxn:{base}"]["count"] == len(written) * CLUSTER
+        else:
+            assert set(bitmaps) == {f"blocktxn:{done.txn_id}"}, (key, bitmaps)
+        assert host.jobs(vm) == []
+    images = {(i.vm, i.disk) for i in cluster.hosts["h2"].stub.ListImages(
+        apb.ListImagesRequest(), timeout=10).images if i.set_id == done.txn_id}
+    assert ("vm1", "d1") not in images and ("vm1", "d0") in images
 
 
 def leader(cluster: Cluster) -> int:

@@ -235,3 +235,38 @@ def test_replaying_the_journal_rebuilds_the_same_state(steps: list[str]) -> None
     a, b = live.txns["t"], replayed.txns["t"]
     assert (a.phase, a.failure, a.thawed_on_own, a.images) == (
         b.phase, b.failure, b.thawed_on_own, b.images)
+
+
+def test_individual_mode_leaves_a_failed_disk_out_and_publishes_the_rest() -> None:
+    """Per disk, as in QEMU: a failed disk does not fail the transaction; the barrier
+    is told which disks failed already; only the prepared disks are published."""
+    m = ParticipantMachine()
+    p = TxnPlan("t", (member("d0"), member("d1"), member("d0", "vm2")), "none", 5.0,
+                individual=True)
+    run(m, "t", CutPlanned(p), CutDone(0.0, 2.0, 7.0), MemberFailed("vm1", "d1", "io error"))
+    assert m.txns["t"].failure == ""
+    assert m.handle("t", PrepareRequested(30.0)) == [
+        FinalizeJobs("t", p.members, 30.0, True, (("vm1", "d1", "io error"),))]
+    kept = tuple(i for i in images(p) if (i.vm, i.disk) != ("vm1", "d1"))
+    run(m, "t", Prepared(kept, (("vm1", "d1", "io error"),)))
+    assert m.phase("t") == Phase.PREPARED
+    assert m.handle("t", CommitRequested()) == [
+        Publish("t", (p.members[0], p.members[2]), kept)]
+    # the journal carries the plan's mode and the left-out disks
+    for e in (CutPlanned(p), Prepared(kept, (("vm1", "d1", "io error"),))):
+        assert event_from_record(json.loads(json.dumps(event_to_record("t", e)))) == ("t", e)
+
+
+def test_individual_mode_fails_once_every_disk_failed() -> None:
+    m = ParticipantMachine()
+    p = TxnPlan("t", (member("d0"), member("d0", "vm2")), "none", 5.0, individual=True)
+    run(m, "t", CutPlanned(p), CutDone(0.0, 2.0, 7.0), MemberFailed("vm1", "", "vm lost"))
+    assert m.txns["t"].failure == ""
+    run(m, "t", MemberFailed("vm2", "d0", "io error"))
+    assert m.handle("t", PrepareRequested(30.0)) == [DeclineVote("t", "vm2/d0: io error")]
+
+
+def test_grouped_mode_fails_on_one_disk() -> None:
+    m, p = ParticipantMachine(), plan(quiesce="none")
+    run(m, "t", CutPlanned(p), CutDone(0.0, 2.0, 7.0), MemberFailed("vm1", "d1", "io error"))
+    assert m.handle("t", PrepareRequested(30.0)) == [DeclineVote("t", "vm1/d1: io error")]
