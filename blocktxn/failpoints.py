@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 POINTS = (
     # coordinator
     "before_cut", "after_cut", "after_thaw", "after_decision", "after_commit_sent",
+    "lose_create_reply",
     # agent
     "agent_commit",
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections.abc import AsyncIterator
@@ -17,12 +18,20 @@ from .agent_client import ImageCheck, RestoreResult
 from .config import CoordinatorConfig
 from .driver import TxnDriver
 from .election import Election
-from .errors import AgentCallError, NotFoundError, PreconditionError, RequestError
+from .errors import (
+    AgentCallError,
+    NotFoundError,
+    PreconditionError,
+    RequestError,
+    StoreUnavailableError,
+)
 from .records import AgentEntry, AgentInventory, BackupSet, DecisionRecord, TxnRecord
 from .registry import AgentRegistry
 from .store import Store
 from .txn_machine import TxnMachine
 from .txn_messages import OPEN, Begin, CancelRequested, DeadlinePassed, Decision, Resumed, TxnPhase
+
+log = logging.getLogger(__name__)
 
 
 class Coordinator:
@@ -35,6 +44,7 @@ class Coordinator:
         self.election = Election(store, config.name, f"{config.name}@{config.advertise}",
                                  on_elected=self._resume_all, on_deposed=self._drop_all)
         self.live: dict[str, TxnDriver] = {}
+        self._adopting: set[asyncio.Future[None]] = set()
 
     @property
     def leads(self) -> bool:
@@ -80,6 +90,44 @@ class Coordinator:
         for driver in self.live.values():
             driver.stop()
         self.live.clear()
+        for task in self._adopting:
+            task.cancel()
+
+    async def _adopt(self, txn_id: str) -> TxnRecord | None:
+        """Drive an open record that has no driver on this leader (the reply to its
+        create was lost): as a new leader would, from its durable facts (cutting ->
+        abort). Return the record, None if it does not exist.
+
+        Raises:
+            StoreUnavailableError, StoreCorruptError, TxnStateError.
+        """
+        record = await self.store.get_txn(txn_id)
+        if record is None or record.phase == TxnPhase.DONE or not self.leads:
+            return record
+        decision = await self.store.get_decision(txn_id)
+        if txn_id in self.live:  # taken over meanwhile
+            return self.live[txn_id].record
+        log.warning("txn %s: open without a driver here: taking it over", txn_id)
+        driver = self._drive(record, recovery.rebuild(record, decision))
+        driver.start(Resumed())
+        return driver.record
+
+    def _adopt_later(self, txn_id: str) -> None:
+        """After a create whose outcome is unknown: once etcd answers, take the record
+        over if it exists, so it never stays open without a driver."""
+        async def attempt() -> None:
+            delay = 0.2
+            while self.leads:
+                try:
+                    await self._adopt(txn_id)
+                    return
+                except StoreUnavailableError:
+                    await asyncio.sleep(delay)
+                    delay = min(2.0, delay * 2)
+
+        task = asyncio.ensure_future(attempt())
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
 
     # ---------------------------------------------------------- operations
     async def start_transaction(self, request: BackupRequest) -> TxnRecord:
@@ -92,10 +140,10 @@ class Coordinator:
         epoch = self.election.require()
         request.check()
         request_id = request.options.request_id or f"r{random.getrandbits(64):016x}"
-        for driver in self.live.values():
+        entries, live = await self.registry.entries()
+        for driver in self.live.values():  # (after the await: a takeover may have begun)
             if driver.record.request_id == request_id:
                 return driver.record
-        entries, live = await self.registry.entries()
         busy = {m.key: d.txn_id for d in self.live.values() if d.machine.phase in OPEN
                 for m in d.record.members}
         planned = planner.plan(request, entries, live, busy)
@@ -103,11 +151,15 @@ class Coordinator:
         record = planner.new_record(request, planned,
                                     planner.txn_id_at(now, random.getrandbits(24)),
                                     request_id, now, self.config.name)
-        existing = await self.store.create_txn(epoch, record)
+        try:
+            existing = await self.store.create_txn(epoch, record)
+        except StoreUnavailableError:
+            self._adopt_later(record.txn_id)  # it may have been written all the same
+            raise
         if existing is not None:  # the request id was used already: the same transaction
             if existing in self.live:
                 return self.live[existing].record
-            stored = await self.store.get_txn(existing)
+            stored = await self._adopt(existing)
             if stored is None:
                 raise NotFoundError(f"request {request_id} maps to a missing transaction")
             return stored

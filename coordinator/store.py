@@ -34,6 +34,8 @@ import aetcd
 import aetcd.exceptions
 import grpc
 
+from blocktxn import failpoints
+
 from .errors import (
     ConfigError,
     NotLeaderError,
@@ -181,6 +183,10 @@ class Store:
             if again is not None:
                 return _text(again.value, req_key)
             raise NotLeaderError("create txn: rejected, this replica no longer leads")
+        try:
+            failpoints.hit("lose_create_reply")
+        except failpoints.FailpointError as err:  # as if etcd's reply never came back
+            raise StoreUnavailableError(f"create txn: {err}") from err
         return None
 
     async def put_txn(self, epoch: int, record: TxnRecord,

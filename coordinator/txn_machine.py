@@ -308,7 +308,7 @@ class TxnMachine:
         if self.phase == TxnPhase.RUNNING:
             self.asked.add(Step.PREPARE)
             return [SendPrepare(a) for a in self.agents]  # re-query: Prepare is idempotent
-        return self._decide(Decision.ABORT, "coordinator leader changed during the cut")
+        return self._decide(Decision.ABORT, "cut abandoned (leader changed or start reply lost)")
 
 
 _HANDLERS: dict[type[TxnEvent], Callable[[TxnMachine, Any], list[TxnCommand]]] = {

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import grpc
 import pytest
 
 from blocktxn.coordinator.errors import NotLeaderError, StoreCorruptError, StoreRejectedError
@@ -395,3 +397,46 @@ def test_an_agent_in_doubt_asks_for_the_decision_itself(
                timeout=60, what="h2 applies the COMMIT it asked for")
     log = (h2.agent.workdir / "agent.log").read_text()
     assert "in doubt: the durable decision is COMMIT" in log
+
+
+def test_a_start_whose_etcd_reply_was_lost_is_driven_to_an_end(
+        make_cluster: Callable[..., Cluster], tmp_path: Path) -> None:
+    """The create of the record committed in etcd, but its reply was lost: the leader
+    must not leave that record open without a driver (nor return it to a retry that
+    then never moves). It is taken over and ends (aborted: its cut never ran); a retry
+    with the same request id gets that transaction; the disks are free again."""
+    armed = tmp_path / "failpoints"
+    cluster = two_hosts(make_cluster, first_env={"BLOCKTXN_FAILPOINT_FILE": str(armed)})
+    base, since = prime(cluster)
+    armed.write_text("lose_create_reply=fail\n")
+    with pytest.raises(grpc.RpcError) as lost:
+        cluster.stub().StartTransaction(cpb.StartTransactionRequest(
+            request_id="r-lost", targets=[cpb.Target(target=t) for t in TARGETS]), timeout=30)
+    assert lost.value.code() == grpc.StatusCode.UNAVAILABLE, lost.value.details()
+    armed.unlink()
+    again = cluster.start(TARGETS, request_id="r-lost")
+    done = cluster.wait_done(again.txn_id, timeout=30)
+    assert done.decision == cpb.DECISION_ABORT and done.request_id == "r-lost"
+    open_txns = cluster.stub().ListTransactions(
+        cpb.ListTransactionsRequest(open_only=True), timeout=10).transactions
+    assert list(open_txns) == []
+    assert_kept(cluster, base, since)
+    fresh = cluster.wait_done(cluster.start(TARGETS).txn_id)
+    assert fresh.decision == cpb.DECISION_COMMIT, fresh.reason
+
+
+def test_a_lost_start_reply_is_taken_over_without_a_retry(
+        make_cluster: Callable[..., Cluster], tmp_path: Path) -> None:
+    armed = tmp_path / "failpoints"
+    cluster = two_hosts(make_cluster, first_env={"BLOCKTXN_FAILPOINT_FILE": str(armed)})
+    armed.write_text("lose_create_reply=fail\n")
+    with pytest.raises(grpc.RpcError):
+        cluster.stub().StartTransaction(cpb.StartTransactionRequest(
+            targets=[cpb.Target(target=t) for t in TARGETS]), timeout=30)
+    armed.unlink()
+
+    def none_open() -> bool:
+        txns = cluster.stub().ListTransactions(cpb.ListTransactionsRequest(), timeout=10)
+        return len(txns.transactions) == 1 and txns.transactions[0].phase == cpb.TXN_PHASE_DONE
+
+    wait_until(none_open, timeout=30, what="the orphaned record to end")

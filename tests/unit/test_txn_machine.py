@@ -112,7 +112,7 @@ def test_thawed_on_own_or_failed_cut_aborts() -> None:
 def test_new_leader_aborts_a_cut_and_requeries_a_running_transaction() -> None:
     m = rebuild(record(), None)
     assert m.handle(Resumed()) == [WriteDecision(
-        Decision.ABORT, "coordinator leader changed during the cut", ())]
+        Decision.ABORT, "cut abandoned (leader changed or start reply lost)", ())]
     r = rebuild(record(TxnPhase.RUNNING), None)
     assert r.handle(Resumed()) == [SendPrepare(a) for a in AGENTS]
     d = rebuild(record(TxnPhase.RUNNING), DecisionRecord("t", Decision.ABORT, "x"))
@@ -259,7 +259,7 @@ class World:
             out = self.feed(Resumed())
             if d is None and not self.marked_running:
                 assert out == [WriteDecision(
-                    Decision.ABORT, "coordinator leader changed during the cut", ())]
+                    Decision.ABORT, "cut abandoned (leader changed or start reply lost)", ())]
 
     def drain(self) -> None:
         """Answer everything in flight with success: the transaction must finish."""
