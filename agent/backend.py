@@ -121,13 +121,14 @@ class VmBackend(abc.ABC):
         """A guest agent is configured: quiesce ``freeze`` is possible."""
 
     @abc.abstractmethod
-    async def can_pause(self) -> bool:
-        """The VM can be paused (quiesce ``pause``)."""
+    async def pause_problem(self) -> str:
+        """Why quiesce ``pause`` is impossible on this VM; "" if it is possible (the
+        VM can pause, and something outside the agent can resume it at a deadline)."""
 
     # ------------------------------------------------------------------ cut
     @abc.abstractmethod
-    async def freeze_prepare(self) -> None:
-        """Before a freeze: make sure the guest will be thawed at its deadline even if
+    async def freeze_prepare(self, quiesce: str) -> None:
+        """Before a freeze or pause: make sure the guest will be thawed at its deadline even if
         this agent stops or dies (QEMU: start the watchdog process)."""
 
     @abc.abstractmethod

@@ -14,6 +14,7 @@ class VmConfig:
     name: str
     qmp: str
     ga: str | None = None
+    watch: str | None = None  # a second QMP monitor, for the freeze watchdog (pause)
 
 
 @dataclass(frozen=True)
@@ -32,20 +33,23 @@ class AgentConfig:
 
 
 def parse_vm(spec: str) -> VmConfig:
-    """Parse ``NAME=QMP_SOCKET[,ga=GUEST_AGENT_SOCKET]``.
+    """Parse ``NAME=QMP_SOCKET[,ga=GUEST_AGENT_SOCKET][,watch=QMP_SOCKET]``: ``ga``
+    enables quiesce freeze; ``watch``, a second QMP monitor of the same VM that only
+    the freeze watchdog uses, enables quiesce pause.
 
     Raises:
         ValueError: malformed spec or unsafe name.
     """
+    usage = "NAME=QMP_SOCKET[,ga=GUEST_AGENT_SOCKET][,watch=QMP_SOCKET]"
     name, sep, rest = spec.partition("=")
     if not sep or not rest:
-        raise ValueError(f"--vm {spec!r}: expected NAME=QMP_SOCKET[,ga=GUEST_AGENT_SOCKET]")
+        raise ValueError(f"--vm {spec!r}: expected {usage}")
     check_id(name, "VM name")
     parts = rest.split(",")
-    ga = None
+    options: dict[str, str] = {}
     for extra in parts[1:]:
         key, _, value = extra.partition("=")
-        if key != "ga" or not value:
-            raise ValueError(f"--vm {spec!r}: unknown option {extra!r} (only ga=PATH)")
-        ga = value
-    return VmConfig(name, parts[0], ga)
+        if key not in ("ga", "watch") or not value or key in options:
+            raise ValueError(f"--vm {spec!r}: bad option {extra!r} (expected {usage})")
+        options[key] = value
+    return VmConfig(name, parts[0], options.get("ga"), options.get("watch"))

@@ -38,9 +38,9 @@ class FreezeControl:
         """vm -> the transaction that holds it quiesced."""
         return dict(self.owner)
 
-    async def prepare(self, vms: Sequence[str]) -> None:
+    async def prepare(self, vms: Sequence[str], quiesce: str) -> None:
         """Before the freeze window (see VmBackend.freeze_prepare)."""
-        await gather_all(*(self.backends[vm].freeze_prepare() for vm in vms))
+        await gather_all(*(self.backends[vm].freeze_prepare(quiesce) for vm in vms))
 
     async def freeze(self, txn_id: str, vm: str, quiesce: str, deadline: float) -> None:
         """Quiesce *vm* for *txn_id* until at most *deadline* (unix time)."""

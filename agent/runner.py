@@ -60,7 +60,8 @@ T = TypeVar("T")
 
 def make_backends(config: AgentConfig) -> dict[str, VmBackend]:
     """One backend per configured VM."""
-    return {vm.name: QemuVm(vm.name, vm.qmp, vm.ga, config.qmp_timeout) for vm in config.vms}
+    return {vm.name: QemuVm(vm.name, vm.qmp, vm.ga, config.qmp_timeout, vm.watch)
+            for vm in config.vms}
 
 
 class AgentRunner:
@@ -248,9 +249,10 @@ class AgentRunner:
             if not vm.connected:
                 raise ConflictError(f"VM {name} is lost (its QMP socket is not connected)")
             found[name] = await vm.disks()
-            if quiesce == "pause" and not await vm.can_pause():
-                raise ConflictError(f"VM {name} cannot pause: QEMU has no QMP stop "
-                                    "(qemu-storage-daemon?); use quiesce freeze or none")
+            problem = await vm.pause_problem() if quiesce == "pause" else ""
+            if problem:
+                raise ConflictError(f"VM {name} cannot pause: {problem}; "
+                                    "use quiesce freeze or none")
         return planner.Facts(
             disks=found, last_image=self.repo.last_image,
             image_exists=lambda rel: self.repo.path(rel).exists(),

@@ -55,8 +55,8 @@ class Steps:
         in one atomic step, all within the freeze timeout. CutDone or CutFailed."""
         members = by_vm(plan.members)
         try:
-            if plan.quiesce == "freeze":  # started now, armed just before each freeze
-                await self.freeze.prepare(list(members))
+            if plan.quiesce != "none":  # started now, armed just before each freeze
+                await self.freeze.prepare(list(members), plan.quiesce)
             await gather_all(
                 *(self.repo.create_image(m.image, m.size, m.backing) for m in plan.members))
             await gather_all(*(self.backends[vm].attach_targets(ms, self.repo.path)

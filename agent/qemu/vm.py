@@ -13,21 +13,24 @@ from ..aio import gather_all
 from ..backend import Disk, JobProgress, VmBackend
 from ..errors import QemuError
 from ..participant_messages import MemberPlan
-from . import blockjobs
+from . import blockjobs, watchdog
 from .guest_agent import GuestAgentClient
 from .qmp import VmConnection
+
+WATCHDOG_START = 10.0  # seconds a watchdog may take to say it is ready
 
 
 class QemuVm(VmBackend):
     """A qemu-system-* or qemu-storage-daemon process (``--vm NAME=QMP[,ga=GA]``)."""
 
     def __init__(self, name: str, qmp_socket: str, ga_socket: str | None,
-                 qmp_timeout: float) -> None:
+                 qmp_timeout: float, watch_socket: str | None = None) -> None:
         super().__init__(name)
         self.conn = VmConnection(name, qmp_socket, timeout=qmp_timeout)
         self.conn.on_lost = self._lost
         self.conn.on_connected = self._connected
         self.ga_socket = ga_socket
+        self.watch_socket = watch_socket  # a monitor for the watchdog alone (pause)
         self.guest_agent = GuestAgentClient(ga_socket) if ga_socket else None
         self.watchdog: asyncio.subprocess.Process | None = None
         self._reaping: set[asyncio.Task[int]] = set()
@@ -73,18 +76,25 @@ class QemuVm(VmBackend):
     def can_freeze(self) -> bool:
         return self.guest_agent is not None
 
-    async def can_pause(self) -> bool:
-        return await blockjobs.can_pause(self.conn)
+    async def pause_problem(self) -> str:
+        if not await blockjobs.can_pause(self.conn):
+            return "QEMU has no QMP stop (qemu-storage-daemon?)"
+        if not self.watch_socket:
+            return ("no monitor for the freeze watchdog (add a second QMP monitor to the "
+                    "VM and name it with watch=PATH in --vm)")
+        return ""
 
     # -------------------------------------------------------------- quiesce
-    async def freeze_prepare(self) -> None:
+    async def freeze_prepare(self, quiesce: str) -> None:
         """Start the watchdog (see watchdog.py) now, so that its start-up costs
         nothing inside the freeze; it is armed with the deadline just before it."""
         self._stop_watchdog()
-        assert self.ga_socket is not None
+        flag, sock = ("--ga", self.ga_socket) if quiesce == "freeze" else (
+            "--qmp", self.watch_socket)
+        assert sock is not None
         self.watchdog = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "blocktxn.agent.qemu.watchdog", "--ga", self.ga_socket,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+            sys.executable, "-m", "blocktxn.agent.qemu.watchdog", flag, sock,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             start_new_session=True)
 
     async def freeze_abandon(self) -> None:
@@ -96,6 +106,7 @@ class QemuVm(VmBackend):
             await self._arm_watchdog(deadline)
             await self.guest_agent.freeze()
         elif quiesce == "pause":
+            await self._arm_watchdog(deadline)
             await blockjobs.pause(self.conn)
 
     async def thaw(self, quiesce: str) -> None:
@@ -115,8 +126,16 @@ class QemuVm(VmBackend):
             QemuError: no watchdog is running, so the guest must not be frozen.
         """
         proc = self.watchdog
-        if proc is None or proc.stdin is None or proc.returncode is not None:
+        if (proc is None or proc.stdin is None or proc.stdout is None
+                or proc.returncode is not None):
             raise QemuError(f"VM {self.name}: freeze watchdog is not running; not freezing")
+        try:  # it says ready once it can act (usually long before: it started early)
+            ready = await asyncio.wait_for(proc.stdout.readline(), WATCHDOG_START)
+        except TimeoutError:
+            ready = b""
+        if ready.decode().strip() != watchdog.READY:
+            raise QemuError(f"VM {self.name}: freeze watchdog did not start "
+                            f"(see the agent's log); not freezing")
         try:
             proc.stdin.write(f"{deadline!r}\n".encode())
             await proc.stdin.drain()

@@ -40,17 +40,21 @@ class LabDisk:
 
 @dataclass
 class LabVm:
-    """One qemu-storage-daemon with its disks exported over NBD."""
+    """One qemu-storage-daemon with its disks exported over NBD; or, with *system*, a
+    ``qemu-system-x86_64 -machine none`` (no guest, but QMP ``stop``/``cont``: quiesce
+    ``pause``) with the same disks and exports, and a third monitor for the agent's
+    freeze watchdog."""
 
     name: str
     workdir: Path
     disks: list[LabDisk]
     proc: subprocess.Popen[bytes] | None = None
     prefix: list[str] = field(default_factory=list)  # e.g. ip netns exec NS
+    system: bool = False
 
     @classmethod
     def create(cls, name: str, workdir: Path, disk_names: list[str], size: int = 32 << 20,
-               read_error_disks: tuple[str, ...] = ()) -> LabVm:
+               read_error_disks: tuple[str, ...] = (), system: bool = False) -> LabVm:
         workdir.mkdir(parents=True, exist_ok=True)
         disks = []
         for d in disk_names:
@@ -58,7 +62,7 @@ class LabVm:
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(size)],
                            check=True)
             disks.append(LabDisk(d, image, size, d in read_error_disks))
-        return cls(name, workdir, disks)
+        return cls(name, workdir, disks, system=system)
 
     @property
     def qmp_socket(self) -> Path:
@@ -69,6 +73,11 @@ class LabVm:
         return self.workdir / "qmp-probe.sock"
 
     @property
+    def watch_socket(self) -> Path | None:
+        """The monitor the agent's freeze watchdog uses (system VMs only)."""
+        return self.workdir / "qmp-watch.sock" if self.system else None
+
+    @property
     def nbd_socket(self) -> Path:
         return self.workdir / "nbd.sock"
 
@@ -76,9 +85,11 @@ class LabVm:
         return f"nbd+unix:///{disk}?socket={self.nbd_socket}"
 
     def start(self) -> None:
-        for sock in (self.qmp_socket, self.probe_socket, self.nbd_socket):
-            sock.unlink(missing_ok=True)
-        argv = ["qemu-storage-daemon"]
+        for sock in (self.qmp_socket, self.probe_socket, self.nbd_socket, self.watch_socket):
+            if sock is not None:
+                sock.unlink(missing_ok=True)
+        argv = (["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none"]
+                if self.system else ["qemu-storage-daemon"])
         for d in self.disks:
             if d.read_error:
                 proto: dict[str, Any] = {
@@ -101,18 +112,31 @@ class LabVm:
                          f"driver=file,node-name={d.name}-file,filename={d.image}"]
                 file_node = f"{d.name}-file"
             argv += ["--blockdev", f"driver=qcow2,node-name={d.name},file={file_node}"]
-        argv += ["--nbd-server", f"addr.type=unix,addr.path={self.nbd_socket}"]
-        for d in self.disks:
-            argv += ["--export",
-                     f"type=nbd,id=exp-{d.name},node-name={d.name},name={d.name},writable=on"]
-        argv += ["--chardev", f"socket,path={self.qmp_socket},server=on,wait=off,id=qmp0",
-                 "--monitor", "chardev=qmp0",
-                 # a second monitor, for tests and the demo to look at QEMU directly
-                 "--chardev", f"socket,path={self.probe_socket},server=on,wait=off,id=qmp1",
-                 "--monitor", "chardev=qmp1"]
+        if not self.system:
+            argv += ["--nbd-server", f"addr.type=unix,addr.path={self.nbd_socket}"]
+            for d in self.disks:
+                argv += ["--export",
+                         f"type=nbd,id=exp-{d.name},node-name={d.name},name={d.name},writable=on"]
+        # the agent's monitor; a second one for tests and the demo to look at QEMU
+        # directly; a system VM's third is the agent's freeze watchdog's
+        monitors = [self.qmp_socket, self.probe_socket]
+        if self.watch_socket is not None:
+            monitors.append(self.watch_socket)
+        for i, sock in enumerate(monitors):
+            argv += ["--chardev", f"socket,path={sock},server=on,wait=off,id=qmp{i}",
+                     "-mon" if self.system else "--monitor",
+                     f"chardev=qmp{i}{',mode=control' if self.system else ''}"]
         self.proc = subprocess.Popen([*self.prefix, *argv], stdout=subprocess.DEVNULL,
                                      stderr=open(self.workdir / "qsd.log", "ab"))
         wait_for_path(self.qmp_socket)
+        if self.system:  # no command-line exports: start them over the probe monitor
+            wait_for_path(self.probe_socket)
+            qmp_call(self.probe_socket, "nbd-server-start",
+                     {"addr": {"type": "unix", "data": {"path": str(self.nbd_socket)}}})
+            for d in self.disks:
+                qmp_call(self.probe_socket, "block-export-add", {
+                    "type": "nbd", "id": f"exp-{d.name}", "node-name": d.name,
+                    "name": d.name, "writable": True})
         wait_for_path(self.nbd_socket)
 
     @property
@@ -192,6 +216,8 @@ class AgentProcess:
             spec = f"{vm.name}={vm.qmp_socket}"
             if vm.name in self.guest_agents:
                 spec += f",ga={self.guest_agents[vm.name]}"
+            if vm.watch_socket is not None:
+                spec += f",watch={vm.watch_socket}"
             argv += ["--vm", spec]
         return argv + self.extra
 

@@ -21,14 +21,16 @@ class Host:
     """VMs of one host, each with a workload and a guest agent, served by one agent."""
 
     def __init__(self, workdir: Path, vms: dict[str, list[str]], *,
-                 read_error: tuple[str, ...] = (), agent_id: str = "host1") -> None:
+                 read_error: tuple[str, ...] = (), agent_id: str = "host1",
+                 system: bool = False) -> None:
         self.workdir = workdir
         self.vms: dict[str, LabVm] = {}
         self.workloads: dict[str, Workload] = {}
         self.gas: dict[str, StandInGuestAgent] = {}
         for name, disks in vms.items():
             vm = LabVm.create(name, workdir / name, disks,
-                              read_error_disks=tuple(d for d in disks if d in read_error))
+                              read_error_disks=tuple(d for d in disks if d in read_error),
+                              system=system)
             vm.start()
             self.vms[name] = vm
             wl = Workload(vm)

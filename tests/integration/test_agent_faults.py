@@ -466,3 +466,53 @@ def test_leftover_jobs_nodes_and_checkpoints_are_swept_and_committed_ones_kept(
     assert set(host.bitmaps("vm1", "d0")) == {"blocktxn:t1"}
     assert set(host.bitmaps("vm1", "d1")) == {"blocktxn:t1", "someone-elses"}
     assert host.backup("t2", DISKS).yes          # and the next backup is incremental
+
+
+def running(host: Host) -> bool:
+    return bool(host.qmp("vm1", "query-status")["running"])
+
+
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_a_paused_vm_is_resumed_at_its_deadline_whatever_happens_to_the_agent(
+        make_host: Callable[..., Host], fault: str) -> None:
+    """quiesce=pause has the same safety net as a freeze: the watchdog process, on a
+    QMP monitor of its own, resumes the VM at the deadline while the agent is killed
+    (no restart) or stopped; the transaction then votes NO and rolls back exactly."""
+    host = make_host(system=True)
+    write_clusters(host, range(0, 8))
+    assert host.backup("t1", DISKS, quiesce=pb.QUIESCE_NONE).yes
+    base = host.workloads["vm1"].seq
+    host.cut("t2", DISKS, quiesce=pb.QUIESCE_PAUSE, freeze_timeout=1.5)
+    assert not running(host)
+    assert host.agent.proc is not None
+    paused_at = time.monotonic()
+    if fault == "kill":
+        host.kill_agent()
+    else:
+        host.agent.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: running(host), timeout=10, what="the watchdog's cont")
+        assert time.monotonic() - paused_at < 1.5 + 2.0
+    finally:
+        if fault == "stop":
+            host.agent.proc.send_signal(signal.SIGCONT)
+    if fault == "kill":
+        host.start_agent()
+    else:
+        assert host.thaw("t2").thawed_on_own
+    vote = host.prepare("t2")
+    assert not vote.yes
+    write_clusters(host, range(3, 5))
+    host.abort("t2")
+    assert_nothing_left(host, "t2")
+    assert_checkpoint_exact(host, "blocktxn:t1", base)
+    assert running(host)
+
+
+def test_pause_is_refused_without_a_watchdog_monitor(make_host: Callable[..., Host]) -> None:
+    host = make_host()  # qemu-storage-daemon: no stop, no watch monitor
+    with pytest.raises(grpc.RpcError) as err:
+        host.cut("t1", DISKS, quiesce=pb.QUIESCE_PAUSE)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cannot pause" in (err.value.details() or "")
+    assert host.jobs("vm1") == [] and set(host.bitmaps("vm1", "d0")) == set()
