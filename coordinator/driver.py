@@ -273,6 +273,9 @@ class TxnDriver:
                         return Acked(cmd.agent_id)
                 await asyncio.sleep(delay)
                 delay = min(2.0 if err.retryable else 5.0, delay * 2)
+                # the agent may be back elsewhere: ask at the address it registered last
+                client = await self._registry.current(cmd.agent_id,
+                                                      self.record.address(cmd.agent_id))
 
     async def _finish(self) -> None:
         """Write the final record, and the backup set when something committed."""

@@ -440,3 +440,30 @@ def test_a_lost_start_reply_is_taken_over_without_a_retry(
         return len(txns.transactions) == 1 and txns.transactions[0].phase == cpb.TXN_PHASE_DONE
 
     wait_until(none_open, timeout=30, what="the orphaned record to end")
+
+
+def test_an_agent_back_on_a_new_address_gets_the_decision_there(
+        make_cluster: Callable[..., Cluster]) -> None:
+    """An agent that restarts on another address after voting (a new port, a moved
+    host) re-registers; the coordinator delivers the durable COMMIT to the address it
+    registered last, not only to the one in the transaction record."""
+    cluster = two_hosts(make_cluster)
+    h2 = cluster.hosts["h2"]
+    flag = h2.workdir / "failpoints"
+    h2.agent.env = {"BLOCKTXN_FAILPOINT_FILE": str(flag)}
+    h2.restart_agent()
+    cluster.wait_registered(2)
+    flag.write_text("agent_commit=fail\n")  # h2 votes YES, then refuses the COMMIT
+    txn = cluster.start(TARGETS)
+    wait_until(lambda: cluster.any_stub().GetTransaction(cpb.GetTransactionRequest(
+        txn_id=txn.txn_id), timeout=10).decision == cpb.DECISION_COMMIT, timeout=60,
+        what="the COMMIT decision")
+    h2.kill_agent()
+    flag.unlink()
+    h2.agent.port = free_port()  # back on a new address
+    h2.start_agent()
+    done = cluster.wait_done(txn.txn_id, timeout=60)
+    assert done.decision == cpb.DECISION_COMMIT
+    assert {m.outcome for m in done.members} == {"committed"}
+    assert len(cluster.any_stub().GetBackupSet(cpb.GetBackupSetRequest(
+        set_id=done.set_id), timeout=10).images) == 6
