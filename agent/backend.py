@@ -56,6 +56,7 @@ class Disk:
     size: int
     format: str
     checkpoints: tuple[Checkpoint, ...] = field(default=())
+    allocated: int = 0  # bytes the image holds (what a full backup copies at most)
 
     def checkpoint(self, name: str) -> Checkpoint | None:
         return next((c for c in self.checkpoints if c.name == name), None)

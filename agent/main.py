@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-doubt-after", type=float, default=30.0,
                    help="after voting, wait this long for the decision before asking the "
                    "coordinator for it, 1..86400 s (default 30)")
+    p.add_argument("--max-chain", type=int, default=64,
+                   help="most images a disk's backup chain may have; an auto backup that "
+                   "would make it longer is a full, 1..1000 (default 64)")
     tls.add_arguments(p)
     return p
 
@@ -58,6 +61,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         raise ValueError(f"--qmp-timeout {args.qmp_timeout} is not within 0.1..3600 s")
     if not 1 <= float(args.in_doubt_after) <= 86400:
         raise ValueError(f"--in-doubt-after {args.in_doubt_after} is not within 1..86400 s")
+    if not 1 <= int(args.max_chain) <= 1000:
+        raise ValueError(f"--max-chain {args.max_chain} is not within 1..1000")
     vms = tuple(parse_vm(v) for v in args.vm)
     if len({v.name for v in vms}) != len(vms):
         raise ValueError("a VM name is given twice")
@@ -66,6 +71,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         restore_dirs=tuple(args.restore_dir), coordinator=args.coordinator,
         advertise=args.advertise, qmp_timeout=args.qmp_timeout, tls=tls.from_args(args),
         in_doubt_after=float(args.in_doubt_after),
+        max_chain=int(args.max_chain),
     )
 
 

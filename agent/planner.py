@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from blocktxn.requests import DEFAULT_FREEZE_TIMEOUT, DiskRequest
 
@@ -52,6 +52,14 @@ def checkpoint_state(disk: Disk, last: ImageRecord | None, image_exists: bool
     return CheckpointState(last.checkpoint, False, problem)
 
 
+def estimate(disk: Disk, member: MemberPlan) -> int:
+    """Bytes the member's image will take at most: what the job copies (the dirty bytes
+    of its checkpoint, or every allocated byte for a full) plus qcow2 metadata."""
+    ckpt = disk.checkpoint(member.sync_bitmap) if member.sync_bitmap else None
+    data = ckpt.count if ckpt is not None else disk.allocated
+    return data + data // 50 + (1 << 20)
+
+
 def choose_mode(requested: str, state: CheckpointState, what: str) -> tuple[str, str]:
     """(mode, reason) for one disk: incremental when its checkpoint is usable.
 
@@ -77,6 +85,10 @@ class Facts:
     image_rel: Callable[[str, str, str], str]  # (vm, disk, set id) -> repository path
     busy: Mapping[tuple[str, str], str]  # (vm, disk) -> open transaction holding it
     frozen: Mapping[str, str]  # vm -> transaction holding it quiesced
+    pruning: Mapping[tuple[str, str], str] = field(default_factory=dict)  # -> set removed
+    chain_length: Callable[[str, str], int] = lambda vm, disk: 0  # images of the newest chain
+    max_chain: int = 0  # 0: no limit
+    repo_free: int | None = None  # bytes free in the repository (None: not checked)
 
 
 def plan_cut(txn_id: str, disks: Sequence[DiskRequest], quiesce: str, freeze_timeout: float,
@@ -96,8 +108,15 @@ def plan_cut(txn_id: str, disks: Sequence[DiskRequest], quiesce: str, freeze_tim
         if (d.vm, d.disk) in facts.busy:
             raise ConflictError(
                 f"disk {d.vm}/{d.disk} is in open transaction {facts.busy[(d.vm, d.disk)]}")
+        if (d.vm, d.disk) in facts.pruning:
+            raise ConflictError(f"disk {d.vm}/{d.disk} is being pruned (backup set "
+                                f"{facts.pruning[(d.vm, d.disk)]} is being removed): retry")
         last = facts.last_image(d.vm, d.disk)
         state = checkpoint_state(disk, last, last is not None and facts.image_exists(last.image))
+        length = facts.chain_length(d.vm, d.disk) if state.usable else 0
+        if facts.max_chain and length >= facts.max_chain:
+            state = replace(state, usable=False, problem=(
+                f"the chain has {length} images (--max-chain {facts.max_chain})"))
         mode, reason = choose_mode(d.mode, state, f"{d.vm}/{d.disk}")
         new_checkpoint = CHECKPOINT_PREFIX + txn_id
         if disk.checkpoint(new_checkpoint) is not None:
@@ -114,6 +133,12 @@ def plan_cut(txn_id: str, disks: Sequence[DiskRequest], quiesce: str, freeze_tim
             backing=last.image if mode == "incremental" and last else "",
             size=disk.size, speed=d.speed,
         ))
+    if facts.repo_free is not None:
+        need = sum(estimate(facts.disks[p.vm][p.disk], p) for p in plans)
+        if need > facts.repo_free:
+            raise ConflictError(
+                f"repository full: this backup needs about {need >> 20} MiB, "
+                f"{facts.repo_free >> 20} MiB free (prune old backup sets)")
     if quiesce != "none":  # a freeze is VM-wide: one transaction at a time
         for vm in facts.disks:
             if vm in facts.frozen:

@@ -3,12 +3,22 @@
 Layout under the repository root::
 
     images/<vm>/<disk>/<set_id>.qcow2   one image per disk per backup set
-    catalog.jsonl                       one line per committed image (fsync)
+    catalog.jsonl                       the catalog's history (fsync): one line per
+                                        committed image, per rebase, per removal
     journal.jsonl                       the participant journal
 
 An incremental image's backing file is the disk's previous image (a relative
 name, so a repository can be moved). Image data is only ever read by QEMU
 tools and sha256sum, never by Python.
+
+Removing an image that a later image of the chain builds on first rebases that
+child onto the removed image's own backing (``qemu-img rebase`` in safe mode: the
+child's content never changes, and a rebase cut short leaves the child on its old
+backing, so it is simply run again), fsyncs it, records the rebase, then deletes
+the file, then records the removal. Each step is idempotent: after a crash the same
+removal is asked for again and finishes. Restores, verifies, new images and
+removals of one disk hold that disk's lock (qemu-img would refuse to open an image
+another one is writing).
 """
 
 from __future__ import annotations
@@ -16,16 +26,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
+from blocktxn import failpoints
 from blocktxn.ids import IdentifierError, confine
 
 from .errors import BadRequestError, ConflictError, JournalError, QemuError, UnknownError
 from .jsonl import JsonLines, fsync_dir
 from .participant_messages import ImageRecord
+
+COMPACT_SLACK = 1000  # catalog lines beyond twice the live images before a rewrite
 
 
 async def run_tool(*argv: str, timeout: float | None = 600.0) -> str:
@@ -61,22 +76,45 @@ class Repository:
         self.restore_roots = [r.resolve() for r in restore_roots]
         self.root.mkdir(parents=True, exist_ok=True)
         self.catalog = JsonLines(self.root / "catalog.jsonl")
+        self._records = 0  # lines in the catalog file (compaction once they pile up)
         self._catalog: list[ImageRecord] = self._load()
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     def close(self) -> None:
         self.catalog.close()
 
     # --------------------------------------------------------------- catalog
     def _load(self) -> list[ImageRecord]:
-        """Raises: JournalError for a corrupt catalog."""
-        out = []
-        for number, record in enumerate(self.catalog.read(), 1):
+        """Replay the catalog's history. Raises: JournalError for a corrupt catalog."""
+        out: dict[str, ImageRecord] = {}
+        records = self.catalog.read()
+        for number, record in enumerate(records, 1):
+            op = record.pop("op", "add")
             try:
-                out.append(ImageRecord(**record))
-            except TypeError as err:
-                raise JournalError(f"{self.catalog.path}: record {number} is not an image "
-                                   f"({err})") from err
-        return out
+                if op == "add":
+                    image = ImageRecord(**record)
+                    out.setdefault(image.image, image)
+                elif op == "rebase" and record["image"] in out:
+                    old = out[record["image"]]
+                    out[old.image] = dataclasses.replace(
+                        old, backing=record["backing"], sha256=record["sha256"],
+                        mode=old.mode if record["backing"] else "full")
+                elif op == "remove":
+                    out.pop(record["image"], None)
+                elif op != "rebase":
+                    raise TypeError(f"unknown op {op!r}")
+            except (TypeError, KeyError) as err:
+                raise JournalError(f"{self.catalog.path}: record {number} is not a catalog "
+                                   f"entry ({err!r})") from err
+        self._records = len(records)
+        return list(out.values())
+
+    def _append(self, records: list[dict[str, Any]]) -> None:
+        self.catalog.append(records)
+        self._records += len(records)
+        if self._records > 2 * len(self._catalog) + COMPACT_SLACK:
+            self.catalog.rewrite(dataclasses.asdict(i) for i in self._catalog)
+            self._records = len(self._catalog)
 
     def images(self, vm: str = "", disk: str = "") -> list[ImageRecord]:
         return [
@@ -93,8 +131,22 @@ class Repository:
         new = [i for i in images if (i.set_id, i.vm, i.disk) not in known]
         if not new:
             return
-        self.catalog.append(dataclasses.asdict(i) for i in new)
         self._catalog.extend(new)
+        self._append([dataclasses.asdict(i) for i in new])
+
+    def space(self) -> tuple[int, int]:
+        """(capacity, free) bytes of the repository's file system."""
+        usage = shutil.disk_usage(self.root)
+        return usage.total, usage.free
+
+    def chain_length(self, vm: str, disk: str) -> int:
+        """Images a restore of the disk's newest image opens (0: no image)."""
+        last = self.last_image(vm, disk)
+        return len(self.chain(last.set_id, vm, disk)) if last else 0
+
+    def lock(self, vm: str, disk: str) -> asyncio.Lock:
+        """The disk's lock: restore, verify, new image and removal take turns."""
+        return self._locks.setdefault((vm, disk), asyncio.Lock())
 
     def chain(self, set_id: str, vm: str, disk: str) -> list[ImageRecord]:
         """The images a restore of (*set_id*, *vm*, *disk*) needs, base first.
@@ -121,8 +173,13 @@ class Repository:
     def path(self, rel: str) -> Path:
         return self.root / rel
 
-    async def create_image(self, rel: str, size: int, backing_rel: str) -> None:
+    async def create_image(self, vm: str, disk: str, rel: str, size: int,
+                           backing_rel: str) -> None:
         """Create an empty qcow2 target (with the previous image as backing)."""
+        async with self.lock(vm, disk):
+            await self._create_image(rel, size, backing_rel)
+
+    async def _create_image(self, rel: str, size: int, backing_rel: str) -> None:
         p = self.path(rel)
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +189,39 @@ class Repository:
         if backing_rel:
             argv += ["-b", Path(backing_rel).name, "-F", "qcow2"]
         await run_tool(*argv, str(p), str(size), timeout=60)
+
+    async def remove(self, image: ImageRecord) -> None:
+        """Remove one committed image from the repository without changing what any
+        other image restores to (see the module's docstring); idempotent. The caller
+        holds the disk's lock and made sure no open transaction uses the disk."""
+        if not any(i.image == image.image for i in self._catalog):
+            self.delete_image(image.image)  # a removal recorded, the file already gone
+            return
+        child = next((i for i in self._catalog if i.backing == image.image), None)
+        if child is not None:
+            await self._rebase(child, image.backing)
+            failpoints.hit("agent_after_rebase")
+        self.delete_image(image.image)
+        failpoints.hit("agent_after_delete")
+        self._catalog = [i for i in self._catalog if i.image != image.image]
+        self._append([{"op": "remove", "image": image.image}])
+
+    async def _rebase(self, child: ImageRecord, backing: str) -> None:
+        """Make *child* stand on *backing* ("" : on nothing) with the same content."""
+        p = self.path(child.image)
+        info = json.loads(await run_tool("qemu-img", "info", "-U", "--output=json", "-f",
+                                         "qcow2", str(p), timeout=60))
+        name = Path(backing).name if backing else ""
+        if info.get("backing-filename", "") != name:  # not done before a crash
+            argv = ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", name]
+            await run_tool(*argv, *(["-F", "qcow2"] if name else []), str(p), timeout=None)
+        await self.make_durable([child.image])
+        sha = await self.sha256(child.image)
+        self._catalog = [dataclasses.replace(i, backing=backing, sha256=sha,
+                                             mode=i.mode if backing else "full")
+                         if i.image == child.image else i for i in self._catalog]
+        self._append([{"op": "rebase", "image": child.image, "backing": backing,
+                       "sha256": sha}])
 
     def delete_image(self, rel: str) -> None:
         p = self.path(rel)
@@ -175,8 +265,13 @@ class Repository:
             target = confine(dest, self.restore_roots, "restore destination")
         except IdentifierError as err:
             raise BadRequestError(str(err)) from err
+        async with self.lock(vm, disk):
+            return await self._restore(set_id, vm, disk, target, fmt)
+
+    async def _restore(self, set_id: str, vm: str, disk: str, target: Path, fmt: str
+                       ) -> Path:
         chain = self.chain(set_id, vm, disk)
-        if target.exists() or target.is_symlink():
+        if os.path.lexists(target):
             raise ConflictError(f"restore destination {target} already exists")
         target.parent.mkdir(parents=True, exist_ok=True)
         # A private directory of our own (mkdtemp: created anew, mode 0700), so nothing
@@ -207,10 +302,10 @@ class Repository:
             raise UnknownError(f"backup set {set_id} has no image on this agent")
         seen: dict[str, tuple[str, bool, str]] = {}
         for top in tops:
-            for img in self.chain(set_id, top.vm, top.disk):
-                if img.image in seen:
-                    continue
-                seen[img.image] = (img.image, *await self._check(img))
+            async with self.lock(top.vm, top.disk):
+                for img in self.chain(set_id, top.vm, top.disk):
+                    if img.image not in seen:
+                        seen[img.image] = (img.image, *await self._check(img))
         return list(seen.values())
 
     async def _check(self, img: ImageRecord) -> tuple[bool, str]:

@@ -37,6 +37,7 @@ from .participant_messages import (
     DeclineVote,
     Event,
     FinalizeJobs,
+    ImageRecord,
     Phase,
     PrepareRequested,
     Publish,
@@ -83,6 +84,8 @@ class AgentRunner:
         self._locks: dict[str, asyncio.Lock] = {}
         self.plan_lock = asyncio.Lock()
         self._barriers: dict[str, asyncio.Task[None]] = {}
+        self._forgetting: dict[str, asyncio.Task[None]] = {}  # set id -> its removal
+        self.pruning: dict[tuple[str, str], str] = {}  # (vm, disk) -> set being removed
         self._background: set[asyncio.Task[Any]] = set()
         self.started = False
 
@@ -257,7 +260,9 @@ class AgentRunner:
             disks=found, last_image=self.repo.last_image,
             image_exists=lambda rel: self.repo.path(rel).exists(),
             image_rel=self.repo.image_rel, busy=self.machine.busy_disks(),
-            frozen={**self.machine.quiesce_holders(), **self.freeze.frozen_by()})
+            frozen={**self.machine.quiesce_holders(), **self.freeze.frozen_by()},
+            pruning=dict(self.pruning), chain_length=self.repo.chain_length,
+            max_chain=self.config.max_chain, repo_free=self.repo.space()[1])
 
     async def thaw(self, txn_id: str) -> TxnState:
         """End the freeze of *txn_id*. Raises: InvalidInput, UnknownError."""
@@ -338,6 +343,49 @@ class AgentRunner:
         """See Repository.verify. Raises: InvalidInput, UnknownError."""
         check_id(set_id, "set id")
         return await self.repo.verify(set_id)
+
+    async def forget(self, set_id: str) -> int:
+        """Remove this host's images of *set_id* in the background (see the proto's
+        ForgetImages); return how many are left (0: done).
+
+        Raises:
+            InvalidInput, ConflictError (a disk in an open transaction, a newest image),
+            AgentError (the removal failed; asking again retries it).
+        """
+        check_id(set_id, "set id")
+        task = self._forgetting.get(set_id)
+        if task is None:
+            images = [i for i in self.repo.images() if i.set_id == set_id]
+            if not images:
+                return 0
+            busy = self.machine.busy_disks()
+            for i in images:
+                if (i.vm, i.disk) in busy:
+                    raise ConflictError(f"{i.vm}/{i.disk} is in open transaction "
+                                        f"{busy[(i.vm, i.disk)]}: retry when it ends")
+                last = self.repo.last_image(i.vm, i.disk)
+                if last is not None and last.image == i.image:
+                    raise ConflictError(f"backup set {set_id} holds the newest backup of "
+                                        f"{i.vm}/{i.disk}: the next incremental builds on it")
+            task = self._forgetting[set_id] = self.spawn(self._remove(set_id, images))
+        left = sum(1 for i in self.repo.images() if i.set_id == set_id)
+        if task.done():
+            del self._forgetting[set_id]
+            task.result()  # raises what the removal raised
+        return left
+
+    async def _remove(self, set_id: str, images: list[ImageRecord]) -> None:
+        for image in images:
+            key = (image.vm, image.disk)
+            async with self.repo.lock(*key):
+                if key in self.machine.busy_disks():
+                    raise ConflictError(f"{image.vm}/{image.disk} is in an open transaction")
+                self.pruning[key] = set_id
+                try:
+                    await self.repo.remove(image)
+                finally:
+                    del self.pruning[key]
+            log.info("set %s: image %s removed", set_id, image.image)
 
     def spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro)

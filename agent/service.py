@@ -54,8 +54,11 @@ def cut_to_pb(st: TxnState) -> pb.CutResponse:
 
 async def inventory_to_pb(runner: AgentRunner) -> pb.Inventory:
     vms = await runner.inventory()
+    capacity, free = runner.repo.space()
+    step = max(1, capacity // 256)  # coarse: an idle heartbeat must not see a change
     return pb.Inventory(
         agent_id=runner.config.agent_id,
+        repo_capacity=capacity, repo_free=free // step * step,
         open_transactions=runner.machine.open_txns(),
         vms=[
             pb.VmInfo(
@@ -128,6 +131,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         await guard(context, lambda: self.runner.abort(request.txn_id,
                                                         check_reason(request.reason)))
         return pb.AbortResponse()
+
+    async def ForgetImages(self, request: pb.ForgetImagesRequest,
+                           context: Ctx) -> pb.ForgetImagesResponse:
+        left = await guard(context, lambda: self.runner.forget(request.set_id))
+        return pb.ForgetImagesResponse(done=left == 0, remaining=left)
 
     async def ListImages(self, request: pb.ListImagesRequest,
                          context: Ctx) -> pb.ListImagesResponse:

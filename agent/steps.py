@@ -58,7 +58,8 @@ class Steps:
             if plan.quiesce != "none":  # started now, armed just before each freeze
                 await self.freeze.prepare(list(members), plan.quiesce)
             await gather_all(
-                *(self.repo.create_image(m.image, m.size, m.backing) for m in plan.members))
+                *(self.repo.create_image(m.vm, m.disk, m.image, m.size, m.backing)
+                  for m in plan.members))
             await gather_all(*(self.backends[vm].attach_targets(ms, self.repo.path)
                                for vm, ms in members.items()))
             frozen_at = time.time()

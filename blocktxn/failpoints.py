@@ -27,7 +27,7 @@ POINTS = (
     "before_cut", "after_cut", "after_thaw", "after_decision", "after_commit_sent",
     "lose_create_reply",
     # agent
-    "agent_commit",
+    "agent_commit", "agent_after_rebase", "agent_after_delete",
 )
 ACTIONS = ("exit", "fail")
 

@@ -248,7 +248,9 @@ class VmConnection:
                 for b in n.get("dirty-bitmaps", [])
                 if "name" in b  # jobs add anonymous bitmaps of their own
             )
-            result[name] = Disk(name, int(n["image"]["virtual-size"]), n["drv"], bitmaps)
+            size = int(n["image"]["virtual-size"])
+            result[name] = Disk(name, size, n["drv"], bitmaps,
+                                int(n["image"].get("actual-size", size)))
         return result
 
     async def commands(self) -> set[str]:

@@ -223,7 +223,13 @@ class Inventory(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     VMS_FIELD_NUMBER: _builtins.int
     OPEN_TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    REPO_CAPACITY_FIELD_NUMBER: _builtins.int
+    REPO_FREE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    repo_capacity: _builtins.int
+    """bytes of the repository's file system"""
+    repo_free: _builtins.int
+    """bytes free there (rounded down to 1/256 of capacity)"""
     @_builtins.property
     def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___VmInfo]: ...
     @_builtins.property
@@ -234,14 +240,59 @@ class Inventory(_message.Message):
         agent_id: _builtins.str = ...,
         vms: _abc.Iterable[Global___VmInfo] | None = ...,
         open_transactions: _abc.Iterable[_builtins.str] | None = ...,
+        repo_capacity: _builtins.int = ...,
+        repo_free: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "open_transactions", b"open_transactions", "vms", b"vms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "open_transactions", b"open_transactions", "repo_capacity", b"repo_capacity", "repo_free", b"repo_free", "vms", b"vms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Inventory: _TypeAlias = Inventory  # noqa: Y015
+
+@_typing.final
+class ForgetImagesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SET_ID_FIELD_NUMBER: _builtins.int
+    set_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        set_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["set_id", b"set_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetImagesRequest: _TypeAlias = ForgetImagesRequest  # noqa: Y015
+
+@_typing.final
+class ForgetImagesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DONE_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    done: _builtins.bool
+    """every image of the set is gone from this host"""
+    remaining: _builtins.int
+    """images of the set still here"""
+    def __init__(
+        self,
+        *,
+        done: _builtins.bool = ...,
+        remaining: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "remaining", b"remaining"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetImagesResponse: _TypeAlias = ForgetImagesResponse  # noqa: Y015
 
 @_typing.final
 class CutMember(_message.Message):

@@ -84,6 +84,11 @@ class AgentServiceStub:
                 request_serializer=blocktxn_dot_v1_dot_agent__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=blocktxn_dot_v1_dot_agent__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.ForgetImages = channel.unary_unary(
+                '/blocktxn.v1.AgentService/ForgetImages',
+                request_serializer=blocktxn_dot_v1_dot_agent__pb2.ForgetImagesRequest.SerializeToString,
+                response_deserializer=blocktxn_dot_v1_dot_agent__pb2.ForgetImagesResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -167,6 +172,18 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetImages(self, request, context):
+        """Remove this host's images of a backup set without changing what any other
+        set restores to (a later image of the chain is rebased first). Runs in the
+        background: repeat the call until done. Idempotent; done at once if the set
+        has no image here. FAILED_PRECONDITION while a disk of the set is in an open
+        transaction, or when an image is its disk's newest (the next incremental
+        builds on it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +236,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=blocktxn_dot_v1_dot_agent__pb2.VerifyRequest.FromString,
                     response_serializer=blocktxn_dot_v1_dot_agent__pb2.VerifyResponse.SerializeToString,
+            ),
+            'ForgetImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetImages,
+                    request_deserializer=blocktxn_dot_v1_dot_agent__pb2.ForgetImagesRequest.FromString,
+                    response_serializer=blocktxn_dot_v1_dot_agent__pb2.ForgetImagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -491,6 +513,33 @@ class AgentService:
             '/blocktxn.v1.AgentService/Verify',
             blocktxn_dot_v1_dot_agent__pb2.VerifyRequest.SerializeToString,
             blocktxn_dot_v1_dot_agent__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blocktxn.v1.AgentService/ForgetImages',
+            blocktxn_dot_v1_dot_agent__pb2.ForgetImagesRequest.SerializeToString,
+            blocktxn_dot_v1_dot_agent__pb2.ForgetImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,14 @@ class AgentServiceStub:
     """
     Verify: _grpc.UnaryUnaryMultiCallable[_agent_pb2.VerifyRequest, _agent_pb2.VerifyResponse]
     """Check every image chain of a backup set: qemu-img check and checksums."""
+    ForgetImages: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ForgetImagesRequest, _agent_pb2.ForgetImagesResponse]
+    """Remove this host's images of a backup set without changing what any other
+    set restores to (a later image of the chain is rebased first). Runs in the
+    background: repeat the call until done. Idempotent; done at once if the set
+    has no image here. FAILED_PRECONDITION while a disk of the set is in an open
+    transaction, or when an image is its disk's newest (the next incremental
+    builds on it).
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -110,6 +118,14 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """
     Verify: _aio.UnaryUnaryMultiCallable[_agent_pb2.VerifyRequest, _agent_pb2.VerifyResponse]  # type: ignore[assignment]
     """Check every image chain of a backup set: qemu-img check and checksums."""
+    ForgetImages: _aio.UnaryUnaryMultiCallable[_agent_pb2.ForgetImagesRequest, _agent_pb2.ForgetImagesResponse]  # type: ignore[assignment]
+    """Remove this host's images of a backup set without changing what any other
+    set restores to (a later image of the chain is rebased first). Runs in the
+    background: repeat the call until done. Idempotent; done at once if the set
+    has no image here. FAILED_PRECONDITION while a disk of the set is in an open
+    transaction, or when an image is its disk's newest (the next incremental
+    builds on it).
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -204,5 +220,19 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.VerifyResponse, _abc.Awaitable[_agent_pb2.VerifyResponse]]:
         """Check every image chain of a backup set: qemu-img check and checksums."""
+
+    @_abc_1.abstractmethod
+    def ForgetImages(
+        self,
+        request: _agent_pb2.ForgetImagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ForgetImagesResponse, _abc.Awaitable[_agent_pb2.ForgetImagesResponse]]:
+        """Remove this host's images of a backup set without changing what any other
+        set restores to (a later image of the chain is rebased first). Runs in the
+        background: repeat the call until done. Idempotent; done at once if the set
+        has no image here. FAILED_PRECONDITION while a disk of the set is in an open
+        transaction, or when an image is its disk's newest (the next incremental
+        builds on it).
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
