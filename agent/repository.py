@@ -265,14 +265,14 @@ class Repository:
             target = confine(dest, self.restore_roots, "restore destination")
         except IdentifierError as err:
             raise BadRequestError(str(err)) from err
+        if target.exists() or target.is_symlink():
+            raise ConflictError(f"restore destination {target} already exists")
         async with self.lock(vm, disk):
             return await self._restore(set_id, vm, disk, target, fmt)
 
     async def _restore(self, set_id: str, vm: str, disk: str, target: Path, fmt: str
                        ) -> Path:
         chain = self.chain(set_id, vm, disk)
-        if os.path.lexists(target):
-            raise ConflictError(f"restore destination {target} already exists")
         target.parent.mkdir(parents=True, exist_ok=True)
         # A private directory of our own (mkdtemp: created anew, mode 0700), so nothing
         # planted in the restore directory can redirect the write; link() then puts the
