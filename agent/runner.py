@@ -8,6 +8,7 @@ same transaction id; one lock per transaction orders them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
@@ -56,6 +57,7 @@ from .steps import Steps
 from .vm_events import VmEvents
 
 log = logging.getLogger(__name__)
+REMOVAL_WAIT = 30.0  # seconds a cut waits for a set removal's step on one of its disks
 T = TypeVar("T")
 
 
@@ -233,6 +235,7 @@ class AgentRunner:
                     raise ConflictError(
                         f"transaction {txn_id} is already {known.phase.value} with other members")
             else:
+                await self._after_removals(disks)
                 async with self.plan_lock:
                     plan = planner.plan_cut(txn_id, disks, quiesce, freeze_timeout,
                                             await self._facts(disks, quiesce), individual)
@@ -243,6 +246,16 @@ class AgentRunner:
                 raise ConflictError(f"cut of {txn_id} failed and was rolled back: "
                                     f"{st.failure or st.abort_reason}")
             return st
+
+    async def _after_removals(self, disks: Sequence[DiskRequest]) -> None:
+        """A backup set removal under way on a disk holds it for one image at a time:
+        a cut waits for that step (up to REMOVAL_WAIT; the planner refuses after)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REMOVAL_WAIT):
+                for d in disks:
+                    if (d.vm, d.disk) in self.pruning:
+                        async with self.repo.lock(d.vm, d.disk):
+                            pass
 
     async def _facts(self, disks: Sequence[DiskRequest], quiesce: str) -> planner.Facts:
         """What the planner needs, read from the VMs, the catalog and the machine."""

@@ -32,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def _positive(kind: type[float] | type[int]) -> Callable[[str], Any]:
+def _positive(kind: type[float] | type[int], most: float | None = None
+              ) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             value = kind(text)
@@ -40,6 +41,8 @@ def _positive(kind: type[float] | type[int]) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if value < 0:
             raise argparse.ArgumentTypeError(f"{text!r} is negative")
+        if most is not None and not value <= most:
+            raise argparse.ArgumentTypeError(f"{text!r} is more than {most:g}")
         return value
 
     return parse
@@ -74,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--speed", type=_positive(int), default=0, metavar="BYTES_PER_SEC",
                    help="per disk, 0 = unlimited")
     b.add_argument("--request-id", default="", help="idempotency key")
+    b.add_argument("--group", default="", help="retention group the new set counts in "
+                   "(its policy is the coordinator's --retention GROUP=...)")
     b.add_argument("--wait", action="store_true", help="follow progress until the decision")
     b.add_argument("--json", action="store_true")
 
@@ -100,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     ss = ssub.add_parser("show", parents=[common])
     ss.add_argument("set_id")
     ss.add_argument("--json", action="store_true")
+    sp = ssub.add_parser("prune", parents=[common],
+                         help="apply retention policies: keep/remove each set, and why")
+    sp.add_argument("--group", default="", help="one group (default: every group with a "
+                    "policy)")
+    sp.add_argument("--dry-run", action="store_true", help="only say what would go")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--wait", type=_positive(float, 86400), default=600.0, metavar="SECONDS",
+                    help="wait this long for the removal, 0..86400 (default 600; "
+                    "it carries on in the background after)")
+    sf = ssub.add_parser("forget", parents=[common], help="remove chosen backup sets")
+    sf.add_argument("set_ids", nargs="+", metavar="SET")
+    sf.add_argument("--json", action="store_true")
+    sf.add_argument("--wait", type=_positive(float, 86400), default=600.0, metavar="SECONDS",
+                    help="as for prune")
 
     r = sub.add_parser("restore", parents=[common], help="restore one disk of a backup set")
     r.add_argument("set_id")
@@ -123,7 +142,7 @@ async def _backup(args: argparse.Namespace) -> int:
     from blocktxn.shapes import txn_json
 
     opts = BackupOptions(args.mode, args.completion, args.quiesce, args.freeze_timeout,
-                         args.deadline, args.speed, args.request_id)
+                         args.deadline, args.speed, args.request_id, args.group)
     async with Client(args.coordinator, tls=args.tls) as client:
         txn = await client.backup(args.targets, opts)
         if not args.wait:
@@ -169,6 +188,36 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     Console().print(table)
 
 
+async def _removal(client: Any, args: argparse.Namespace) -> int:
+    from blocktxn.shapes import prune_json
+
+    if args.sets_command == "prune":
+        result = await client.prune(args.group, args.dry_run, args.wait)
+    else:
+        result = await client.forget(args.set_ids, args.wait)
+    if args.json:
+        print(json.dumps(prune_json(result)))
+        return EXIT_OK
+    _table("backup sets", ["set", "group", "time", "verdict", "kept by"],
+           [[v.set_id, v.group, _when(v.time), "keep" if v.keep else "remove",
+             ", ".join(v.reasons)] for v in result.sets])
+    removed = sum(1 for v in result.sets if not v.keep)
+    if getattr(args, "dry_run", False):
+        print(f"dry run: {removed} set(s) would be removed")
+    elif result.prune_id:
+        state = "removed" if result.done else "being removed in the background"
+        print(f"{removed} set(s) {state} (prune {result.prune_id})")
+    else:
+        print("nothing to remove")
+    return EXIT_OK
+
+
+def _when(t: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
 async def _operator(args: argparse.Namespace) -> int:
     from blocktxn.client import Client
     from blocktxn.shapes import agent_json, restore_json, set_json, txn_json, verify_json
@@ -207,6 +256,8 @@ async def _operator(args: argparse.Namespace) -> int:
                          ", ".join(v.name for v in a.inventory.vms),
                          str(sum(len(v.disks) for v in a.inventory.vms))] for a in agents])
             return EXIT_OK
+        if args.command == "sets" and args.sets_command in ("prune", "forget"):
+            return await _removal(client, args)
         if args.command == "sets":
             sets = [await client.set(args.set_id)] if args.sets_command == "show" \
                 else await client.sets()

@@ -135,6 +135,21 @@ class Client:
             cpb.GetBackupSetRequest(set_id=set_id), timeout=self.timeout))
         return result
 
+    async def forget(self, set_ids: list[str], wait: float = 0.0) -> cpb.PruneResult:
+        """Remove sets; with *wait* > 0, wait up to that long for the removal."""
+        result: cpb.PruneResult = await self._call(lambda: self.stub.ForgetSets(
+            cpb.ForgetSetsRequest(set_ids=set_ids, wait=wait > 0),
+            timeout=max(self.timeout, wait)))
+        return result
+
+    async def prune(self, group: str = "", dry_run: bool = False, wait: float = 0.0
+                    ) -> cpb.PruneResult:
+        """Apply retention; with *wait* > 0, wait up to that long for the removal."""
+        result: cpb.PruneResult = await self._call(lambda: self.stub.PruneSets(
+            cpb.PruneSetsRequest(group=group, dry_run=dry_run, wait=wait > 0),
+            timeout=max(self.timeout, wait)))
+        return result
+
     async def restore(self, set_id: str, target: str, destination: str,
                       fmt: str = "raw") -> apb.RestoreResponse:
         if fmt not in ("raw", "qcow2"):

@@ -116,6 +116,7 @@ class BackupOptions:
     deadline: float = 0.0
     speed: int = 0
     request_id: str = ""
+    group: str = ""  # retention group of the set it makes
 
     def check(self) -> None:
         """Raises: InvalidInput on an unknown name or a value outside its range."""
@@ -129,6 +130,8 @@ class BackupOptions:
         check_speed(self.speed)
         if self.request_id:
             check_id(self.request_id, "request id")
+        if self.group:
+            check_id(self.group, "retention group")
 
 
 @dataclass(frozen=True)

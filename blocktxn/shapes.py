@@ -48,13 +48,20 @@ def txn_json(t: cpb.Transaction) -> dict[str, Any]:
 def set_json(s: cpb.BackupSet) -> dict[str, Any]:
     return {
         "set_id": s.set_id, "txn_id": s.txn_id, "cut_at": s.cut_at, "bytes": s.bytes,
-        "agents": list(s.agents),
+        "agents": list(s.agents), "group": s.group, "created_at": s.created_at,
         "images": [{
             "target": f"{i.agent_id}/{i.vm}/{i.disk}", "image": i.image, "backing": i.backing,
             "mode": MODE_NAME.get(i.mode) or "auto", "bytes": i.bytes, "size": i.size,
             "sha256": i.sha256, "cut_at": i.cut_at, "checkpoint": i.checkpoint}
             for i in s.images],
     }
+
+
+def prune_json(r: cpb.PruneResult) -> dict[str, Any]:
+    """A removal: every set considered, kept (with the rules that keep it) or removed."""
+    return {"prune_id": r.prune_id, "done": r.done, "sets": [
+        {"set_id": v.set_id, "group": v.group, "time": v.time, "keep": v.keep,
+         "reasons": list(v.reasons)} for v in r.sets]}
 
 
 def agent_json(a: cpb.AgentEntry) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def backup_request_to_pb(req: BackupRequest) -> cpb.StartTransactionRequest:
                  for t, m in req.targets],
         mode=MODE_PB[o.mode], completion=COMPLETION_PB[o.completion],
         quiesce=QUIESCE_PB[o.quiesce], freeze_timeout_s=o.freeze_timeout,
-        deadline_s=o.deadline, speed=o.speed)
+        deadline_s=o.deadline, speed=o.speed, group=o.group)
 
 
 def backup_request_from_pb(msg: cpb.StartTransactionRequest) -> BackupRequest:
@@ -72,7 +72,7 @@ def backup_request_from_pb(msg: cpb.StartTransactionRequest) -> BackupRequest:
             completion=name_of(COMPLETION_NAME, msg.completion, "completion"),
             quiesce=name_of(QUIESCE_NAME, msg.quiesce, "quiesce"),
             freeze_timeout=msg.freeze_timeout_s, deadline=msg.deadline_s, speed=msg.speed,
-            request_id=msg.request_id))
+            request_id=msg.request_id, group=msg.group))
 
 
 def disk_requests_to_pb(disks: list[DiskRequest]) -> list[apb.CutMember]:

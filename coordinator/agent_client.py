@@ -172,6 +172,13 @@ class AgentClient:
                               MODE_NAME.get(i.mode, ""), i.bytes, i.size, i.sha256, i.cut_at,
                               i.checkpoint) for i in resp.images)
 
+    async def forget(self, set_id: str) -> int:
+        """Ask the agent to remove its images of *set_id*; how many are left (0: all
+        gone). Raises: AgentCallError."""
+        req = apb.ForgetImagesRequest(set_id=set_id)
+        resp = await self._call("ForgetImages", lambda t: self.stub.ForgetImages(req, timeout=t))
+        return 0 if resp.done else max(1, resp.remaining)
+
     async def abort(self, txn_id: str, reason: str) -> None:
         """Raises: AgentCallError."""
         req = apb.AbortRequest(txn_id=txn_id, reason=reason)

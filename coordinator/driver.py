@@ -16,6 +16,7 @@ from blocktxn import failpoints
 from blocktxn.errors import InvalidInput
 from blocktxn.requests import DiskRequest
 
+from . import clock
 from .agent_client import AgentClient
 from .errors import AgentCallError, NotLeaderError, StoreUnavailableError, TxnStateError
 from .records import DecisionRecord, MemberRecord, TxnRecord
@@ -279,7 +280,7 @@ class TxnDriver:
 
     async def _finish(self) -> None:
         """Write the final record, and the backup set when something committed."""
-        backup_set = self.record.backup_set()
+        backup_set = self.record.backup_set(clock.now())
         if backup_set is not None:
             self.record = replace(self.record, set_id=backup_set.set_id)
         await self._retry_store(

@@ -15,7 +15,7 @@ from blocktxn import daemon, tls
 from blocktxn.configfile import load_config_file
 from blocktxn.ids import check_id
 
-from .config import CoordinatorConfig
+from .config import CoordinatorConfig, parse_retention
 from .etcd_server import EtcdServer
 from .runner import Coordinator
 from .service import serve
@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path,
                    help="where the private etcd keeps its data "
                    "(default /var/lib/blocktxn/coordinator)")
+    p.add_argument("--retention", action="append", default=[],
+                   metavar="GROUP=KEY=VALUE[,KEY=VALUE...]",
+                   help="retention policy of a group of backup sets, e.g. "
+                   "web=keep-last=5,keep-daily=7,keep-weekly=4,keep-within=2d; keys "
+                   "keep-last/-hourly/-daily/-weekly/-monthly/-yearly (0..100000) and "
+                   "keep-within (a duration such as 12h, 7d, 1y); repeatable")
     tls.add_arguments(p)
     return p
 
@@ -47,9 +53,11 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     args.name = args.name or "coord1"
     args.data_dir = args.data_dir or Path("/var/lib/blocktxn/coordinator")
     check_id(args.name, "replica name")
+    retention = dict(parse_retention(spec) for spec in args.retention)
     return CoordinatorConfig(name=args.name, listen=args.listen,
                              advertise=args.advertise or args.listen, etcd=args.etcd,
-                             data_dir=args.data_dir, tls=tls.from_args(args))
+                             data_dir=args.data_dir, tls=tls.from_args(args),
+                             retention=retention)
 
 
 async def start(config: CoordinatorConfig) -> daemon.Stops:

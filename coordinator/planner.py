@@ -81,4 +81,4 @@ def new_record(request: BackupRequest, planned: Plan, txn_id: str, request_id: s
         txn_id=txn_id, request_id=request_id, completion=o.completion, quiesce=o.quiesce,
         freeze_timeout=o.freeze_timeout or DEFAULT_FREEZE_TIMEOUT,
         deadline=now + (o.deadline or DEFAULT_DEADLINE), speed=o.speed, created_at=now,
-        members=planned.members, agents=planned.agents, leader=leader)
+        members=planned.members, agents=planned.agents, leader=leader, group=o.group)

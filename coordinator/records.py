@@ -81,12 +81,36 @@ class BackupSet:
     images: tuple[SetImage, ...]
     agents: tuple[str, ...]
     bytes: int
+    group: str = ""          # the retention group it counts in ("" : none)
+    created_at: float = 0.0  # coordinator clock (retention buckets); 0: use cut_at
+    removing: str = ""       # the prune that is removing it (then it is not listed)
 
     @classmethod
-    def of(cls, txn_id: str, images: tuple[SetImage, ...]) -> BackupSet:
+    def of(cls, txn_id: str, images: tuple[SetImage, ...], group: str = "",
+           created_at: float = 0.0) -> BackupSet:
         return cls(set_id=txn_id, txn_id=txn_id, cut_at=min(i.cut_at for i in images),
                    images=images, agents=tuple(sorted({i.agent_id for i in images})),
-                   bytes=sum(i.bytes for i in images))
+                   bytes=sum(i.bytes for i in images), group=group, created_at=created_at)
+
+    @property
+    def time(self) -> float:
+        """When it was taken, as retention counts it."""
+        return self.created_at or self.cut_at
+
+    @property
+    def disks(self) -> frozenset[str]:
+        return frozenset(f"{i.agent_id}/{i.vm}/{i.disk}" for i in self.images)
+
+
+@dataclass(frozen=True)
+class PruneRecord:
+    """The durable intent to remove backup sets: written (with each set marked
+    ``removing``) before any agent changes a file; deleted when every set is gone."""
+
+    prune_id: str
+    set_ids: tuple[str, ...]   # still to remove, oldest first
+    created_at: float
+    why: str = ""              # "forget", or "prune GROUP (POLICY)"
 
 
 @dataclass(frozen=True)
@@ -131,6 +155,7 @@ class TxnRecord:
     set_id: str = ""
     leader: str = ""
     images: tuple[SetImage, ...] = ()
+    group: str = ""          # retention group of the set it makes
 
     @property
     def grouped(self) -> bool:
@@ -191,11 +216,11 @@ class TxnRecord:
     def with_decision(self, decision: DecisionRecord) -> TxnRecord:
         return replace(self, decision=decision.decision, reason=decision.reason)
 
-    def backup_set(self) -> BackupSet | None:
+    def backup_set(self, now: float = 0.0) -> BackupSet | None:
         """The catalog entry of a transaction that committed images."""
         if self.decision != Decision.COMMIT or not self.images:
             return None
-        return BackupSet.of(self.txn_id, self.images)
+        return BackupSet.of(self.txn_id, self.images, self.group, now)
 
 
 @dataclass(frozen=True)
@@ -230,6 +255,8 @@ class AgentInventory:
     agent_id: str = ""
     vms: tuple[VmEntry, ...] = ()
     open_transactions: tuple[str, ...] = ()
+    repo_capacity: int = 0
+    repo_free: int = 0
 
     def vm(self, name: str) -> VmEntry | None:
         return next((v for v in self.vms if v.name == name), None)

@@ -8,8 +8,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 
+from blocktxn import retention
 from blocktxn.ids import check_id
 from blocktxn.requests import BackupRequest, Target, check_reason
 
@@ -21,10 +22,12 @@ from .election import Election
 from .errors import (
     AgentCallError,
     NotFoundError,
+    NotLeaderError,
     PreconditionError,
     RequestError,
     StoreUnavailableError,
 )
+from .pruner import MAX_SETS, Pruner
 from .records import AgentEntry, AgentInventory, BackupSet, DecisionRecord, TxnRecord
 from .registry import AgentRegistry
 from .store import Store
@@ -45,6 +48,7 @@ class Coordinator:
                                  on_elected=self._resume_all, on_deposed=self._drop_all)
         self.live: dict[str, TxnDriver] = {}
         self._adopting: set[asyncio.Future[None]] = set()
+        self.pruner = Pruner(store, self.registry, self.election.require)
 
     @property
     def leads(self) -> bool:
@@ -81,15 +85,27 @@ class Coordinator:
     def _finished(self, driver: TxnDriver) -> None:
         if driver.machine.phase == TxnPhase.DONE and self.live.get(driver.txn_id) is driver:
             del self.live[driver.txn_id]  # its final record is in etcd
+            group = driver.record.group
+            if driver.record.set_id and group in self.config.retention and self.leads:
+                self._adopt_task(self._auto_prune(group))
+
+    async def _auto_prune(self, group: str) -> None:
+        """After a committed backup of a group with a policy: apply it."""
+        try:
+            await self.prune(group, dry_run=False)
+        except (NotLeaderError, StoreUnavailableError) as err:
+            log.warning("prune of group %s after a backup skipped: %s", group, err)
 
     async def _resume_all(self) -> None:
         for record, decision in await recovery.open_transactions(self.store, self.live):
             self._drive(record, recovery.rebuild(record, decision)).start(Resumed())
+        await self.pruner.resume()
 
     def _drop_all(self) -> None:
         for driver in self.live.values():
             driver.stop()
         self.live.clear()
+        self.pruner.stop()
         for task in self._adopting:
             task.cancel()
 
@@ -125,7 +141,11 @@ class Coordinator:
                     await asyncio.sleep(delay)
                     delay = min(2.0, delay * 2)
 
-        task = asyncio.ensure_future(attempt())
+        self._adopt_task(attempt())
+
+    def _adopt_task(self, coro: Coroutine[object, object, None]) -> None:
+        """Run *coro* in the background while this replica leads."""
+        task = asyncio.ensure_future(coro)
         self._adopting.add(task)
         task.add_done_callback(self._adopting.discard)
 
@@ -262,15 +282,88 @@ class Coordinator:
         found = await self.store.get_set(set_id)
         if found is None:
             raise NotFoundError(f"unknown backup set {set_id}")
+        if found.removing:
+            raise NotFoundError(f"backup set {set_id} is being removed")
         return found
 
     async def sets(self) -> list[BackupSet]:
-        """Every backup set, oldest cut first.
+        """Every backup set, oldest cut first (not those being removed).
 
         Raises:
             StoreUnavailableError, StoreCorruptError.
         """
-        return sorted(await self.store.sets(), key=lambda s: s.cut_at)
+        return sorted((s for s in await self.store.sets() if not s.removing),
+                      key=lambda s: s.cut_at)
+
+    # ---------------------------------------------------------- removal
+    async def forget(self, set_ids: list[str], wait: float = 0.0
+                     ) -> tuple[str, list[BackupSet], bool]:
+        """Remove the chosen sets everywhere; return (prune id, the sets, done).
+
+        Raises:
+            IdentifierError, RequestError, NotFoundError, PreconditionError (the newest
+            backup of a disk), NotLeaderError, StoreUnavailableError, StoreCorruptError.
+        """
+        if not 1 <= len(set_ids) <= MAX_SETS:
+            raise RequestError(f"forget takes 1..{MAX_SETS} sets, not {len(set_ids)}")
+        for set_id in set_ids:
+            check_id(set_id, "set id")
+        self.election.require()
+        every = {s.set_id: s for s in await self.store.sets()}
+        unknown = sorted(set(set_ids) - set(every))
+        if unknown:
+            raise NotFoundError(f"unknown backup set{'s' if len(unknown) > 1 else ''} "
+                                f"{', '.join(unknown)}")
+        chosen = [every[i] for i in dict.fromkeys(set_ids)]
+        kept = [s for s in every.values() if not s.removing and s.set_id not in set_ids]
+        for s in chosen:
+            for disk in sorted(s.disks):
+                if not any(k.cut_at > s.cut_at and disk in k.disks for k in kept):
+                    raise PreconditionError(
+                        f"backup set {s.set_id} holds the newest backup of {disk}: the "
+                        f"next incremental builds on it (nothing was removed)")
+        todo = [s for s in chosen if not s.removing]
+        if not todo:
+            return "", chosen, True
+        prune = await self.pruner.submit(todo, "forget")
+        return prune.prune_id, chosen, await self._wait(prune.prune_id, wait)
+
+    async def _wait(self, prune_id: str, seconds: float) -> bool:
+        """Wait up to *seconds* for a prune; return whether it is done."""
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.pruner.wait(prune_id), seconds)
+        return self.pruner.done(prune_id)
+
+    async def prune(self, group: str, dry_run: bool, wait: float = 0.0
+                    ) -> tuple[str, list[tuple[BackupSet, retention.Verdict]], bool]:
+        """Apply the retention policy of *group* (every group with one if ""); return
+        (prune id or "", every set of those groups with its verdict, done).
+
+        Raises:
+            IdentifierError, NotFoundError (no policy for the group), NotLeaderError,
+            StoreUnavailableError, StoreCorruptError.
+        """
+        if group:
+            check_id(group, "retention group")
+            if group not in self.config.retention:
+                raise NotFoundError(f"no retention policy for group {group!r} (see the "
+                                    "coordinator's --retention)")
+        self.election.require()
+        groups = [group] if group else sorted(self.config.retention)
+        every = [s for s in await self.store.sets() if not s.removing]
+        rows: list[tuple[BackupSet, retention.Verdict]] = []
+        for g in groups:
+            mine = {s.set_id: s for s in every if s.group == g}
+            infos = [retention.SetInfo(s.set_id, s.time, s.disks) for s in mine.values()]
+            rows += [(mine[v.set_id], v)
+                     for v in retention.plan(infos, self.config.retention[g])]
+        removed = [s for s, v in rows if not v.keep]
+        if dry_run or not removed:
+            return "", rows, not removed
+        why = f"prune {', '.join(groups)}"
+        prune = await self.pruner.submit(removed[:MAX_SETS], why)
+        return prune.prune_id, rows, await self._wait(prune.prune_id, wait)
 
     async def restore(self, set_id: str, target: str, destination: str, fmt: str
                       ) -> RestoreResult:

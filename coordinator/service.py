@@ -45,13 +45,14 @@ def txn_to_pb(r: TxnRecord) -> pb.Transaction:
         votes=[pb.Vote(agent_id=v.agent_id, yes=v.yes, reason=v.reason) for v in r.votes],
         created_at=r.created_at, deadline=r.deadline, frozen_from=r.frozen_from,
         thawed_at=r.thawed_at, set_id=r.set_id, errors=r.errors,
-        committed_agents=r.committed,
+        committed_agents=r.committed, group=r.group,
     )
 
 
 def set_to_pb(s: BackupSet) -> pb.BackupSet:
     return pb.BackupSet(
         set_id=s.set_id, txn_id=s.txn_id, cut_at=s.cut_at, agents=s.agents, bytes=s.bytes,
+        group=s.group, created_at=s.created_at,
         images=[apb.MemberImage(
             agent_id=i.agent_id, vm=i.vm, disk=i.disk, set_id=s.set_id, image=i.image,
             backing=i.backing, mode=MODE_PB.get(i.mode, apb.BACKUP_MODE_UNSPECIFIED),
@@ -68,12 +69,13 @@ def inventory_from_pb(inv: apb.Inventory) -> AgentInventory:
                                       d.checkpoint_usable, d.checkpoint_problem, d.busy_txn)
                             for d in v.disks),
                       tuple(v.jobs), v.frozen, v.has_guest_agent) for v in inv.vms),
-        tuple(inv.open_transactions))
+        tuple(inv.open_transactions), inv.repo_capacity, inv.repo_free)
 
 
 def inventory_to_pb(inv: AgentInventory) -> apb.Inventory:
     return apb.Inventory(
         agent_id=inv.agent_id, open_transactions=inv.open_transactions,
+        repo_capacity=inv.repo_capacity, repo_free=inv.repo_free,
         vms=[apb.VmInfo(name=v.name, connected=v.connected, jobs=v.jobs, frozen=v.frozen,
                         has_guest_agent=v.has_guest_agent,
                         disks=[apb.DiskInfo(name=d.name, size=d.size, format=d.format,
@@ -82,6 +84,14 @@ def inventory_to_pb(inv: AgentInventory) -> apb.Inventory:
                                             checkpoint_problem=d.checkpoint_problem,
                                             busy_txn=d.busy_txn) for d in v.disks])
              for v in inv.vms])
+
+
+def _wait_for(wait: bool, context: Ctx) -> float:
+    """How long a call asked to wait may wait: until just before its deadline."""
+    if not wait:
+        return 0.0
+    remaining = context.time_remaining()
+    return 3600.0 if remaining is None else max(0.0, remaining - 1.0)
 
 
 def agent_to_pb(e: AgentEntry, live: bool) -> pb.AgentEntry:
@@ -172,6 +182,32 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         result = await guard(context, lambda: self.c.restore(
             request.set_id, request.target, request.destination, request.format))
         return apb.RestoreResponse(path=result.path, bytes=result.bytes)
+
+    async def ForgetSets(self, request: pb.ForgetSetsRequest, context: Ctx
+                         ) -> pb.PruneResult:
+        forwarded = await self.proxy.forward(
+            context, lambda stub, t: stub.ForgetSets(request, timeout=t))
+        if forwarded is not None:
+            return forwarded
+        prune_id, sets, done = await guard(
+            context, lambda: self.c.forget(list(request.set_ids), _wait_for(request.wait,
+                                                                             context)))
+        return pb.PruneResult(prune_id=prune_id, done=done, sets=[
+            pb.SetVerdict(set_id=s.set_id, group=s.group, time=s.time, keep=False)
+            for s in sets])
+
+    async def PruneSets(self, request: pb.PruneSetsRequest, context: Ctx
+                        ) -> pb.PruneResult:
+        forwarded = await self.proxy.forward(
+            context, lambda stub, t: stub.PruneSets(request, timeout=t))
+        if forwarded is not None:
+            return forwarded
+        prune_id, rows, done = await guard(
+            context, lambda: self.c.prune(request.group, request.dry_run,
+                                          _wait_for(request.wait, context)))
+        return pb.PruneResult(prune_id=prune_id, done=done, sets=[
+            pb.SetVerdict(set_id=s.set_id, group=s.group, time=s.time, keep=v.keep,
+                          reasons=v.reasons) for s, v in rows])
 
     async def Verify(self, request: pb.CoordinatorVerifyRequest, context: Ctx
                      ) -> pb.CoordinatorVerifyResponse:

@@ -43,7 +43,7 @@ from .errors import (
     StoreRejectedError,
     StoreUnavailableError,
 )
-from .records import AgentEntry, BackupSet, DecisionRecord, TxnRecord
+from .records import AgentEntry, BackupSet, DecisionRecord, PruneRecord, TxnRecord
 
 log = logging.getLogger(__name__)
 #: gRPC codes of an etcd request that a retry cannot fix.
@@ -288,6 +288,42 @@ class Store:
         live = await self._call("list live", lambda: self.client.get_prefix(_key("live") + b"/"))
         return entries, {_text(kv.key, "live key").rsplit("/", 1)[1] for kv in live}
 
+
+    # --- prunes (the coordinator's removal of backup sets; see coordinator/pruner.py)
+    async def start_prune(self, epoch: int, prune: PruneRecord, sets: list[BackupSet]
+                          ) -> None:
+        """The intent and every set marked ``removing``, in one fenced write, before
+        any agent changes a file.
+
+        Raises:
+            NotLeaderError, StoreUnavailableError, StoreRejectedError.
+        """
+        ops = [self.tx.put(_key("prune", prune.prune_id), _dump(prune))]
+        ops += [self.tx.put(_key("set", s.set_id),
+                            _dump(dataclasses.replace(s, removing=prune.prune_id)))
+                for s in sets]
+        await self._fenced("start prune", epoch, ops)
+
+    async def set_removed(self, epoch: int, prune: PruneRecord, set_id: str
+                          ) -> PruneRecord | None:
+        """Every agent has removed *set_id*: its record goes, and the intent shrinks
+        (or goes too, with its last set). Return what is left of the intent.
+
+        Raises:
+            NotLeaderError, StoreUnavailableError.
+        """
+        left = tuple(s for s in prune.set_ids if s != set_id)
+        ops = [self.tx.delete(_key("set", set_id))]
+        rest = dataclasses.replace(prune, set_ids=left) if left else None
+        ops.append(self.tx.put(_key("prune", prune.prune_id), _dump(rest)) if rest
+                   else self.tx.delete(_key("prune", prune.prune_id)))
+        await self._fenced("set removed", epoch, ops)
+        return rest
+
+    async def prunes(self) -> list[PruneRecord]:
+        """Unfinished prunes. Raises: StoreUnavailableError, StoreCorruptError."""
+        return await self._prefix("prune", PruneRecord)
+    # --- end prunes
 
 async def leader_name(endpoints: str) -> str | None:
     """The replica name held in the leader key, or None (for tools and tests).

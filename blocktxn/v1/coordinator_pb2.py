@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from blocktxn.v1 import agent_pb2 as blocktxn_dot_v1_dot_agent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62locktxn/v1/coordinator.proto\x12\x0b\x62locktxn.v1\x1a\x17\x62locktxn/v1/agent.proto\"d\n\x14RegisterAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12)\n\tinventory\x18\x03 \x01(\x0b\x32\x16.blocktxn.v1.Inventory\",\n\x15RegisterAgentResponse\x12\x13\n\x0bheartbeat_s\x18\x01 \x01(\x01\"{\n\nAgentEntry\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x01(\x08\x12)\n\tinventory\x18\x04 \x01(\x0b\x32\x16.blocktxn.v1.Inventory\x12\x11\n\tlast_seen\x18\x05 \x01(\x01\"\x13\n\x11ListAgentsRequest\"=\n\x12ListAgentsResponse\x12\'\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x17.blocktxn.v1.AgentEntry\"?\n\x06Target\x12\x0e\n\x06target\x18\x01 \x01(\t\x12%\n\x04mode\x18\x02 \x01(\x0e\x32\x17.blocktxn.v1.BackupMode\"\x8b\x02\n\x17StartTransactionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07targets\x18\x02 \x03(\x0b\x32\x13.blocktxn.v1.Target\x12%\n\x04mode\x18\x03 \x01(\x0e\x32\x17.blocktxn.v1.BackupMode\x12+\n\ncompletion\x18\x04 \x01(\x0e\x32\x17.blocktxn.v1.Completion\x12%\n\x07quiesce\x18\x05 \x01(\x0e\x32\x14.blocktxn.v1.Quiesce\x12\x18\n\x10\x66reeze_timeout_s\x18\x06 \x01(\x01\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\x12\r\n\x05speed\x18\x08 \x01(\x04\"\xc4\x01\n\x0cMemberStatus\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\n\n\x02vm\x18\x02 \x01(\t\x12\x0c\n\x04\x64isk\x18\x03 \x01(\t\x12%\n\x04mode\x18\x04 \x01(\x0e\x32\x17.blocktxn.v1.BackupMode\x12\x13\n\x0bmode_reason\x18\x05 \x01(\t\x12\x12\n\njob_status\x18\x06 \x01(\t\x12\x12\n\nbytes_done\x18\x07 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x08 \x01(\x04\x12\x0f\n\x07outcome\x18\t \x01(\t\"5\n\x04Vote\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0b\n\x03yes\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xba\x03\n\x0bTransaction\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12$\n\x05phase\x18\x03 \x01(\x0e\x32\x15.blocktxn.v1.TxnPhase\x12\'\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0e\x32\x15.blocktxn.v1.Decision\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12+\n\ncompletion\x18\x06 \x01(\x0e\x32\x17.blocktxn.v1.Completion\x12%\n\x07quiesce\x18\x07 \x01(\x0e\x32\x14.blocktxn.v1.Quiesce\x12*\n\x07members\x18\x08 \x03(\x0b\x32\x19.blocktxn.v1.MemberStatus\x12 \n\x05votes\x18\t \x03(\x0b\x32\x11.blocktxn.v1.Vote\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x10\n\x08\x64\x65\x61\x64line\x18\x0b \x01(\x01\x12\x13\n\x0b\x66rozen_from\x18\x0c \x01(\x01\x12\x11\n\tthawed_at\x18\r \x01(\x01\x12\x0e\n\x06set_id\x18\x0e \x01(\t\x12\x0e\n\x06\x65rrors\x18\x0f \x03(\t\x12\x18\n\x10\x63ommitted_agents\x18\x10 \x03(\t\"\'\n\x15GetTransactionRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\",\n\x17ListTransactionsRequest\x12\x11\n\topen_only\x18\x01 \x01(\x08\"J\n\x18ListTransactionsResponse\x12.\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x18.blocktxn.v1.Transaction\":\n\x18\x43\x61ncelTransactionRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"&\n\x14QueryDecisionRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\"P\n\x15QueryDecisionResponse\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x15.blocktxn.v1.Decision\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x84\x01\n\tBackupSet\x12\x0e\n\x06set_id\x18\x01 \x01(\t\x12\x0e\n\x06txn_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63ut_at\x18\x03 \x01(\x01\x12(\n\x06images\x18\x04 \x03(\x0b\x32\x18.blocktxn.v1.MemberImage\x12\x0e\n\x06\x61gents\x18\x05 \x03(\t\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\"\x17\n\x15ListBackupSetsRequest\">\n\x16ListBackupSetsResponse\x12$\n\x04sets\x18\x01 \x03(\x0b\x32\x16.blocktxn.v1.BackupSet\"%\n\x13GetBackupSetRequest\x12\x0e\n\x06set_id\x18\x01 \x01(\t\"`\n\x19\x43oordinatorRestoreRequest\x12\x0e\n\x06set_id\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\t\"*\n\x18\x43oordinatorVerifyRequest\x12\x0e\n\x06set_id\x18\x01 \x01(\t\"P\n\x19\x43oordinatorVerifyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\'\n\x06\x63hecks\x18\x02 \x03(\x0b\x32\x17.blocktxn.v1.ImageCheck*[\n\nCompletion\x12\x1a\n\x16\x43OMPLETION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43OMPLETION_GROUPED\x10\x01\x12\x19\n\x15\x43OMPLETION_INDIVIDUAL\x10\x02*\x95\x01\n\x08TxnPhase\x12\x19\n\x15TXN_PHASE_UNSPECIFIED\x10\x00\x12\x15\n\x11TXN_PHASE_CUTTING\x10\x01\x12\x15\n\x11TXN_PHASE_THAWING\x10\x02\x12\x15\n\x11TXN_PHASE_RUNNING\x10\x03\x12\x15\n\x11TXN_PHASE_DECIDED\x10\x04\x12\x12\n\x0eTXN_PHASE_DONE\x10\x05*F\n\x08\x44\x65\x63ision\x12\x11\n\rDECISION_NONE\x10\x00\x12\x13\n\x0f\x44\x45\x43ISION_COMMIT\x10\x01\x12\x12\n\x0e\x44\x45\x43ISION_ABORT\x10\x02\x32\x91\x08\n\x12\x43oordinatorService\x12V\n\rRegisterAgent\x12!.blocktxn.v1.RegisterAgentRequest\x1a\".blocktxn.v1.RegisterAgentResponse\x12M\n\nListAgents\x12\x1e.blocktxn.v1.ListAgentsRequest\x1a\x1f.blocktxn.v1.ListAgentsResponse\x12R\n\x10StartTransaction\x12$.blocktxn.v1.StartTransactionRequest\x1a\x18.blocktxn.v1.Transaction\x12N\n\x0eGetTransaction\x12\".blocktxn.v1.GetTransactionRequest\x1a\x18.blocktxn.v1.Transaction\x12_\n\x10ListTransactions\x12$.blocktxn.v1.ListTransactionsRequest\x1a%.blocktxn.v1.ListTransactionsResponse\x12R\n\x10WatchTransaction\x12\".blocktxn.v1.GetTransactionRequest\x1a\x18.blocktxn.v1.Transaction0\x01\x12T\n\x11\x43\x61ncelTransaction\x12%.blocktxn.v1.CancelTransactionRequest\x1a\x18.blocktxn.v1.Transaction\x12V\n\rQueryDecision\x12!.blocktxn.v1.QueryDecisionRequest\x1a\".blocktxn.v1.QueryDecisionResponse\x12Y\n\x0eListBackupSets\x12\".blocktxn.v1.ListBackupSetsRequest\x1a#.blocktxn.v1.ListBackupSetsResponse\x12H\n\x0cGetBackupSet\x12 .blocktxn.v1.GetBackupSetRequest\x1a\x16.blocktxn.v1.BackupSet\x12O\n\x07Restore\x12&.blocktxn.v1.CoordinatorRestoreRequest\x1a\x1c.blocktxn.v1.RestoreResponse\x12W\n\x06Verify\x12%.blocktxn.v1.CoordinatorVerifyRequest\x1a&.blocktxn.v1.CoordinatorVerifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62locktxn/v1/coordinator.proto\x12\x0b\x62locktxn.v1\x1a\x17\x62locktxn/v1/agent.proto\"d\n\x14RegisterAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12)\n\tinventory\x18\x03 \x01(\x0b\x32\x16.blocktxn.v1.Inventory\",\n\x15RegisterAgentResponse\x12\x13\n\x0bheartbeat_s\x18\x01 \x01(\x01\"{\n\nAgentEntry\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x01(\x08\x12)\n\tinventory\x18\x04 \x01(\x0b\x32\x16.blocktxn.v1.Inventory\x12\x11\n\tlast_seen\x18\x05 \x01(\x01\"\x13\n\x11ListAgentsRequest\"=\n\x12ListAgentsResponse\x12\'\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x17.blocktxn.v1.AgentEntry\"?\n\x06Target\x12\x0e\n\x06target\x18\x01 \x01(\t\x12%\n\x04mode\x18\x02 \x01(\x0e\x32\x17.blocktxn.v1.BackupMode\"\x9a\x02\n\x17StartTransactionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07targets\x18\x02 \x03(\x0b\x32\x13.blocktxn.v1.Target\x12%\n\x04mode\x18\x03 \x01(\x0e\x32\x17.blocktxn.v1.BackupMode\x12+\n\ncompletion\x18\x04 \x01(\x0e\x32\x17.blocktxn.v1.Completion\x12%\n\x07quiesce\x18\x05 \x01(\x0e\x32\x14.blocktxn.v1.Quiesce\x12\x18\n\x10\x66reeze_timeout_s\x18\x06 \x01(\x01\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\x12\r\n\x05speed\x18\x08 \x01(\x04\x12\r\n\x05group\x18\t \x01(\t\"\xc4\x01\n\x0cMemberStatus\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\n\n\x02vm\x18\x02 \x01(\t\x12\x0c\n\x04\x64isk\x18\x03 \x01(\t\x12%\n\x04mode\x18\x04 \x01(\x0e\x32\x17.blocktxn.v1.BackupMode\x12\x13\n\x0bmode_reason\x18\x05 \x01(\t\x12\x12\n\njob_status\x18\x06 \x01(\t\x12\x12\n\nbytes_done\x18\x07 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x08 \x01(\x04\x12\x0f\n\x07outcome\x18\t \x01(\t\"5\n\x04Vote\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0b\n\x03yes\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xc9\x03\n\x0bTransaction\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12$\n\x05phase\x18\x03 \x01(\x0e\x32\x15.blocktxn.v1.TxnPhase\x12\'\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0e\x32\x15.blocktxn.v1.Decision\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12+\n\ncompletion\x18\x06 \x01(\x0e\x32\x17.blocktxn.v1.Completion\x12%\n\x07quiesce\x18\x07 \x01(\x0e\x32\x14.blocktxn.v1.Quiesce\x12*\n\x07members\x18\x08 \x03(\x0b\x32\x19.blocktxn.v1.MemberStatus\x12 \n\x05votes\x18\t \x03(\x0b\x32\x11.blocktxn.v1.Vote\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x10\n\x08\x64\x65\x61\x64line\x18\x0b \x01(\x01\x12\x13\n\x0b\x66rozen_from\x18\x0c \x01(\x01\x12\x11\n\tthawed_at\x18\r \x01(\x01\x12\x0e\n\x06set_id\x18\x0e \x01(\t\x12\x0e\n\x06\x65rrors\x18\x0f \x03(\t\x12\x18\n\x10\x63ommitted_agents\x18\x10 \x03(\t\x12\r\n\x05group\x18\x11 \x01(\t\"\'\n\x15GetTransactionRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\",\n\x17ListTransactionsRequest\x12\x11\n\topen_only\x18\x01 \x01(\x08\"J\n\x18ListTransactionsResponse\x12.\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x18.blocktxn.v1.Transaction\":\n\x18\x43\x61ncelTransactionRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"&\n\x14QueryDecisionRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\"P\n\x15QueryDecisionResponse\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x15.blocktxn.v1.Decision\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa7\x01\n\tBackupSet\x12\x0e\n\x06set_id\x18\x01 \x01(\t\x12\x0e\n\x06txn_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63ut_at\x18\x03 \x01(\x01\x12(\n\x06images\x18\x04 \x03(\x0b\x32\x18.blocktxn.v1.MemberImage\x12\x0e\n\x06\x61gents\x18\x05 \x03(\t\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\r\n\x05group\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\"2\n\x11\x46orgetSetsRequest\x12\x0f\n\x07set_ids\x18\x01 \x03(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"@\n\x10PruneSetsRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"X\n\nSetVerdict\x12\x0e\n\x06set_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0c\n\x04time\x18\x03 \x01(\x01\x12\x0c\n\x04keep\x18\x04 \x01(\x08\x12\x0f\n\x07reasons\x18\x05 \x03(\t\"T\n\x0bPruneResult\x12\x10\n\x08prune_id\x18\x01 \x01(\t\x12%\n\x04sets\x18\x02 \x03(\x0b\x32\x17.blocktxn.v1.SetVerdict\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\"\x17\n\x15ListBackupSetsRequest\">\n\x16ListBackupSetsResponse\x12$\n\x04sets\x18\x01 \x03(\x0b\x32\x16.blocktxn.v1.BackupSet\"%\n\x13GetBackupSetRequest\x12\x0e\n\x06set_id\x18\x01 \x01(\t\"`\n\x19\x43oordinatorRestoreRequest\x12\x0e\n\x06set_id\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\t\"*\n\x18\x43oordinatorVerifyRequest\x12\x0e\n\x06set_id\x18\x01 \x01(\t\"P\n\x19\x43oordinatorVerifyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\'\n\x06\x63hecks\x18\x02 \x03(\x0b\x32\x17.blocktxn.v1.ImageCheck*[\n\nCompletion\x12\x1a\n\x16\x43OMPLETION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43OMPLETION_GROUPED\x10\x01\x12\x19\n\x15\x43OMPLETION_INDIVIDUAL\x10\x02*\x95\x01\n\x08TxnPhase\x12\x19\n\x15TXN_PHASE_UNSPECIFIED\x10\x00\x12\x15\n\x11TXN_PHASE_CUTTING\x10\x01\x12\x15\n\x11TXN_PHASE_THAWING\x10\x02\x12\x15\n\x11TXN_PHASE_RUNNING\x10\x03\x12\x15\n\x11TXN_PHASE_DECIDED\x10\x04\x12\x12\n\x0eTXN_PHASE_DONE\x10\x05*F\n\x08\x44\x65\x63ision\x12\x11\n\rDECISION_NONE\x10\x00\x12\x13\n\x0f\x44\x45\x43ISION_COMMIT\x10\x01\x12\x12\n\x0e\x44\x45\x43ISION_ABORT\x10\x02\x32\x9f\t\n\x12\x43oordinatorService\x12V\n\rRegisterAgent\x12!.blocktxn.v1.RegisterAgentRequest\x1a\".blocktxn.v1.RegisterAgentResponse\x12M\n\nListAgents\x12\x1e.blocktxn.v1.ListAgentsRequest\x1a\x1f.blocktxn.v1.ListAgentsResponse\x12R\n\x10StartTransaction\x12$.blocktxn.v1.StartTransactionRequest\x1a\x18.blocktxn.v1.Transaction\x12N\n\x0eGetTransaction\x12\".blocktxn.v1.GetTransactionRequest\x1a\x18.blocktxn.v1.Transaction\x12_\n\x10ListTransactions\x12$.blocktxn.v1.ListTransactionsRequest\x1a%.blocktxn.v1.ListTransactionsResponse\x12R\n\x10WatchTransaction\x12\".blocktxn.v1.GetTransactionRequest\x1a\x18.blocktxn.v1.Transaction0\x01\x12T\n\x11\x43\x61ncelTransaction\x12%.blocktxn.v1.CancelTransactionRequest\x1a\x18.blocktxn.v1.Transaction\x12V\n\rQueryDecision\x12!.blocktxn.v1.QueryDecisionRequest\x1a\".blocktxn.v1.QueryDecisionResponse\x12Y\n\x0eListBackupSets\x12\".blocktxn.v1.ListBackupSetsRequest\x1a#.blocktxn.v1.ListBackupSetsResponse\x12H\n\x0cGetBackupSet\x12 .blocktxn.v1.GetBackupSetRequest\x1a\x16.blocktxn.v1.BackupSet\x12O\n\x07Restore\x12&.blocktxn.v1.CoordinatorRestoreRequest\x1a\x1c.blocktxn.v1.RestoreResponse\x12W\n\x06Verify\x12%.blocktxn.v1.CoordinatorVerifyRequest\x1a&.blocktxn.v1.CoordinatorVerifyResponse\x12\x46\n\nForgetSets\x12\x1e.blocktxn.v1.ForgetSetsRequest\x1a\x18.blocktxn.v1.PruneResult\x12\x44\n\tPruneSets\x12\x1d.blocktxn.v1.PruneSetsRequest\x1a\x18.blocktxn.v1.PruneResultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'blocktxn.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPLETION']._serialized_start=2294
-  _globals['_COMPLETION']._serialized_end=2385
-  _globals['_TXNPHASE']._serialized_start=2388
-  _globals['_TXNPHASE']._serialized_end=2537
-  _globals['_DECISION']._serialized_start=2539
-  _globals['_DECISION']._serialized_end=2609
+  _globals['_COMPLETION']._serialized_start=2653
+  _globals['_COMPLETION']._serialized_end=2744
+  _globals['_TXNPHASE']._serialized_start=2747
+  _globals['_TXNPHASE']._serialized_end=2896
+  _globals['_DECISION']._serialized_start=2898
+  _globals['_DECISION']._serialized_end=2968
   _globals['_REGISTERAGENTREQUEST']._serialized_start=71
   _globals['_REGISTERAGENTREQUEST']._serialized_end=171
   _globals['_REGISTERAGENTRESPONSE']._serialized_start=173
@@ -51,39 +51,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TARGET']._serialized_start=428
   _globals['_TARGET']._serialized_end=491
   _globals['_STARTTRANSACTIONREQUEST']._serialized_start=494
-  _globals['_STARTTRANSACTIONREQUEST']._serialized_end=761
-  _globals['_MEMBERSTATUS']._serialized_start=764
-  _globals['_MEMBERSTATUS']._serialized_end=960
-  _globals['_VOTE']._serialized_start=962
-  _globals['_VOTE']._serialized_end=1015
-  _globals['_TRANSACTION']._serialized_start=1018
-  _globals['_TRANSACTION']._serialized_end=1460
-  _globals['_GETTRANSACTIONREQUEST']._serialized_start=1462
-  _globals['_GETTRANSACTIONREQUEST']._serialized_end=1501
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=1503
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=1547
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=1549
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=1623
-  _globals['_CANCELTRANSACTIONREQUEST']._serialized_start=1625
-  _globals['_CANCELTRANSACTIONREQUEST']._serialized_end=1683
-  _globals['_QUERYDECISIONREQUEST']._serialized_start=1685
-  _globals['_QUERYDECISIONREQUEST']._serialized_end=1723
-  _globals['_QUERYDECISIONRESPONSE']._serialized_start=1725
-  _globals['_QUERYDECISIONRESPONSE']._serialized_end=1805
-  _globals['_BACKUPSET']._serialized_start=1808
-  _globals['_BACKUPSET']._serialized_end=1940
-  _globals['_LISTBACKUPSETSREQUEST']._serialized_start=1942
-  _globals['_LISTBACKUPSETSREQUEST']._serialized_end=1965
-  _globals['_LISTBACKUPSETSRESPONSE']._serialized_start=1967
-  _globals['_LISTBACKUPSETSRESPONSE']._serialized_end=2029
-  _globals['_GETBACKUPSETREQUEST']._serialized_start=2031
-  _globals['_GETBACKUPSETREQUEST']._serialized_end=2068
-  _globals['_COORDINATORRESTOREREQUEST']._serialized_start=2070
-  _globals['_COORDINATORRESTOREREQUEST']._serialized_end=2166
-  _globals['_COORDINATORVERIFYREQUEST']._serialized_start=2168
-  _globals['_COORDINATORVERIFYREQUEST']._serialized_end=2210
-  _globals['_COORDINATORVERIFYRESPONSE']._serialized_start=2212
-  _globals['_COORDINATORVERIFYRESPONSE']._serialized_end=2292
-  _globals['_COORDINATORSERVICE']._serialized_start=2612
-  _globals['_COORDINATORSERVICE']._serialized_end=3653
+  _globals['_STARTTRANSACTIONREQUEST']._serialized_end=776
+  _globals['_MEMBERSTATUS']._serialized_start=779
+  _globals['_MEMBERSTATUS']._serialized_end=975
+  _globals['_VOTE']._serialized_start=977
+  _globals['_VOTE']._serialized_end=1030
+  _globals['_TRANSACTION']._serialized_start=1033
+  _globals['_TRANSACTION']._serialized_end=1490
+  _globals['_GETTRANSACTIONREQUEST']._serialized_start=1492
+  _globals['_GETTRANSACTIONREQUEST']._serialized_end=1531
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=1533
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=1577
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=1579
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=1653
+  _globals['_CANCELTRANSACTIONREQUEST']._serialized_start=1655
+  _globals['_CANCELTRANSACTIONREQUEST']._serialized_end=1713
+  _globals['_QUERYDECISIONREQUEST']._serialized_start=1715
+  _globals['_QUERYDECISIONREQUEST']._serialized_end=1753
+  _globals['_QUERYDECISIONRESPONSE']._serialized_start=1755
+  _globals['_QUERYDECISIONRESPONSE']._serialized_end=1835
+  _globals['_BACKUPSET']._serialized_start=1838
+  _globals['_BACKUPSET']._serialized_end=2005
+  _globals['_FORGETSETSREQUEST']._serialized_start=2007
+  _globals['_FORGETSETSREQUEST']._serialized_end=2057
+  _globals['_PRUNESETSREQUEST']._serialized_start=2059
+  _globals['_PRUNESETSREQUEST']._serialized_end=2123
+  _globals['_SETVERDICT']._serialized_start=2125
+  _globals['_SETVERDICT']._serialized_end=2213
+  _globals['_PRUNERESULT']._serialized_start=2215
+  _globals['_PRUNERESULT']._serialized_end=2299
+  _globals['_LISTBACKUPSETSREQUEST']._serialized_start=2301
+  _globals['_LISTBACKUPSETSREQUEST']._serialized_end=2324
+  _globals['_LISTBACKUPSETSRESPONSE']._serialized_start=2326
+  _globals['_LISTBACKUPSETSRESPONSE']._serialized_end=2388
+  _globals['_GETBACKUPSETREQUEST']._serialized_start=2390
+  _globals['_GETBACKUPSETREQUEST']._serialized_end=2427
+  _globals['_COORDINATORRESTOREREQUEST']._serialized_start=2429
+  _globals['_COORDINATORRESTOREREQUEST']._serialized_end=2525
+  _globals['_COORDINATORVERIFYREQUEST']._serialized_start=2527
+  _globals['_COORDINATORVERIFYREQUEST']._serialized_end=2569
+  _globals['_COORDINATORVERIFYRESPONSE']._serialized_start=2571
+  _globals['_COORDINATORVERIFYRESPONSE']._serialized_end=2651
+  _globals['_COORDINATORSERVICE']._serialized_start=2971
+  _globals['_COORDINATORSERVICE']._serialized_end=4154
 # @@protoc_insertion_point(module_scope)

@@ -252,6 +252,7 @@ class StartTransactionRequest(_message.Message):
     FREEZE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     DEADLINE_S_FIELD_NUMBER: _builtins.int
     SPEED_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """idempotency key, a safe identifier"""
     mode: _agent_pb2.BackupMode.ValueType
@@ -263,6 +264,8 @@ class StartTransactionRequest(_message.Message):
     """seconds from now; 0 = 3600; 0..604800; past it: presumed abort"""
     speed: _builtins.int
     """per disk bytes/s, 0 = unlimited; at most 2^63-1"""
+    group: _builtins.str
+    """retention group of the set it makes ("" : none)"""
     @_builtins.property
     def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Target]: ...
     def __init__(
@@ -276,10 +279,11 @@ class StartTransactionRequest(_message.Message):
         freeze_timeout_s: _builtins.float = ...,
         deadline_s: _builtins.float = ...,
         speed: _builtins.int = ...,
+        group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion", b"completion", "deadline_s", b"deadline_s", "freeze_timeout_s", b"freeze_timeout_s", "mode", b"mode", "quiesce", b"quiesce", "request_id", b"request_id", "speed", b"speed", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion", b"completion", "deadline_s", b"deadline_s", "freeze_timeout_s", b"freeze_timeout_s", "group", b"group", "mode", b"mode", "quiesce", b"quiesce", "request_id", b"request_id", "speed", b"speed", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -375,6 +379,7 @@ class Transaction(_message.Message):
     SET_ID_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
     COMMITTED_AGENTS_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.str
     request_id: _builtins.str
     phase: Global___TxnPhase.ValueType
@@ -391,6 +396,8 @@ class Transaction(_message.Message):
     thawed_at: _builtins.float
     set_id: _builtins.str
     """the backup set, when committed"""
+    group: _builtins.str
+    """retention group of the set it makes"""
     @_builtins.property
     def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemberStatus]: ...
     @_builtins.property
@@ -420,10 +427,11 @@ class Transaction(_message.Message):
         set_id: _builtins.str = ...,
         errors: _abc.Iterable[_builtins.str] | None = ...,
         committed_agents: _abc.Iterable[_builtins.str] | None = ...,
+        group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_agents", b"committed_agents", "completion", b"completion", "created_at", b"created_at", "deadline", b"deadline", "decision", b"decision", "errors", b"errors", "frozen_from", b"frozen_from", "members", b"members", "phase", b"phase", "quiesce", b"quiesce", "reason", b"reason", "request_id", b"request_id", "set_id", b"set_id", "thawed_at", b"thawed_at", "txn_id", b"txn_id", "votes", b"votes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_agents", b"committed_agents", "completion", b"completion", "created_at", b"created_at", "deadline", b"deadline", "decision", b"decision", "errors", b"errors", "frozen_from", b"frozen_from", "group", b"group", "members", b"members", "phase", b"phase", "quiesce", b"quiesce", "reason", b"reason", "request_id", b"request_id", "set_id", b"set_id", "thawed_at", b"thawed_at", "txn_id", b"txn_id", "votes", b"votes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -561,10 +569,16 @@ class BackupSet(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     AGENTS_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
     set_id: _builtins.str
     txn_id: _builtins.str
     cut_at: _builtins.float
     bytes: _builtins.int
+    group: _builtins.str
+    """retention group ("" : none)"""
+    created_at: _builtins.float
+    """the coordinator's time of the set (retention)"""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.MemberImage]:
         """each with its agent_id"""
@@ -580,14 +594,133 @@ class BackupSet(_message.Message):
         images: _abc.Iterable[_agent_pb2.MemberImage] | None = ...,
         agents: _abc.Iterable[_builtins.str] | None = ...,
         bytes: _builtins.int = ...,
+        group: _builtins.str = ...,
+        created_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "bytes", b"bytes", "cut_at", b"cut_at", "images", b"images", "set_id", b"set_id", "txn_id", b"txn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "bytes", b"bytes", "created_at", b"created_at", "cut_at", b"cut_at", "group", b"group", "images", b"images", "set_id", b"set_id", "txn_id", b"txn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BackupSet: _TypeAlias = BackupSet  # noqa: Y015
+
+@_typing.final
+class ForgetSetsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SET_IDS_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    wait: _builtins.bool
+    """return once every image is gone"""
+    @_builtins.property
+    def set_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1..100 sets"""
+
+    def __init__(
+        self,
+        *,
+        set_ids: _abc.Iterable[_builtins.str] | None = ...,
+        wait: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["set_ids", b"set_ids", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetSetsRequest: _TypeAlias = ForgetSetsRequest  # noqa: Y015
+
+@_typing.final
+class PruneSetsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    """"" : every group with a policy"""
+    dry_run: _builtins.bool
+    """only say what would be removed"""
+    wait: _builtins.bool
+    """return once every removed image is gone"""
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+        wait: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "group", b"group", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneSetsRequest: _TypeAlias = PruneSetsRequest  # noqa: Y015
+
+@_typing.final
+class SetVerdict(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SET_ID_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    KEEP_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    set_id: _builtins.str
+    group: _builtins.str
+    time: _builtins.float
+    """what retention counts: created_at, else cut_at"""
+    keep: _builtins.bool
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the rules that keep it, e.g. "daily 2026-12-01" """
+
+    def __init__(
+        self,
+        *,
+        set_id: _builtins.str = ...,
+        group: _builtins.str = ...,
+        time: _builtins.float = ...,
+        keep: _builtins.bool = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "keep", b"keep", "reasons", b"reasons", "set_id", b"set_id", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetVerdict: _TypeAlias = SetVerdict  # noqa: Y015
+
+@_typing.final
+class PruneResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRUNE_ID_FIELD_NUMBER: _builtins.int
+    SETS_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    prune_id: _builtins.str
+    """"" : nothing to remove"""
+    done: _builtins.bool
+    """every removed set is gone everywhere"""
+    @_builtins.property
+    def sets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SetVerdict]: ...
+    def __init__(
+        self,
+        *,
+        prune_id: _builtins.str = ...,
+        sets: _abc.Iterable[Global___SetVerdict] | None = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "prune_id", b"prune_id", "sets", b"sets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneResult: _TypeAlias = PruneResult  # noqa: Y015
 
 @_typing.final
 class ListBackupSetsRequest(_message.Message):

@@ -95,6 +95,16 @@ class CoordinatorServiceStub:
                 request_serializer=blocktxn_dot_v1_dot_coordinator__pb2.CoordinatorVerifyRequest.SerializeToString,
                 response_deserializer=blocktxn_dot_v1_dot_coordinator__pb2.CoordinatorVerifyResponse.FromString,
                 _registered_method=True)
+        self.ForgetSets = channel.unary_unary(
+                '/blocktxn.v1.CoordinatorService/ForgetSets',
+                request_serializer=blocktxn_dot_v1_dot_coordinator__pb2.ForgetSetsRequest.SerializeToString,
+                response_deserializer=blocktxn_dot_v1_dot_coordinator__pb2.PruneResult.FromString,
+                _registered_method=True)
+        self.PruneSets = channel.unary_unary(
+                '/blocktxn.v1.CoordinatorService/PruneSets',
+                request_serializer=blocktxn_dot_v1_dot_coordinator__pb2.PruneSetsRequest.SerializeToString,
+                response_deserializer=blocktxn_dot_v1_dot_coordinator__pb2.PruneResult.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -183,6 +193,27 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetSets(self, request, context):
+        """Remove chosen backup sets: the intent is durable (and the sets unlisted)
+        before any agent changes a file; each agent rebases a later image before it
+        deletes one, so every other set still restores bit-identical. NOT_FOUND for
+        an unknown set and FAILED_PRECONDITION for a set that holds the newest backup
+        of one of its disks (nothing changed in either case).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PruneSets(self, request, context):
+        """Apply the retention policy of one group (or of every group that has one):
+        every set of the group with keep/remove and the rules that keep it; the
+        removals run as in ForgetSets unless dry_run. NOT_FOUND for a group with no
+        policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +276,16 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=blocktxn_dot_v1_dot_coordinator__pb2.CoordinatorVerifyRequest.FromString,
                     response_serializer=blocktxn_dot_v1_dot_coordinator__pb2.CoordinatorVerifyResponse.SerializeToString,
+            ),
+            'ForgetSets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetSets,
+                    request_deserializer=blocktxn_dot_v1_dot_coordinator__pb2.ForgetSetsRequest.FromString,
+                    response_serializer=blocktxn_dot_v1_dot_coordinator__pb2.PruneResult.SerializeToString,
+            ),
+            'PruneSets': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneSets,
+                    request_deserializer=blocktxn_dot_v1_dot_coordinator__pb2.PruneSetsRequest.FromString,
+                    response_serializer=blocktxn_dot_v1_dot_coordinator__pb2.PruneResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -571,6 +612,60 @@ class CoordinatorService:
             '/blocktxn.v1.CoordinatorService/Verify',
             blocktxn_dot_v1_dot_coordinator__pb2.CoordinatorVerifyRequest.SerializeToString,
             blocktxn_dot_v1_dot_coordinator__pb2.CoordinatorVerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetSets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blocktxn.v1.CoordinatorService/ForgetSets',
+            blocktxn_dot_v1_dot_coordinator__pb2.ForgetSetsRequest.SerializeToString,
+            blocktxn_dot_v1_dot_coordinator__pb2.PruneResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneSets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blocktxn.v1.CoordinatorService/PruneSets',
+            blocktxn_dot_v1_dot_coordinator__pb2.PruneSetsRequest.SerializeToString,
+            blocktxn_dot_v1_dot_coordinator__pb2.PruneResult.FromString,
             options,
             channel_credentials,
             insecure,

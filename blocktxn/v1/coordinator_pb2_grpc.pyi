@@ -67,6 +67,19 @@ class CoordinatorServiceStub:
     """Restore one disk of a backup set (sent to the owning agent)."""
     Verify: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CoordinatorVerifyRequest, _coordinator_pb2.CoordinatorVerifyResponse]
     """Verify every image chain of a backup set on every agent that holds one."""
+    ForgetSets: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ForgetSetsRequest, _coordinator_pb2.PruneResult]
+    """Remove chosen backup sets: the intent is durable (and the sets unlisted)
+    before any agent changes a file; each agent rebases a later image before it
+    deletes one, so every other set still restores bit-identical. NOT_FOUND for
+    an unknown set and FAILED_PRECONDITION for a set that holds the newest backup
+    of one of its disks (nothing changed in either case).
+    """
+    PruneSets: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.PruneSetsRequest, _coordinator_pb2.PruneResult]
+    """Apply the retention policy of one group (or of every group that has one):
+    every set of the group with keep/remove and the rules that keep it; the
+    removals run as in ForgetSets unless dry_run. NOT_FOUND for a group with no
+    policy.
+    """
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -97,6 +110,19 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """Restore one disk of a backup set (sent to the owning agent)."""
     Verify: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CoordinatorVerifyRequest, _coordinator_pb2.CoordinatorVerifyResponse]  # type: ignore[assignment]
     """Verify every image chain of a backup set on every agent that holds one."""
+    ForgetSets: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ForgetSetsRequest, _coordinator_pb2.PruneResult]  # type: ignore[assignment]
+    """Remove chosen backup sets: the intent is durable (and the sets unlisted)
+    before any agent changes a file; each agent rebases a later image before it
+    deletes one, so every other set still restores bit-identical. NOT_FOUND for
+    an unknown set and FAILED_PRECONDITION for a set that holds the newest backup
+    of one of its disks (nothing changed in either case).
+    """
+    PruneSets: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.PruneSetsRequest, _coordinator_pb2.PruneResult]  # type: ignore[assignment]
+    """Apply the retention policy of one group (or of every group that has one):
+    every set of the group with keep/remove and the rules that keep it; the
+    removals run as in ForgetSets unless dry_run. NOT_FOUND for a group with no
+    policy.
+    """
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -196,5 +222,30 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.CoordinatorVerifyResponse, _abc.Awaitable[_coordinator_pb2.CoordinatorVerifyResponse]]:
         """Verify every image chain of a backup set on every agent that holds one."""
+
+    @_abc_1.abstractmethod
+    def ForgetSets(
+        self,
+        request: _coordinator_pb2.ForgetSetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.PruneResult, _abc.Awaitable[_coordinator_pb2.PruneResult]]:
+        """Remove chosen backup sets: the intent is durable (and the sets unlisted)
+        before any agent changes a file; each agent rebases a later image before it
+        deletes one, so every other set still restores bit-identical. NOT_FOUND for
+        an unknown set and FAILED_PRECONDITION for a set that holds the newest backup
+        of one of its disks (nothing changed in either case).
+        """
+
+    @_abc_1.abstractmethod
+    def PruneSets(
+        self,
+        request: _coordinator_pb2.PruneSetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.PruneResult, _abc.Awaitable[_coordinator_pb2.PruneResult]]:
+        """Apply the retention policy of one group (or of every group that has one):
+        every set of the group with keep/remove and the rules that keep it; the
+        removals run as in ForgetSets unless dry_run. NOT_FOUND for a group with no
+        policy.
+        """
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -53,14 +53,18 @@ class Cluster:
     """etcd + N coordinator replicas + lab hosts registered with them."""
 
     def __init__(self, workdir: Path, replicas: int = 1,
-                 first_env: dict[str, str] | None = None, extra: list[str] | None = None
+                 first_env: dict[str, str] | None = None, extra: list[str] | None = None,
+                 coordinator_args: list[str] | None = None, env: dict[str, str] | None = None
                  ) -> None:
-        """Replica c0 starts first and is the first leader; it alone gets *first_env*."""
+        """Replica c0 starts first and is the first leader; it alone gets *first_env*;
+        every replica gets *coordinator_args* and *env*."""
         self.workdir = workdir
         self.etcd = EtcdServer(workdir / "etcd")
         self.etcd.start()
         self.coordinators = [CoordinatorProcess(f"c{i}", workdir / f"c{i}", self.etcd.endpoint,
-                                                first_env if i == 0 else None, extra)
+                                                {**(env or {}), **(first_env or {})} if i == 0
+                                                else env, [*(extra or []),
+                                                           *(coordinator_args or [])])
                              for i in range(replicas)]
         for i, c in enumerate(self.coordinators):
             c.start()

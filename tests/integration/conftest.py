@@ -3,7 +3,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -47,8 +47,9 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
         _require(b)
     clusters: list[Cluster] = []
 
-    def make(replicas: int = 1, first_env: dict[str, str] | None = None) -> Cluster:
-        cluster = Cluster(tmp_path / f"cluster{len(clusters)}", replicas, first_env)
+    def make(replicas: int = 1, first_env: dict[str, str] | None = None, **kw: Any
+             ) -> Cluster:
+        cluster = Cluster(tmp_path / f"cluster{len(clusters)}", replicas, first_env, **kw)
         clusters.append(cluster)
         return cluster
 

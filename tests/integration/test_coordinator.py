@@ -18,9 +18,9 @@ VMS = {"vm1": ["d0", "d1"], "vm2": ["d0"]}
 
 
 def two_hosts(make_cluster: Callable[..., Cluster], replicas: int = 1,
-              read_error: tuple[str, ...] = (), first_env: dict[str, str] | None = None
-              ) -> Cluster:
-    cluster = make_cluster(replicas, first_env)
+              read_error: tuple[str, ...] = (), first_env: dict[str, str] | None = None,
+              **kw: Any) -> Cluster:
+    cluster = make_cluster(replicas, first_env, **kw)
     cluster.add_host("h1", VMS)
     cluster.add_host("h2", VMS, read_error=read_error)
     cluster.wait_registered(2)
