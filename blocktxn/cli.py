@@ -212,6 +212,12 @@ async def _removal(client: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _space(free: int, capacity: int) -> str:
+    if not capacity:
+        return "?"
+    return f"{free / 2**30:.1f} of {capacity / 2**30:.1f} GiB free"
+
+
 def _when(t: float) -> str:
     import datetime
 
@@ -251,10 +257,12 @@ async def _operator(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps([agent_json(a) for a in agents]))
             else:
-                _table("agents", ["agent", "address", "state", "VMs", "disks"],
+                _table("agents", ["agent", "address", "state", "VMs", "disks", "repository"],
                        [[a.agent_id, a.address, "live" if a.live else "lost",
                          ", ".join(v.name for v in a.inventory.vms),
-                         str(sum(len(v.disks) for v in a.inventory.vms))] for a in agents])
+                         str(sum(len(v.disks) for v in a.inventory.vms)),
+                         _space(a.inventory.repo_free, a.inventory.repo_capacity)]
+                        for a in agents])
             return EXIT_OK
         if args.command == "sets" and args.sets_command in ("prune", "forget"):
             return await _removal(client, args)

@@ -68,6 +68,7 @@ def agent_json(a: cpb.AgentEntry) -> dict[str, Any]:
     return {
         "agent_id": a.agent_id, "address": a.address, "live": a.live, "last_seen": a.last_seen,
         "open_transactions": list(a.inventory.open_transactions),
+        "repo_capacity": a.inventory.repo_capacity, "repo_free": a.inventory.repo_free,
         "vms": [{
             "name": v.name, "connected": v.connected, "frozen": v.frozen,
             "has_guest_agent": v.has_guest_agent, "jobs": list(v.jobs),

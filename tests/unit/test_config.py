@@ -28,8 +28,34 @@ def test_documented_coordinator_file_parses() -> None:
     cfg = coordinator_config(coordinator_parser().parse_args(
         ["--config", str(DEPLOY / "coordinator.toml")]))
     assert cfg.name == "coord1" and cfg.etcd and cfg.etcd.count(",") == 2
+    assert cfg.retention["web"].keep_weekly == 4 and cfg.retention["db"].keep_within == 2 * 86400
     defaults = coordinator_config(coordinator_parser().parse_args([]))
     assert defaults.listen == "127.0.0.1:7400" and defaults.etcd is None
+    assert not defaults.retention
+
+
+@pytest.mark.parametrize("spec,word", [
+    ("web=keep-last=-1", "keep-last"),
+    ("web=keep-last=0", "keeps nothing"),
+    ("web=keep-lost=3", "unknown retention key"),
+    ("web=keep-within=forever", "keep-within"),
+    ("web", "GROUP=KEY=VALUE"),
+    ("we b=keep-last=1", "safe identifier"),
+])
+def test_bad_retention_policies_are_refused_at_load(spec: str, word: str) -> None:
+    with pytest.raises(ValueError, match=word) as err:
+        coordinator_config(coordinator_parser().parse_args(["--retention", spec]))
+    assert "\n" not in str(err.value)
+
+
+def test_vm_spec_takes_a_watchdog_monitor() -> None:
+    cfg = agent_config(agent_parser().parse_args([
+        "--id", "a", "--listen", "x:1", "--repo", "/r",
+        "--vm", "web=/q.sock,ga=/g.sock,watch=/w.sock"]))
+    assert (cfg.vms[0].ga, cfg.vms[0].watch) == ("/g.sock", "/w.sock")
+    with pytest.raises(ValueError, match="bad option"):
+        agent_config(agent_parser().parse_args([
+            "--id", "a", "--listen", "x:1", "--repo", "/r", "--vm", "web=/q.sock,ga=/g,ga=/h"]))
 
 
 @pytest.mark.parametrize("text,word", [
