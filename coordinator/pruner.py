@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_SETS = 100  # sets in one intent: its write stays one small etcd transaction
+KEEP_DONE = 1000  # finished prunes remembered (for callers waiting on them)
 RETRY_MAX = 5.0  # seconds between attempts at an agent that cannot remove yet
 
 
@@ -81,8 +82,17 @@ class Pruner:
     def _enqueue(self, prune: PruneRecord) -> None:
         if prune.prune_id not in self._queued:
             self._queued.add(prune.prune_id)
-            self._done.setdefault(prune.prune_id, asyncio.Event())
+            self._event(prune.prune_id)
             self._queue.put_nowait(prune)
+
+    def _event(self, prune_id: str) -> asyncio.Event:
+        """The event set when *prune_id* is done (the oldest finished ones are forgotten)."""
+        if prune_id not in self._done:
+            finished = [p for p, e in self._done.items() if e.is_set()]
+            for old in finished[:max(0, len(finished) - KEEP_DONE)]:
+                del self._done[old]
+            self._done[prune_id] = asyncio.Event()
+        return self._done[prune_id]
 
     # --------------------------------------------------------- operations
     async def submit(self, sets: list[BackupSet], why: str) -> PruneRecord:
@@ -102,8 +112,7 @@ class Pruner:
 
     async def wait(self, prune_id: str) -> None:
         """Until every set of *prune_id* is gone (or this replica stops leading)."""
-        event = self._done.setdefault(prune_id, asyncio.Event())
-        await event.wait()
+        await self._event(prune_id).wait()
 
     def done(self, prune_id: str) -> bool:
         event = self._done.get(prune_id)
@@ -131,7 +140,7 @@ class Pruner:
             left = await self._retry(functools.partial(self._removed, left, set_id))
             log.info("prune %s: set %s removed everywhere", prune.prune_id, set_id)
         self.last_error.pop(prune.prune_id, None)
-        self._done.setdefault(prune.prune_id, asyncio.Event()).set()
+        self._event(prune.prune_id).set()
         log.info("prune %s done: %d sets removed", prune.prune_id, len(prune.set_ids))
 
     async def _forget_on(self, prune_id: str, agent_id: str, set_id: str) -> None:
