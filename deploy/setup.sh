@@ -4,6 +4,7 @@
 #   bash deploy/setup.sh test [ARGS...]   install, then run the whole test suite (pytest)
 #   bash deploy/setup.sh install          install only
 # Installs (only what is missing): Debian qemu-utils, qemu-system-common (qemu-storage-daemon),
+# qemu-system-x86,
 # etcd-server, nftables; a virtualenv in .venv with blocktxn and its dev tools, at the
 # exact versions of constraints.txt.
 set -euo pipefail
@@ -11,6 +12,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)  # lab VMs that can pause
 command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v nft >/dev/null || need+=(nftables)
