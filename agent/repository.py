@@ -12,10 +12,10 @@ name, so a repository can be moved). Image data is only ever read by QEMU
 tools and sha256sum, never by Python.
 
 Removing an image that a later image of the chain builds on first rebases that
-child onto the removed image's own backing (``qemu-img rebase`` in safe mode: the
-child's content never changes, and a rebase cut short leaves the child on its old
-backing, so it is simply run again), fsyncs it, records the rebase, then deletes
-the file, then records the removal. Each step is idempotent: after a crash the same
+child onto the removed image's own backing (``qemu-img rebase`` in safe mode,
+writethrough: the child's content never changes; see ``_rebase`` for why a rebase cut
+short is undone and run again rather than trusted), fsyncs it, records the rebase,
+then deletes the file, then records the removal. Each step is idempotent: after a crash the same
 removal is asked for again and finishes. Restores, verifies, new images and
 removals of one disk hold that disk's lock (qemu-img would refuse to open an image
 another one is writing).
@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -207,14 +206,23 @@ class Repository:
         self._append([{"op": "remove", "image": image.image}])
 
     async def _rebase(self, child: ImageRecord, backing: str) -> None:
-        """Make *child* stand on *backing* ("" : on nothing) with the same content."""
-        p = self.path(child.image)
-        info = json.loads(await run_tool("qemu-img", "info", "-U", "--output=json", "-f",
-                                         "qcow2", str(p), timeout=60))
-        name = Path(backing).name if backing else ""
-        if info.get("backing-filename", "") != name:  # not done before a crash
-            argv = ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", name]
-            await run_tool(*argv, *(["-F", "qcow2"] if name else []), str(p), timeout=None)
+        """Make *child* stand on *backing* ("" : on nothing) with the same content.
+
+        qemu-img's safe rebase with its default cache writes the new backing name into
+        the header before the copied clusters are durable; cut short there, the child
+        names its new backing with data missing, and the same rebase run again finds
+        nothing to do. So the header is never trusted: until the catalog records the
+        rebase, the old backing is put back (header only: the old chain is intact, so
+        that restores the old content exactly) and the rebase runs again, writethrough
+        (clusters and their tables durable before the header changes). A rebase done
+        before is cheap to repeat: clusters already copied are skipped."""
+        p = str(self.path(child.image))
+        old = Path(child.backing).name if child.backing else ""
+        new = Path(backing).name if backing else ""
+        await run_tool("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", old,
+                       *(["-F", "qcow2"] if old else []), p, timeout=60)
+        await run_tool("qemu-img", "rebase", "-t", "writethrough", "-f", "qcow2", "-b", new,
+                       *(["-F", "qcow2"] if new else []), p, timeout=None)
         await self.make_durable([child.image])
         sha = await self.sha256(child.image)
         self._catalog = [dataclasses.replace(i, backing=backing, sha256=sha,

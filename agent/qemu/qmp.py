@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, cast
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
@@ -44,6 +45,8 @@ class VmConnection:
         self.timeout = timeout
         self.retry_delay = retry_delay
         self.jobs: dict[str, JobProgress] = {}
+        self._events = 0  # JOB_STATUS_CHANGE events seen
+        self._changed_at: dict[str, int] = {}  # job id -> number of its latest event
         self.generation = 0  # bumps on every (re)connect: a new QEMU loses jobs
         self._client: QMPClient | None = None
         self._connected = asyncio.Event()
@@ -118,11 +121,16 @@ class VmConnection:
 
     async def _pump(self, listener: EventListener) -> None:
         async for event in listener:
-            data = cast(dict[str, Any], event["data"] if "data" in event else {})
-            job_id = str(data.get("id", ""))
-            if not job_id.startswith(NODE_PREFIX):
-                continue
+            await self._job_event(cast(dict[str, Any], event["data"] if "data" in event else {}))
+
+    async def _job_event(self, data: dict[str, Any]) -> None:
+        """One JOB_STATUS_CHANGE: the job's status now; a full query at the steps
+        where its progress or error matters."""
+        job_id = str(data.get("id", ""))
+        if job_id.startswith(NODE_PREFIX):
             status = str(data.get("status", ""))
+            self._events += 1
+            self._changed_at[job_id] = self._events
             job = self.jobs.setdefault(job_id, JobProgress(job_id, status))
             job.status = status
             if status in ("concluded", "pending", "null"):
@@ -158,21 +166,31 @@ class VmConnection:
         client = self._client
         if client is None:
             return
+        asked = self._events
         try:
             raw = await asyncio.wait_for(client.execute("query-jobs"), self.timeout)
         except (QMPError, OSError, TimeoutError) as err:
             raise QemuError(f"{self.name}: query-jobs: {err}") from err
+        # A reply that was on its way while an event told of a newer status must not
+        # turn that status back (the caller may resume after the event's handler).
+        newer = {j for j, at in self._changed_at.items() if at > asked}
         seen = set()
         for j in raw:  # type: ignore[attr-defined]
-            if not str(j["id"]).startswith(NODE_PREFIX):
+            job_id = str(j["id"])
+            if not job_id.startswith(NODE_PREFIX):
                 continue
-            seen.add(j["id"])
-            self.jobs[j["id"]] = JobProgress(
-                j["id"], j["status"], int(j.get("current-progress", 0)),
-                int(j.get("total-progress", 0)), str(j.get("error", "")),
-            )
-        for gone in set(self.jobs) - seen:
+            seen.add(job_id)
+            old = self.jobs.get(job_id)
+            status = old.status if old is not None and job_id in newer else j["status"]
+            self.jobs[job_id] = JobProgress(
+                job_id, status, int(j.get("current-progress", 0)),
+                int(j.get("total-progress", 0)), str(j.get("error", "")) or
+                (old.error if old is not None and job_id in newer else ""))
+        for gone in set(self.jobs) - seen - newer:
             del self.jobs[gone]
+        for j in list(self._changed_at):
+            if j not in self.jobs and j not in newer:
+                del self._changed_at[j]
 
     async def refresh_jobs(self) -> dict[str, JobProgress]:
         """Current state of this agent's jobs (progress needs a query)."""
@@ -189,11 +207,16 @@ class VmConnection:
         """
         generation = self.generation
 
+        seen: list[JobProgress | None] = []  # the state that met the condition
+
         def ready() -> bool:
             if not self.connected or self.generation != generation:
                 return True
             job = self.jobs.get(job_id)
-            return job is None or job.status in statuses or job.status == "concluded"
+            if job is None or job.status in statuses or job.status == "concluded":
+                seen[:] = [None if job is None else replace(job)]
+                return True
+            return False
 
         async with self._changed:
             try:
@@ -202,12 +225,11 @@ class VmConnection:
                 raise AgentTimeoutError(
                     f"{self.name}: job {job_id} not {sorted(statuses)} in time"
                 ) from err
-        if not self.connected or self.generation != generation:
+        if not seen:
             raise VmLostError(f"VM {self.name} went away while job {job_id} ran")
-        job = self.jobs.get(job_id)
-        if job is None:
+        if seen[0] is None:
             raise QemuError(f"{self.name}: job {job_id} vanished")
-        return job
+        return seen[0]
 
     # ------------------------------------------------------------- inventory
     async def disks(self) -> dict[str, Disk]:

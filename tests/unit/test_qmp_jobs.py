@@ -1,0 +1,53 @@
+"""The QMP connection's view of job states: an event's newer status is never turned
+back by a query reply that was already on its way (seen under load: a barrier read
+"running" after waiting for "pending", and the agent voted NO)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from blocktxn.agent.backend import JobProgress
+from blocktxn.agent.qemu.qmp import VmConnection
+
+JOB = "btx0123456789abcdef0123"
+
+
+class StaleFirst:
+    """query-jobs: the first call (sent while the job ran) answers last."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.release = asyncio.Event()
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        assert cmd == "query-jobs"
+        self.calls += 1
+        if self.calls == 1:
+            await self.release.wait()
+            return [{"id": JOB, "status": "running", "current-progress": 1,
+                     "total-progress": 4}]
+        return [{"id": JOB, "status": "pending", "current-progress": 4, "total-progress": 4}]
+
+
+async def _stale_reply_after_event() -> tuple[VmConnection, JobProgress]:
+    conn = VmConnection("vm1", "/nonexistent.sock", timeout=5)
+    fake = StaleFirst()
+    conn._client = fake  # type: ignore[assignment]
+    conn._connected.set()
+    conn.jobs[JOB] = JobProgress(JOB, "running")
+    stale = asyncio.create_task(conn._refresh_jobs())  # asked while the job runs
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(conn.wait_job(JOB, {"pending"}, 5))
+    await asyncio.sleep(0)
+    await conn._job_event({"id": JOB, "status": "pending"})  # the event, and its query
+    fake.release.set()
+    await stale  # the old reply lands last
+    return conn, await waiter
+
+
+def test_a_stale_query_reply_does_not_turn_a_job_back_to_running() -> None:
+    conn, seen = asyncio.run(_stale_reply_after_event())
+    assert seen.status == "pending"
+    assert conn.jobs[JOB].status == "pending"
+    assert conn.jobs[JOB].done == 1  # progress still comes from the reply
