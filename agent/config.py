@@ -30,7 +30,7 @@ class AgentConfig:
     connect_wait: float = 5.0  # at start, wait this long for every VM's QMP
     tls: TlsFiles = field(default_factory=TlsFiles)
     in_doubt_after: float = 30.0  # a vote this old with no decision: ask for it
-    max_chain: int = 64  # images a restore may open: a longer chain takes a full (auto)
+    max_chain: int = 32  # images a restore may open: a longer chain takes a full (auto)
 
 
 def parse_vm(spec: str) -> VmConfig:

@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-doubt-after", type=float, default=30.0,
                    help="after voting, wait this long for the decision before asking the "
                    "coordinator for it, 1..86400 s (default 30)")
-    p.add_argument("--max-chain", type=int, default=64,
+    p.add_argument("--max-chain", type=int, default=32,
                    help="most images a disk's backup chain may have; an auto backup that "
-                   "would make it longer is a full, 1..1000 (default 64)")
+                   "would make it longer is a full, 1..1000 (default 32)")
     tls.add_arguments(p)
     return p
 
