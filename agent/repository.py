@@ -108,9 +108,12 @@ class Repository:
         self._records = len(records)
         return list(out.values())
 
-    def _append(self, records: list[dict[str, Any]]) -> None:
+    def _append(self, records: list[dict[str, Any]], catalog: list[ImageRecord]) -> None:
+        """Make *records* durable, then take *catalog* as the catalog (a failed write
+        changes nothing, so a retry writes them again)."""
         self.catalog.append(records)
         self._records += len(records)
+        self._catalog = catalog
         if self._records > 2 * len(self._catalog) + COMPACT_SLACK:
             self.catalog.rewrite(dataclasses.asdict(i) for i in self._catalog)
             self._records = len(self._catalog)
@@ -130,8 +133,7 @@ class Repository:
         new = [i for i in images if (i.set_id, i.vm, i.disk) not in known]
         if not new:
             return
-        self._catalog.extend(new)
-        self._append([dataclasses.asdict(i) for i in new])
+        self._append([dataclasses.asdict(i) for i in new], [*self._catalog, *new])
 
     def space(self) -> tuple[int, int]:
         """(capacity, free) bytes of the repository's file system."""
@@ -202,8 +204,8 @@ class Repository:
             failpoints.hit("agent_after_rebase")
         self.delete_image(image.image)
         failpoints.hit("agent_after_delete")
-        self._catalog = [i for i in self._catalog if i.image != image.image]
-        self._append([{"op": "remove", "image": image.image}])
+        self._append([{"op": "remove", "image": image.image}],
+                     [i for i in self._catalog if i.image != image.image])
 
     async def _rebase(self, child: ImageRecord, backing: str) -> None:
         """Make *child* stand on *backing* ("" : on nothing) with the same content.
@@ -225,11 +227,11 @@ class Repository:
                        *(["-F", "qcow2"] if new else []), p, timeout=None)
         await self.make_durable([child.image])
         sha = await self.sha256(child.image)
-        self._catalog = [dataclasses.replace(i, backing=backing, sha256=sha,
-                                             mode=i.mode if backing else "full")
-                         if i.image == child.image else i for i in self._catalog]
         self._append([{"op": "rebase", "image": child.image, "backing": backing,
-                       "sha256": sha}])
+                       "sha256": sha}],
+                     [dataclasses.replace(i, backing=backing, sha256=sha,
+                                          mode=i.mode if backing else "full")
+                      if i.image == child.image else i for i in self._catalog])
 
     def delete_image(self, rel: str) -> None:
         p = self.path(rel)

@@ -1,0 +1,62 @@
+"""The agent's catalog: its history (add, rebase, remove) replays to the same images,
+compaction keeps the file bounded, and a failed write changes nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from blocktxn.agent import repository
+from blocktxn.agent.errors import JournalError
+from blocktxn.agent.participant_messages import ImageRecord
+from blocktxn.agent.repository import Repository
+
+
+def image(set_id: str, backing: str = "") -> ImageRecord:
+    return ImageRecord("vm1", "d0", set_id, f"images/vm1/d0/{set_id}.qcow2",
+                       f"images/vm1/d0/{backing}.qcow2" if backing else "",
+                       "incremental" if backing else "full", 10, 100, 1.0, f"blocktxn:{set_id}",
+                       "aa")
+
+
+def test_history_replays_to_the_same_catalog(tmp_path: Path) -> None:
+    repo = Repository(tmp_path, [])
+    repo.record([image("s1"), image("s2", "s1"), image("s3", "s2")])
+    s3 = repo.images()[2]
+    rebased = dataclasses.replace(s3, backing=image("s1").image, sha256="bb")
+    repo._append([{"op": "rebase", "image": s3.image, "backing": rebased.backing,
+                   "sha256": "bb"}], [repo.images()[0], repo.images()[1], rebased])
+    repo._append([{"op": "remove", "image": image("s2").image}],
+                 [repo.images()[0], rebased])
+    again = Repository(tmp_path, [])
+    assert again.images() == repo.images() == [image("s1"), rebased]
+    assert again.last_image("vm1", "d0") == rebased
+    assert again.chain_length("vm1", "d0") == 2
+
+
+def test_compaction_keeps_the_file_bounded(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(repository, "COMPACT_SLACK", 10)
+    repo = Repository(tmp_path, [])
+    for n in range(200):
+        repo.record([image(f"s{n}")])
+        if n:
+            old = image(f"s{n - 1}").image
+            repo._append([{"op": "remove", "image": old}],
+                         [i for i in repo.images() if i.image != old])
+    lines = (tmp_path / "catalog.jsonl").read_text().count("\n")
+    assert lines <= 2 * 1 + 10 + 2
+    assert Repository(tmp_path, []).images() == [image("s199")]
+
+
+def test_a_failed_catalog_write_changes_nothing(tmp_path: Path) -> None:
+    repo = Repository(tmp_path, [])
+    repo.record([image("s1")])
+    repo.catalog.close()
+    (tmp_path / "catalog.jsonl").unlink()
+    (tmp_path / "catalog.jsonl").mkdir()  # the next write fails
+    with pytest.raises(JournalError):
+        repo.record([image("s2", "s1")])
+    assert repo.images() == [image("s1")]  # so a retried Commit writes it again
