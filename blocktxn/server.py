@@ -38,18 +38,21 @@ async def guard(context: Ctx, call: Callable[[], Awaitable[T]]) -> T:
 
 
 async def start_server(register: Callable[[grpc.aio.Server], None], service: str,
-                       listen: str, tls: TlsFiles | None) -> grpc.aio.Server:
+                       listen: str, tls: TlsFiles | None,
+                       health_servicer: Any = None) -> grpc.aio.Server:
     """Start a server for *service* (its full proto name) on *listen*.
 
     *register* adds the servicer; health (every service SERVING) and reflection
-    are added here, so grpcurl and load balancers work against every daemon.
+    are added here, so grpcurl and load balancers work against every daemon
+    (*health_servicer*: a ``health.aio.HealthServicer`` the daemon updates later).
 
     Raises:
         OSError: the address cannot be bound.
     """
     server = grpc.aio.server()
     register(server)
-    health_servicer = health_aio.HealthServicer()
+    if health_servicer is None:
+        health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", service):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

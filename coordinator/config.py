@@ -20,6 +20,7 @@ class CoordinatorConfig:
     data_dir: Path
     etcd_timeout: float = 5.0
     tls: TlsFiles = field(default_factory=TlsFiles)
+    keep_finished: float = 7 * 86400.0  # s a finished txn record stays in etcd (upkeep.py)
     retention: Mapping[str, Policy] = field(default_factory=dict)  # group -> policy
 
 

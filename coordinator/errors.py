@@ -6,6 +6,7 @@ CoordinatorError (BlocktxnError)
  +-- PreconditionError       conflicts with the state    (Conflict -> FAILED_PRECONDITION)
  +-- NotLeaderError          fenced write rejected       (Unavailable -> UNAVAILABLE)
  +-- StoreUnavailableError   etcd unreachable            (Unavailable -> UNAVAILABLE)
+ |    +-- StoreFullError      etcd's NOSPACE alarm: writes refused until an operator frees space
  +-- StoreRejectedError      etcd refused for good, e.g. too large (Conflict)
  +-- StoreCorruptError       a stored value is malformed (-> INTERNAL)
  +-- ConfigError             a bad configuration value   (InvalidInput, ValueError)
@@ -46,6 +47,11 @@ class NotLeaderError(CoordinatorError, Unavailable):
 
 class StoreUnavailableError(CoordinatorError, Unavailable):
     """etcd did not answer within the deadline."""
+
+
+class StoreFullError(StoreUnavailableError):
+    """etcd is full (its NOSPACE alarm): it refuses writes until an operator compacts,
+    defragments and disarms it; retried like an outage, with backoff."""
 
 
 class StoreRejectedError(CoordinatorError, Conflict):

@@ -1,5 +1,13 @@
 """A private single-member etcd (Debian etcd-server), supervised by the coordinator
-or by tests: one machine needs no set-up."""
+or by tests: one machine needs no set-up.
+
+It compacts its own history (``COMPACTION``): without that, etcd keeps every
+revision of every key until its space quota (2 GiB) is used up and it refuses writes.
+One hour of history is what blocktxn needs: it reads only the current values (a
+listing pins one revision for a few milliseconds), so the hour is a margin for
+operators (``etcdctl get --rev``); etcd 3.4 compacts such a window once an hour.
+Compaction frees space inside the database for reuse; the file only shrinks on a
+defragmentation (see deploy/CONFIGURATION.md, "etcd upkeep")."""
 
 from __future__ import annotations
 
@@ -18,15 +26,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: etcd's own history compaction: keep one hour of revisions (etcd 3.4 flags)
+COMPACTION = ("--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h")
+
+
 class EtcdServer:
-    """``etcd`` on loopback with its data under *data_dir*."""
+    """``etcd`` on loopback with its data under *data_dir*; *quota* (bytes of database,
+    0: etcd's default of 2 GiB) raises etcd's NOSPACE alarm early (tests)."""
 
     def __init__(self, data_dir: Path, client_port: int = 0, peer_port: int = 0,
-                 name: str = "blocktxn") -> None:
+                 name: str = "blocktxn", quota: int = 0) -> None:
         self.data_dir = data_dir
         self.client_port = client_port or _free_port()
         self.peer_port = peer_port or _free_port()
         self.name = name
+        self.quota = quota
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -46,7 +60,8 @@ class EtcdServer:
              "--listen-client-urls", client, "--advertise-client-urls", client,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", f"{self.name}={peer}", "--logger", "zap",
-             "--log-outputs", str(self.data_dir / "etcd.log")],
+             "--log-outputs", str(self.data_dir / "etcd.log"), *COMPACTION,
+             *(["--quota-backend-bytes", str(self.quota)] if self.quota else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

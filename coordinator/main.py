@@ -15,6 +15,7 @@ from blocktxn import daemon, tls
 from blocktxn.configfile import load_config_file
 from blocktxn.ids import check_id
 
+from . import upkeep
 from .config import CoordinatorConfig, parse_retention
 from .etcd_server import EtcdServer
 from .runner import Coordinator
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "web=keep-last=5,keep-daily=7,keep-weekly=4,keep-within=2d; keys "
                    "keep-last/-hourly/-daily/-weekly/-monthly/-yearly (0..100000) and "
                    "keep-within (a duration such as 12h, 7d, 1y); repeatable")
+    p.add_argument("--keep-finished", help="how long a finished transaction's record stays "
+                   "in etcd, from its start: seconds or a duration like 12h, 7d (1s..3650d; "
+                   "default 7d); backup sets stay")
     tls.add_arguments(p)
     return p
 
@@ -57,7 +61,8 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     return CoordinatorConfig(name=args.name, listen=args.listen,
                              advertise=args.advertise or args.listen, etcd=args.etcd,
                              data_dir=args.data_dir, tls=tls.from_args(args),
-                             retention=retention)
+                             retention=retention,
+                             keep_finished=upkeep.parse_keep(args.keep_finished or "7d"))
 
 
 async def start(config: CoordinatorConfig) -> daemon.Stops:
@@ -71,8 +76,11 @@ async def start(config: CoordinatorConfig) -> daemon.Stops:
     supervisor = asyncio.create_task(supervise(etcd)) if etcd is not None else None
     store = Store(endpoints, config.etcd_timeout)
     coordinator = Coordinator(config, store)
-    server = await serve(coordinator, config.listen, config.tls)
+    health = upkeep.Health()
+    server = await serve(coordinator, config.listen, config.tls, health)
     coordinator.start()
+    stop_upkeep = upkeep.start(store, health, lambda: coordinator.election.epoch,
+                               config.keep_finished)
     logging.getLogger(__name__).info("coordinator %s serving on %s (etcd %s)", config.name,
                                      config.listen, endpoints)
 
@@ -87,7 +95,7 @@ async def start(config: CoordinatorConfig) -> daemon.Stops:
         if etcd is not None:
             etcd.stop()
 
-    return [stop_server, coordinator.stop, store.close, stop_etcd]
+    return [stop_server, stop_upkeep, coordinator.stop, store.close, stop_etcd]
 
 
 async def supervise(etcd: EtcdServer) -> None:

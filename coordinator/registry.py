@@ -1,22 +1,68 @@
 """The agents this coordinator knows: registration on a lease (an agent that stops
-heartbeating is lost after AGENT_TTL), their entries, and one client per agent."""
+heartbeating is lost after AGENT_TTL), their entries, and one client per agent.
+
+A heartbeat costs etcd no revision while nothing changes: it keeps this replica's
+lease for the agent alive (a keepalive is no write) and checks, in one read-only etcd
+transaction, that the agent's liveness key is still on that lease and its entry still
+the one this replica last wrote or read. Only a new lease, a changed address or
+inventory, another replica's write, or an entry older than SEEN_REFRESH is written.
+The repository's free space counts as changed only once it moved by more than
+1/FREE_SLACK of its capacity from the stored value (it drifts with every file
+written on the host; rounded alone, it flaps across a rounding step)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
 import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 from blocktxn.ids import check_id
 from blocktxn.tls import TlsFiles
 
 from .agent_client import AgentClient
-from .errors import NotFoundError, RequestError, StoreCorruptError, StoreUnavailableError
+from .errors import (
+    NotFoundError,
+    RequestError,
+    StoreCorruptError,
+    StoreFullError,
+    StoreUnavailableError,
+)
 from .records import AgentEntry, AgentInventory
 from .store import Store
 
+log = logging.getLogger(__name__)
 AGENT_TTL = 10
 ADDRESSES_KEPT = 2  # clients kept per agent (its current and previous address)
+#: an idle agent's entry (its stored last_seen) is rewritten this often: one revision an
+#: hour per agent, so that a replica that never heard a lost agent still knows roughly
+#: when it was last seen
+SEEN_REFRESH = 3600.0
+#: lease lookups at once when a listing asks when live agents were last heard
+LEASE_LOOKUPS = 16
+FREE_SLACK = 64
+
+
+def same_inventory(stored: AgentInventory, new: AgentInventory) -> bool:
+    """Whether *new* says nothing that *stored* does not (free space within slack)."""
+    slack = max(stored.repo_capacity, new.repo_capacity) // FREE_SLACK
+    return (replace(stored, repo_free=0) == replace(new, repo_free=0)
+            and abs(stored.repo_free - new.repo_free) <= slack)
+
+
+@dataclass
+class _Heard:
+    """What this replica last wrote or read for one agent it hears from."""
+
+    lease: Any
+    token: bytes                # the liveness key's value: the lease id
+    address: str
+    inventory: AgentInventory   # as stored
+    mod: int                    # the entry's mod revision as written or read here
+    stored_seen: float          # the last_seen held in etcd
+    seen: float                 # this replica's last heartbeat from the agent
 
 
 class AgentRegistry:
@@ -25,12 +71,15 @@ class AgentRegistry:
     def __init__(self, store: Store, tls: TlsFiles) -> None:
         self.store = store
         self.tls = tls
-        self._leases: dict[str, Any] = {}
+        self._heard: dict[str, _Heard] = {}
+        self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
+            asyncio.Lock)
         self._clients: dict[tuple[str, str], AgentClient] = {}
         self._closing: set[asyncio.Future[None]] = set()
 
     async def register(self, agent_id: str, address: str, inventory: AgentInventory) -> None:
-        """Record the agent and renew its liveness lease (a heartbeat).
+        """Renew the agent's liveness lease (a heartbeat); write its entry only if it
+        changed (see the module's docstring).
 
         Raises:
             IdentifierError, RequestError, StoreUnavailableError.
@@ -38,20 +87,89 @@ class AgentRegistry:
         check_id(agent_id, "agent id")
         if not address:
             raise RequestError("agent address is empty")
-        lease = self._leases.get(agent_id)
-        if lease is None or not await self.store.refresh(lease):
+        async with self._locks[agent_id]:
+            await self._register(agent_id, address, inventory)
+
+    async def _register(self, agent_id: str, address: str, inventory: AgentInventory) -> None:
+        now = time.time()
+        heard = self._heard.get(agent_id)
+        alive = heard is not None and await self.store.refresh(heard.lease)
+        if heard is not None and alive and heard.address == address and same_inventory(
+                heard.inventory, inventory) and now - heard.stored_seen < SEEN_REFRESH:
+            if await self.store.agent_unchanged(agent_id, heard.token, heard.mod):
+                heard.seen = now
+                return  # nothing to write
+        if heard is not None and alive:
+            lease, token = heard.lease, heard.token
+        else:
             lease = await self.store.lease(AGENT_TTL)
-            self._leases[agent_id] = lease
-        await self.store.register_agent(AgentEntry(agent_id, address, inventory, time.time()),
-                                        lease)
+            token = f"{lease.id:x}".encode()
+        for _ in range(3):  # another replica may write the entry between read and write
+            stored, mod = await self.store.get_agent(agent_id)
+            same = stored is not None and stored.address == address and same_inventory(
+                stored.inventory, inventory) and now - stored.last_seen < SEEN_REFRESH
+            try:
+                written = await self.store.register_agent(
+                    agent_id, None if same else AgentEntry(agent_id, address, inventory, now),
+                    lease, token, mod)
+            except StoreFullError:
+                if heard is None or not alive:
+                    raise
+                # etcd refuses writes (reported by health): the lease keeps the agent
+                # live; its entry is written by a heartbeat once etcd takes writes again
+                log.debug("agent %s: entry not written: etcd is full", agent_id)
+                heard.seen = now
+                return
+            if written is not None:
+                kept = stored if same and stored is not None else None
+                self._heard[agent_id] = _Heard(
+                    lease, token, address, kept.inventory if kept else inventory, written,
+                    kept.last_seen if kept else now, now)
+                return
+        raise StoreUnavailableError(f"register {agent_id}: its entry kept changing")
+
+    def _with_seen(self, entry: AgentEntry) -> AgentEntry:
+        heard = self._heard.get(entry.agent_id)
+        if heard is None or heard.seen <= entry.last_seen:
+            return entry
+        return replace(entry, last_seen=heard.seen)
 
     async def entries(self) -> tuple[list[AgentEntry], set[str]]:
-        """Every registered agent and the ids of the live ones.
+        """Every registered agent and the ids of the live ones. ``last_seen``: this
+        replica's last heartbeat from the agent, else the time its entry was written.
 
         Raises:
             StoreUnavailableError, StoreCorruptError.
         """
-        return await self.store.agents()
+        entries, live = await self.store.agents()
+        return [self._with_seen(e) for e in entries], live
+
+    async def listing(self) -> tuple[list[AgentEntry], set[str]]:
+        """``entries()`` for display: a live agent this replica has not heard from lately
+        (it heartbeats to another replica) gets its ``last_seen`` from its lease (the
+        time of its last keepalive, to the second).
+
+        Raises:
+            StoreUnavailableError, StoreCorruptError.
+        """
+        entries = [self._with_seen(e) for e in await self.store.agent_entries()]
+        leases = await self.store.live_leases()
+        now = time.time()
+        ask = {e.agent_id: leases[e.agent_id] for e in entries
+               if e.agent_id in leases and now - e.last_seen > AGENT_TTL}
+        limit = asyncio.Semaphore(LEASE_LOOKUPS)
+
+        async def age(lease_id: int) -> float | None:
+            async with limit:
+                return await self.store.lease_age(lease_id)
+
+        ages = dict(zip(ask, await asyncio.gather(*(age(i) for i in ask.values())),
+                        strict=True))
+        out = []
+        for e in entries:
+            got = ages.get(e.agent_id)
+            out.append(e if got is None else replace(e, last_seen=max(e.last_seen, now - got)))
+        return out, set(leases)
 
     def client(self, agent_id: str, address: str) -> AgentClient:
         """The client of *agent_id* at *address*. At most ADDRESSES_KEPT per agent are
@@ -73,10 +191,9 @@ class AgentRegistry:
         """A client at the address *agent_id* registered last; *recorded* (e.g. the
         transaction record's) if it is not registered or etcd does not answer."""
         try:
-            entries, _ = await self.store.agents()
+            entry, _ = await self.store.get_agent(agent_id)
         except (StoreUnavailableError, StoreCorruptError):
-            entries = []
-        entry = next((e for e in entries if e.agent_id == agent_id), None)
+            entry = None
         return self.client(agent_id, entry.address if entry else recorded)
 
     async def owner(self, agent_id: str) -> AgentClient:
@@ -85,8 +202,7 @@ class AgentRegistry:
         Raises:
             NotFoundError, StoreUnavailableError, StoreCorruptError.
         """
-        entries, _ = await self.store.agents()
-        entry = next((e for e in entries if e.agent_id == agent_id), None)
+        entry, _ = await self.store.get_agent(agent_id)
         if entry is None:
             raise NotFoundError(f"unknown agent {agent_id!r}")
         return self.client(agent_id, entry.address)

@@ -73,7 +73,7 @@ class Coordinator:
 
     async def agents(self) -> tuple[list[AgentEntry], set[str]]:
         """Raises: StoreUnavailableError, StoreCorruptError."""
-        return await self.registry.entries()
+        return await self.registry.listing()
 
     # ----------------------------------------------------------- drivers
     def _drive(self, record: TxnRecord, machine: TxnMachine) -> TxnDriver:

@@ -217,9 +217,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             checks=[apb.ImageCheck(image=c.image, ok=c.ok, problem=c.problem) for c in checks])
 
 
-async def serve(coordinator: Coordinator, listen: str, tls: TlsFiles | None = None
-                ) -> grpc.aio.Server:
-    """Start the gRPC server for *coordinator* on *listen*, TLS if configured.
+async def serve(coordinator: Coordinator, listen: str, tls: TlsFiles | None = None,
+                health: Any = None) -> grpc.aio.Server:
+    """Start the gRPC server for *coordinator* on *listen*, TLS if configured, with
+    *health* as its health servicer if given (``upkeep.Health``).
 
     Raises:
         OSError: the address cannot be bound.
@@ -227,4 +228,4 @@ async def serve(coordinator: Coordinator, listen: str, tls: TlsFiles | None = No
     return await start_server(
         lambda s: pb_grpc.add_CoordinatorServiceServicer_to_server(
             CoordinatorServicer(coordinator), s),
-        pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name, listen, tls)
+        pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name, listen, tls, health)

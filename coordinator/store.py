@@ -8,12 +8,18 @@ Keys (values are JSON with ``schema``)::
     PREFIX/request/<req>        request id -> txn id (written with the record)
     PREFIX/decision/<id>        the decision: created once, never changed
     PREFIX/set/<id>             backup set (written with the final record)
-    PREFIX/agent/<id>           agent address + inventory
-    PREFIX/live/<id>            present while the agent's heartbeats arrive (lease)
+    PREFIX/agent/<id>           agent address + inventory (written when they change)
+    PREFIX/live/<id>            present while the agent's heartbeats arrive: on the
+                                lease of the replica that hears it, value its lease id
 
 Every transaction-state write compares the leader key's create revision with
 the writer's epoch (fencing): a deposed leader can write nothing. A value that
 does not decode raises StoreCorruptError.
+
+etcd stays small: a heartbeat writes nothing unless the agent changed (the lease
+keepalive does not make a revision); every listing reads in pages of ``PAGE`` keys;
+finished transaction records are collected (``collect_finished``); backup sets stay.
+A full etcd (NOSPACE alarm) raises StoreFullError, an outage to wait out.
 """
 
 from __future__ import annotations
@@ -33,26 +39,52 @@ from typing import Any, TypeVar
 import aetcd
 import aetcd.exceptions
 import grpc
+from aetcd import rpc as etcd_rpc
+from aetcd.utils import prefix_range_end
 
 from blocktxn import failpoints
 
 from .errors import (
     ConfigError,
+    NotFoundError,
     NotLeaderError,
     StoreCorruptError,
+    StoreFullError,
     StoreRejectedError,
     StoreUnavailableError,
 )
+from .planner import txn_id_at
 from .records import AgentEntry, BackupSet, DecisionRecord, PruneRecord, TxnRecord
+from .txn_messages import TxnPhase
 
 log = logging.getLogger(__name__)
-#: gRPC codes of an etcd request that a retry cannot fix.
+#: gRPC codes of an etcd request that a retry cannot fix (RESOURCE_EXHAUSTED: a message
+#: over gRPC's size limit; etcd's NOSPACE has that code too, but is _NOSPACE below).
 _REJECTED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                        grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
+#: what etcd answers to a write while its NOSPACE alarm is raised
+_NOSPACE = "database space exceeded"
+FULL_HINT = ("etcd is full (NOSPACE alarm): writes wait until an operator compacts, "
+             "defragments and disarms it (deploy/CONFIGURATION.md, 'etcd upkeep')")
+#: keys per range request: no listing comes back as one response near gRPC's 4 MiB
+#: limit, however many records etcd holds
+PAGE = 500
+#: finished records deleted per fenced etcd transaction (3 deletes each; etcd's
+#: --max-txn-ops is 128 by default)
+COLLECT_BATCH = 32
 SCHEMA = 1
 PREFIX = "/blocktxn/v1/"
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+@dataclasses.dataclass(frozen=True)
+class EtcdStatus:
+    """What the etcd member we reach says about itself."""
+
+    alarms: tuple[str, ...]   # e.g. "memberID:... alarm:NOSPACE"; () when none
+    db_size: int              # bytes of its database file
+    revision: int
 
 
 def _key(*parts: str) -> bytes:
@@ -80,10 +112,11 @@ def parse_endpoints(endpoints: str) -> tuple[str, int]:
 class Store:
     """A connection to etcd with deadlines on every call."""
 
-    def __init__(self, endpoints: str, timeout: float = 5.0) -> None:
+    def __init__(self, endpoints: str, timeout: float = 5.0, page: int = PAGE) -> None:
         """Raises: ConfigError for malformed *endpoints*."""
         host, port = parse_endpoints(endpoints)
         self.timeout = timeout
+        self.page = page
         self.client = aetcd.Client(
             host=host, port=port, timeout=int(max(1, timeout)),
             options={"grpc.keepalive_time_ms": 5000, "grpc.keepalive_timeout_ms": 5000,
@@ -97,12 +130,15 @@ class Store:
 
         Raises:
             StoreRejectedError: etcd refused it for good (too large, invalid, denied).
+            StoreFullError: etcd's NOSPACE alarm is raised (a write waits for an operator).
             StoreUnavailableError: anything else: etcd may answer a retry.
         """
         try:
             return await asyncio.wait_for(make(), self.timeout)
         except (TimeoutError, aetcd.exceptions.ClientError, grpc.RpcError, OSError) as err:
             rpc = err if isinstance(err, grpc.aio.AioRpcError) else err.__cause__
+            if isinstance(rpc, grpc.aio.AioRpcError) and _NOSPACE in (rpc.details() or ""):
+                raise StoreFullError(f"etcd {what}: {FULL_HINT}: {rpc.details()}") from err
             if isinstance(err, (aetcd.exceptions.InvalidArgumentError,
                                 aetcd.exceptions.UnauthenticatedError)) or (
                     isinstance(rpc, grpc.aio.AioRpcError) and rpc.code() in _REJECTED):
@@ -115,6 +151,58 @@ class Store:
             await asyncio.wait_for(self.client.close(), 2)
         except Exception as err:  # closing is best effort
             log.debug("etcd close: %s", err)
+
+    async def _range(self, what: str, start: bytes, end: bytes) -> list[Any]:
+        """Every key-value in [*start*, *end*), in key order, read in pages of ``page``
+        keys (each request continues after the last key of the one before) at the
+        revision of the first page, so the listing is one consistent snapshot; read again
+        if etcd compacted that revision meanwhile.
+
+        Raises:
+            StoreUnavailableError.
+        """
+        for _ in range(3):
+            out: list[Any] = []
+            key, revision = start, 0
+            try:
+                while True:
+                    reply = await self._call(what, functools.partial(
+                        self._page, key, end, revision))
+                    out += reply.kvs
+                    if not reply.more or not reply.kvs:
+                        return out
+                    revision = int(reply.header.revision)
+                    key = bytes(reply.kvs[-1].key) + b"\0"
+            except StoreUnavailableError as err:
+                cause = err.__cause__
+                if not (isinstance(cause, grpc.aio.AioRpcError)
+                        and cause.code() == grpc.StatusCode.OUT_OF_RANGE):
+                    raise
+                log.info("etcd %s: revision %d compacted meanwhile: reading again", what,
+                         revision)
+        raise StoreUnavailableError(f"etcd {what}: compacted under every attempt")
+
+    async def _page(self, key: bytes, end: bytes, revision: int) -> Any:
+        await self.client.connect()
+        return await self.client.kvstub.Range(
+            etcd_rpc.RangeRequest(key=key, range_end=end, limit=self.page, revision=revision),
+            timeout=self.timeout, metadata=self.client.metadata)
+
+    async def status(self) -> EtcdStatus:
+        """The reached member's alarms (NOSPACE, CORRUPT), database size and revision;
+        a read that goes through no raft round.
+
+        Raises:
+            StoreUnavailableError.
+        """
+        async def ask() -> Any:
+            await self.client.connect()
+            return await self.client.maintenancestub.Status(
+                etcd_rpc.StatusRequest(), timeout=self.timeout, metadata=self.client.metadata)
+
+        reply = await self._call("status", ask)
+        return EtcdStatus(tuple(e for e in reply.errors if "alarm" in e.lower()),
+                          int(reply.dbSize), int(reply.header.revision))
 
     # --------------------------------------------------------------- leader
     async def lease(self, ttl: int) -> Any:
@@ -212,20 +300,64 @@ class Store:
         return await self._prefix("txn", TxnRecord)
 
     async def _prefix(self, kind: str, record: type[R]) -> list[R]:
-        """Every *kind* record; a malformed one is quarantined: logged with its key and
-        left out, so that one bad value cannot stop a listing or a new leader."""
-        got = await self._call(f"list {kind}",
-                               lambda: self.client.get_prefix(_key(kind) + b"/"))
+        """Every *kind* record, read in pages (``_range``); a malformed one is
+        quarantined (``_records``).
+
+        Raises:
+            StoreUnavailableError.
+        """
+        start = _key(kind) + b"/"
+        kvs = await self._range(f"list {kind}", start, prefix_range_end(start))
+        return [r for _, r in self._records(kvs, record)]
+
+    def _records(self, kvs: list[Any], record: type[R]) -> list[tuple[Any, R]]:
+        """Each key-value with its decoded record; a malformed one is quarantined: logged
+        with its key and left out, so that one bad value cannot stop a listing or a new
+        leader."""
         out = []
-        for kv in got:
+        for kv in kvs:
             try:
-                out.append(_decode(kv.value, kv.key, record))
+                out.append((kv, _decode(kv.value, kv.key, record)))
             except StoreCorruptError as err:
-                key = kv.key.decode(errors="replace")
+                key = bytes(kv.key).decode(errors="replace")
                 if key not in self.quarantined:
                     log.error("quarantined (left out until repaired): %s", err)
                 self.quarantined[key] = str(err)
         return out
+
+    async def collect_finished(self, epoch: int, before: float, limit: int = 1000) -> int:
+        """Delete the finished (DONE) transaction records created before *before* (unix
+        time), each with its decision and request-id keys, fenced on *epoch*,
+        ``COLLECT_BATCH`` records per etcd transaction, at most *limit* per call; return
+        how many went. Backup sets stay. Only keys below the id of time *before* are read
+        (an id starts with its creation time), so once the old records are gone a pass
+        reads next to nothing. A repeated request id makes a new transaction after this.
+
+        Raises:
+            NotLeaderError, StoreUnavailableError.
+        """
+        start = _key("txn") + b"/"
+        end = _key("txn", txn_id_at(before, 0).rsplit("-", 1)[0])
+        old = [(kv, r) for kv, r in self._records(
+            await self._range("list finished", start, end), TxnRecord)
+            if r.phase == TxnPhase.DONE and r.created_at < before][:limit]
+        collected = 0
+        for i in range(0, len(old), COLLECT_BATCH):
+            batch = old[i:i + COLLECT_BATCH]
+            compare = [self.tx.create(_key("leader")) == epoch,
+                       *(self.tx.mod(bytes(kv.key)) == int(kv.mod_revision) for kv, _ in batch)]
+            ops = [self.tx.delete(k) for kv, r in batch for k in (
+                bytes(kv.key), _key("decision", r.txn_id), _key("request", r.request_id))]
+            ok, _ = await self._call("collect", functools.partial(
+                self.client.transaction, compare=compare, success=ops, failure=[]))
+            if not ok:
+                current = await self.leader()
+                if current is None or current[1] != epoch:
+                    raise NotLeaderError("collect: rejected, this replica no longer leads")
+                log.info("collect: a record changed meanwhile; left for the next pass")
+                continue
+            collected += len(batch)
+        return collected
 
     # -------------------------------------------------------------- decision
     async def decide(self, decision: DecisionRecord, epoch: int | None) -> DecisionRecord:
@@ -235,18 +367,23 @@ class Store:
         by any replica past the deadline) only create-if-absent guards it.
 
         Raises:
-            NotLeaderError, StoreUnavailableError, StoreCorruptError.
+            NotLeaderError, StoreUnavailableError, StoreCorruptError,
+            NotFoundError: a presumed abort for a record that is gone (collected).
         """
         txn_id = decision.txn_id
         key = _key("decision", txn_id)
         compare = [self.tx.create(key) == 0]
         if epoch is not None:
             compare.append(self.tx.create(_key("leader")) == epoch)
+        else:  # never a decision for a record collected meanwhile (collect_finished)
+            compare.append(self.tx.version(_key("txn", txn_id)) > 0)
         ok, _ = await self._call("decide", lambda: self.client.transaction(
             compare=compare, success=[self.tx.put(key, _dump(decision))],
             failure=[]))
         current = await self.get_decision(txn_id)
         if current is None:
+            if epoch is None:
+                raise NotFoundError(f"unknown transaction {txn_id}")
             raise NotLeaderError("decision write rejected: this replica no longer leads")
         if not ok:
             log.info("txn %s: decision already durable: %s", txn_id, current.decision.value)
@@ -270,13 +407,54 @@ class Store:
         return await self._prefix("set", BackupSet)
 
     # ---------------------------------------------------------------- agents
-    async def register_agent(self, entry: AgentEntry, lease: Any) -> None:
-        """Write the entry and its liveness key on *lease*. Raises: StoreUnavailableError."""
-        await self._call("register", lambda: self.client.transaction(
-            compare=[], success=[
-                self.tx.put(_key("agent", entry.agent_id), _dump(entry)),
-                self.tx.put(_key("live", entry.agent_id), b"1", lease)],
-            failure=[]))
+    async def get_agent(self, agent_id: str) -> tuple[AgentEntry | None, int]:
+        """The entry of *agent_id* and its mod revision (0: no entry). A malformed entry
+        is quarantined and reads as None (with its revision: a registration replaces it).
+
+        Raises:
+            StoreUnavailableError.
+        """
+        key = _key("agent", agent_id)
+        got = await self._call("get agent", lambda: self.client.get(key))
+        if got is None:
+            return None, 0
+        found = self._records([got], AgentEntry)
+        return (found[0][1] if found else None), int(got.mod_revision)
+
+    async def agent_unchanged(self, agent_id: str, token: bytes, mod: int) -> bool:
+        """Whether the agent's liveness key still holds *token* (the lease this replica
+        keeps alive) and its entry is still the one at revision *mod*: then a heartbeat
+        has nothing to write. A read-only etcd transaction: no revision, no raft round.
+
+        Raises:
+            StoreUnavailableError.
+        """
+        ok, _ = await self._call("heartbeat", lambda: self.client.transaction(
+            compare=[self.tx.value(_key("live", agent_id)) == token,
+                     self.tx.mod(_key("agent", agent_id)) == mod], success=[], failure=[]))
+        return bool(ok)
+
+    async def register_agent(self, agent_id: str, entry: AgentEntry | None, lease: Any,
+                             token: bytes, expect: int) -> int | None:
+        """Put the agent's liveness key (*token*, on *lease*) and, if given, its *entry*,
+        in one etcd transaction, if the entry is still at revision *expect* (0: none).
+        Return the entry's mod revision after it, or None if another replica changed the
+        entry meanwhile (read it again).
+
+        Raises:
+            StoreUnavailableError.
+        """
+        key = _key("agent", agent_id)
+        ops = [self.tx.put(_key("live", agent_id), token, lease)]
+        if entry is not None:
+            ops.append(self.tx.put(key, _dump(entry)))
+        ops.append(self.tx.get(key))
+        ok, replies = await self._call("register", lambda: self.client.transaction(
+            compare=[self.tx.mod(key) == expect], success=ops, failure=[]))
+        if not ok:
+            return None
+        got = replies[-1]  # the range: [(value, kv)]
+        return int(got[0][1].mod_revision) if got else 0
 
     async def agents(self) -> tuple[list[AgentEntry], set[str]]:
         """Every registered agent, and the ids of those whose lease is alive.
@@ -284,9 +462,39 @@ class Store:
         Raises:
             StoreUnavailableError, StoreCorruptError.
         """
-        entries = await self._prefix("agent", AgentEntry)
-        live = await self._call("list live", lambda: self.client.get_prefix(_key("live") + b"/"))
-        return entries, {_text(kv.key, "live key").rsplit("/", 1)[1] for kv in live}
+        return await self.agent_entries(), set(await self.live_leases())
+
+    async def agent_entries(self) -> list[AgentEntry]:
+        """Every registered agent, live or not.
+
+        Raises:
+            StoreUnavailableError.
+        """
+        return await self._prefix("agent", AgentEntry)
+
+    async def live_leases(self) -> dict[str, int]:
+        """The id of each live agent -> the lease its liveness key is on.
+
+        Raises:
+            StoreUnavailableError, StoreCorruptError.
+        """
+        start = _key("live") + b"/"
+        live = await self._range("list live", start, prefix_range_end(start))
+        return {_text(bytes(kv.key), "live key").rsplit("/", 1)[1]: int(kv.lease)
+                for kv in live}
+
+    async def lease_age(self, lease_id: int) -> float | None:
+        """Seconds since lease *lease_id* was last kept alive (its granted TTL minus its
+        remaining TTL, to the second); None if it has expired.
+
+        Raises:
+            StoreUnavailableError.
+        """
+        info = await self._call("lease ttl", lambda: self.client.get_lease_info(
+            lease_id, keys=False))
+        if info.TTL <= 0:
+            return None
+        return float(max(0, int(info.grantedTTL) - int(info.TTL)))
 
 
     # --- prunes (the coordinator's removal of backup sets; see coordinator/pruner.py)

@@ -1,0 +1,389 @@
+"""etcd stays small for a year of unattended running: idle heartbeats write nothing,
+finished transaction records are collected (backup sets stay), every listing reads
+in pages, and a full etcd (NOSPACE alarm) is reported and waited out."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import aetcd.exceptions
+import grpc
+import pytest
+from aetcd.utils import prefix_range_end
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from blocktxn.coordinator.errors import NotLeaderError, StoreFullError
+from blocktxn.coordinator.etcd_server import EtcdServer
+from blocktxn.coordinator.planner import txn_id_at
+from blocktxn.coordinator.records import (
+    AgentInventory,
+    BackupSet,
+    DecisionRecord,
+    MemberRecord,
+    SetImage,
+    TxnRecord,
+)
+from blocktxn.coordinator.registry import FREE_SLACK, same_inventory
+from blocktxn.coordinator.store import PREFIX, Store, _dump
+from blocktxn.coordinator.txn_messages import Decision, TxnPhase
+from blocktxn.coordinator.upkeep import REASON_KEY, parse_keep
+from blocktxn.v1 import agent_pb2 as apb
+from blocktxn.v1 import coordinator_pb2 as cpb
+from tests.integration.cluster import Cluster, CoordinatorProcess
+from tests.integration.harness import wait_until
+from tests.integration.test_cli import cli
+from tests.integration.test_coordinator_faults import leading_store
+
+VMS = {"vm1": ["d0"], "vm2": ["d0"]}
+
+
+def etcd_revision(cluster: Cluster) -> int:
+    async def ask() -> int:
+        store = Store(cluster.etcd.endpoint)
+        try:
+            return (await store.status()).revision
+        finally:
+            await store.close()
+
+    return asyncio.run(ask())
+
+
+def etcd_keys(cluster: Cluster) -> list[str]:
+    async def ask() -> list[str]:
+        store = Store(cluster.etcd.endpoint)
+        try:
+            start = PREFIX.encode()
+            return [bytes(kv.key).decode()[len(PREFIX):]
+                    for kv in await store._range("keys", start, prefix_range_end(start))]
+        finally:
+            await store.close()
+
+    return asyncio.run(ask())
+
+
+def with_coordinator(make_cluster: Callable[..., Cluster], *flags: str, quota: int = 0
+                     ) -> Cluster:
+    """A cluster whose one replica c0 runs with *flags*, on an etcd with *quota*."""
+    cluster = make_cluster(0)
+    if quota:
+        cluster.etcd.stop()
+        cluster.etcd = EtcdServer(cluster.workdir / "etcd-quota", quota=quota)
+        cluster.etcd.start()
+    c0 = CoordinatorProcess("c0", cluster.workdir / "c0", cluster.etcd.endpoint,
+                            extra=list(flags))
+    cluster.coordinators.append(c0)
+    c0.start()
+    return cluster
+
+
+def agents(cluster: Cluster, replica: int = 0) -> dict[str, cpb.AgentEntry]:
+    listed = cluster.stub(replica).ListAgents(cpb.ListAgentsRequest(), timeout=10).agents
+    return {a.agent_id: a for a in listed}
+
+
+def checkpoint(cluster: Cluster, agent_id: str, replica: int = 0) -> str:
+    vm = next(v for v in agents(cluster, replica)[agent_id].inventory.vms if v.name == "vm1")
+    return str(vm.disks[0].checkpoint)
+
+
+def test_idle_agents_cost_etcd_no_revision_and_a_change_is_written(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(2)      # the agents heartbeat to c0; c1 hears none of them
+    cluster.add_host("h1", VMS)
+    cluster.add_host("h2", VMS)
+    cluster.wait_registered(2)
+    time.sleep(4)                  # every agent has registered (and written) once
+    before = etcd_revision(cluster)
+    time.sleep(10)                 # three heartbeats of each agent, lease keepalives
+    assert etcd_revision(cluster) - before <= 1
+    for replica in (0, 1):         # c1: last_seen from the agent's lease
+        listed = agents(cluster, replica)
+        now = time.time()
+        assert {a for a, e in listed.items() if e.live} == {"h1", "h2"}
+        assert all(now - 5 < e.last_seen <= now + 1 for e in listed.values()), listed
+
+    # a change is written: the new checkpoint after a backup, seen by every replica
+    assert checkpoint(cluster, "h1") == ""
+    done = cluster.wait_done(cluster.start(["h1/vm1"]).txn_id)
+    assert done.decision == cpb.DECISION_COMMIT, done.reason
+    for replica in (0, 1):
+        wait_until(lambda r=replica: done.txn_id in checkpoint(cluster, "h1", r),
+                   timeout=15, what="the new checkpoint in the registry")
+    time.sleep(4)
+    before = etcd_revision(cluster)
+    time.sleep(6)
+    assert etcd_revision(cluster) - before <= 1
+
+    # a lost agent: not live on any replica once its lease runs out; last seen stays
+    killed = time.time()
+    cluster.hosts["h2"].kill_agent()
+    for replica in (0, 1):
+        wait_until(lambda r=replica: not agents(cluster, r)["h2"].live,
+                   timeout=30, what="h2 lost")
+    assert killed - 5 < agents(cluster, 0)["h2"].last_seen <= killed + 1
+    assert agents(cluster, 1)["h2"].last_seen <= killed + 1
+    assert agents(cluster, 0)["h1"].live and agents(cluster, 1)["h1"].live
+
+
+def test_finished_records_leave_etcd_and_backup_sets_stay(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = with_coordinator(make_cluster, "--keep-finished", "3s")
+    cluster.add_host("h1", VMS)
+    cluster.wait_registered(1)
+    committed = cluster.wait_done(cluster.start(["h1/vm1"], request_id="keep-1").txn_id)
+    assert committed.decision == cpb.DECISION_COMMIT, committed.reason
+    slow = cluster.start(["h1/vm2"], speed=64 << 10, request_id="keep-2")
+    cluster.stub().CancelTransaction(cpb.CancelTransactionRequest(txn_id=slow.txn_id),
+                                     timeout=30)
+    aborted = cluster.wait_done(slow.txn_id)
+    assert aborted.decision == cpb.DECISION_ABORT
+    ids = (committed.txn_id, aborted.txn_id)
+
+    def gone(txn_id: str) -> bool:
+        try:
+            cluster.stub().GetTransaction(cpb.GetTransactionRequest(txn_id=txn_id), timeout=10)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.NOT_FOUND, err
+            return True
+        return False
+
+    wait_until(lambda: all(gone(i) for i in ids), timeout=30, what="records collected")
+    left = [k for k in etcd_keys(cluster) if any(i in k for i in ids)]
+    assert left == [f"set/{committed.txn_id}"], left       # no txn, decision, request key
+    assert not [k for k in etcd_keys(cluster) if k.startswith("request/")]
+    stub = cluster.stub()
+    assert [s.set_id for s in stub.ListBackupSets(cpb.ListBackupSetsRequest(),
+                                                  timeout=10).sets] == [committed.txn_id]
+    assert stub.GetBackupSet(cpb.GetBackupSetRequest(set_id=committed.txn_id),
+                             timeout=10).images
+    assert stub.ListTransactions(cpb.ListTransactionsRequest(), timeout=10).transactions == []
+    shown = cli(cluster, "txn", "show", committed.txn_id)
+    assert shown.returncode == 2, shown
+    assert len(shown.stderr.strip().splitlines()) == 1 and "unknown transaction" in shown.stderr
+    with pytest.raises(grpc.RpcError) as err:   # no presumed abort for a collected record
+        cluster.stub().QueryDecision(cpb.QueryDecisionRequest(txn_id=aborted.txn_id),
+                                     timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not [k for k in etcd_keys(cluster) if k.startswith("decision/")]
+    # the next backup is still an incremental on the kept set
+    again = cluster.wait_done(cluster.start(["h1/vm1"]).txn_id)
+    assert again.decision == cpb.DECISION_COMMIT, again.reason
+    assert {m.mode for m in again.members} == {apb.BACKUP_MODE_INCREMENTAL}
+
+
+def _record(txn_id: str, created: float, phase: TxnPhase, size: int = 0) -> TxnRecord:
+    return TxnRecord(txn_id, f"r-{txn_id}", "grouped", "none", 10.0, created + 60, 0, created,
+                     (MemberRecord("h1", "vm1", "d0", "auto", mode_reason="x" * size),),
+                     (("h1", "127.0.0.1:1"),), phase=phase,
+                     decision=Decision.COMMIT if phase == TxnPhase.DONE else None)
+
+
+async def _put_all(store: Store, items: list[tuple[bytes, bytes]]) -> None:
+    for i in range(0, len(items), 100):
+        ok, _ = await store.client.transaction(compare=[], success=[
+            store.tx.put(k, v) for k, v in items[i:i + 100]], failure=[])
+        assert ok
+
+
+def test_collection_is_fenced_bounded_and_leaves_open_and_new_records(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(0)
+
+    async def scenario() -> None:
+        store, epoch = await leading_store(cluster)
+        try:
+            old, now = time.time() - 7200, time.time()
+            records = ([_record(txn_id_at(old, i), old, TxnPhase.DONE) for i in range(80)]
+                       + [_record(txn_id_at(old, 100 + i), old, TxnPhase.RUNNING)
+                          for i in range(5)]
+                       + [_record(txn_id_at(now, 200 + i), now, TxnPhase.DONE)
+                          for i in range(5)])
+            items = []
+            for r in records:
+                items += [(f"{PREFIX}txn/{r.txn_id}".encode(), _dump(r)),
+                          (f"{PREFIX}request/{r.request_id}".encode(), r.txn_id.encode()),
+                          (f"{PREFIX}decision/{r.txn_id}".encode(), _dump(DecisionRecord(
+                              r.txn_id, Decision.COMMIT, "ok")))]
+                items.append((f"{PREFIX}set/{r.txn_id}".encode(), _dump(BackupSet.of(
+                    r.txn_id, (SetImage("h1", "vm1", "d0", "i", "", "full", 1, 1, "00", old,
+                                        "c"),)))))
+            await _put_all(store, items)
+            before = (await store.status()).revision
+            assert await store.collect_finished(epoch, now - 3600, limit=10) == 10
+            assert (await store.status()).revision == before + 1      # one batch
+            with pytest.raises(NotLeaderError):                       # fenced
+                await store.collect_finished(epoch + 1000, now - 3600)
+            assert await store.collect_finished(epoch, now - 3600) == 70  # three batches
+            assert (await store.status()).revision == before + 4
+            assert await store.collect_finished(epoch, now - 3600) == 0
+            left = {r.txn_id: r.phase for r in await store.txns()}
+            assert sorted(left) == sorted(r.txn_id for r in records[80:])
+            assert len(await store.sets()) == 90                     # every set stays
+            for r in records:
+                kept = r.txn_id in left
+                assert (await store.get_decision(r.txn_id) is not None) == kept
+                assert (await store.client.get(
+                    f"{PREFIX}request/{r.request_id}".encode()) is not None) == kept
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+class _CompactingStore(Store):
+    """Compacts etcd past the listing's revision once, before its second page."""
+
+    compacted = False
+
+    async def _page(self, key: bytes, end: bytes, revision: int) -> Any:
+        if revision and not self.compacted:
+            self.compacted = True
+            await self.client.put(b"/elsewhere", b"x")
+            await self.client.compact((await self.status()).revision, physical=True)
+        return await super()._page(key, end, revision)
+
+
+def test_listings_read_in_pages_past_grpc_message_limit(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """3,000 records of 2 KiB (6 MiB, over gRPC's 4 MiB) list whole in pages of 100."""
+    cluster = make_cluster(0)
+
+    async def scenario() -> None:
+        store = Store(cluster.etcd.endpoint, page=100)
+        try:
+            now = time.time()
+            records = [_record(txn_id_at(now, i), now, TxnPhase.DONE, size=2048)
+                       for i in range(3000)]
+            await _put_all(store, [(f"{PREFIX}txn/{r.txn_id}".encode(), _dump(r))
+                                   for r in records])
+            with pytest.raises(aetcd.exceptions.ClientError, match="larger than max"):
+                await store.client.get_prefix(f"{PREFIX}txn/".encode())  # one range: too big
+            listed = await store.txns()
+            assert sorted(r.txn_id for r in listed) == sorted(r.txn_id for r in records)
+            assert listed == sorted(records, key=lambda r: r.txn_id)
+            default = Store(cluster.etcd.endpoint)                  # pages of 500 (1 MiB)
+            try:
+                assert len(await default.txns()) == 3000
+            finally:
+                await default.close()
+            compacting = _CompactingStore(cluster.etcd.endpoint, page=1000)
+            try:       # the pinned revision compacted between pages: read again, whole
+                assert len(await compacting.txns()) == 3000 and compacting.compacted
+            finally:
+                await compacting.close()
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def _health(cluster: Cluster) -> tuple[int, str]:
+    """The coordinator's health status and the reason it gives."""
+    ch = grpc.insecure_channel(cluster.coordinators[0].address)
+    try:
+        reply, call = health_pb2_grpc.HealthStub(ch).Check.with_call(
+            health_pb2.HealthCheckRequest(service=""), timeout=10)
+        reason = dict(call.trailing_metadata() or ()).get(REASON_KEY, "")
+        return int(reply.status), str(reason)
+    finally:
+        ch.close()
+
+
+async def _fill(endpoint: str) -> None:
+    """Write until etcd raises its NOSPACE alarm."""
+    store = Store(endpoint)
+    try:
+        with pytest.raises(StoreFullError):
+            for _ in range(1000):
+                await store._call("fill", lambda: store.client.put(b"/junk", b"j" * (256 << 10)))
+    finally:
+        await store.close()
+
+
+async def _repair(endpoint: str) -> None:
+    """What an operator does: free space, compact, defragment, disarm the alarm
+    (``etcdctl del``, ``compact``, ``defrag``, ``alarm disarm``)."""
+    store = Store(endpoint)
+    try:
+        await store.client.delete(b"/junk")
+        await store.client.compact((await store.status()).revision, physical=True)
+        await store.client.defragment()
+        for alarm in [a async for a in store.client.list_alarms()]:
+            await store.client.disarm_alarm(alarm.member_id)
+    finally:
+        await store.close()
+
+
+def test_a_full_etcd_is_reported_and_a_pending_write_completes_after_repair(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = with_coordinator(make_cluster, quota=8 << 20)
+    cluster.add_host("h1", VMS)
+    cluster.wait_registered(1)
+    assert _health(cluster) == (health_pb2.HealthCheckResponse.SERVING, "")
+    base = cluster.wait_done(cluster.start(["h1/vm1"]).txn_id)
+    assert base.decision == cpb.DECISION_COMMIT, base.reason
+    for c in range(32):     # 2 MiB: QEMU copies the first MiB at once, then 128 KiB/s
+        cluster.hosts["h1"].workloads["vm1"].write("d0", c)
+    txn = cluster.start(["h1/vm1"], speed=128 << 10)
+    wait_until(lambda: cluster.stub().GetTransaction(cpb.GetTransactionRequest(
+        txn_id=txn.txn_id), timeout=10).phase == cpb.TXN_PHASE_RUNNING, what="running")
+    asyncio.run(_fill(cluster.etcd.endpoint))
+
+    wait_until(lambda: _health(cluster)[0] == health_pb2.HealthCheckResponse.NOT_SERVING,
+               timeout=15, what="health NOT_SERVING")
+    assert "NOSPACE" in _health(cluster)[1]
+    with pytest.raises(grpc.RpcError) as err:               # a new transaction: retry later
+        cluster.stub().StartTransaction(cpb.StartTransactionRequest(
+            targets=[cpb.Target(target="h1/vm2")]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "etcd is full" in (err.value.details() or "")
+    log = cluster.coordinators[0].workdir / "c0.log"
+    retrying = re.compile(r"retrying: etcd (decide|put txn): etcd is full")
+    wait_until(lambda: retrying.search(log.read_text()) is not None, timeout=60,
+               what="the decision write refused and retried")
+    first = len(retrying.findall(log.read_text()))
+    time.sleep(6)
+    retries = len(retrying.findall(log.read_text())) - first
+    assert 1 <= retries <= 10, retries                     # backoff: not a tight loop
+    assert cluster.stub().GetTransaction(cpb.GetTransactionRequest(txn_id=txn.txn_id),
+                                         timeout=10).phase != cpb.TXN_PHASE_DONE
+
+    asyncio.run(_repair(cluster.etcd.endpoint))
+    done = cluster.wait_done(txn.txn_id, timeout=60)         # the pending write went in
+    assert done.decision == cpb.DECISION_COMMIT, done.reason
+    wait_until(lambda: _health(cluster) == (health_pb2.HealthCheckResponse.SERVING, ""),
+               timeout=15, what="health SERVING again")
+    errors = [line for line in log.read_text().splitlines() if " ERROR " in line]
+    assert len([e for e in errors if "NOT_SERVING" in e and "NOSPACE" in e]) == 1, errors
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("604800", 604800.0), ("7d", 604800.0),
+                                               ("12h", 43200.0), ("90s", 90.0),
+                                               ("1w", 604800.0), ("2.5h", 9000.0)])
+def test_keep_finished_takes_seconds_or_a_duration(text: str, seconds: float) -> None:
+    assert parse_keep(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "7m", "-1d", "3651d", "1d2h", "soon"])
+def test_keep_finished_refuses_anything_else(text: str) -> None:
+    with pytest.raises(ValueError, match="keep-finished"):
+        parse_keep(text)
+
+
+def test_free_space_counts_as_changed_only_past_its_slack() -> None:
+    stored = AgentInventory("h1", (), (), 256 << 30, 100 << 30)
+    step = (256 << 30) // FREE_SLACK
+    assert same_inventory(stored, replace(stored, repo_free=(100 << 30) + step))
+    assert same_inventory(stored, replace(stored, repo_free=(100 << 30) - step))
+    assert not same_inventory(stored, replace(stored, repo_free=(100 << 30) - step - 1))
+    assert not same_inventory(stored, replace(stored, open_transactions=("tx-1",)))
