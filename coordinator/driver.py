@@ -18,10 +18,10 @@ from blocktxn.requests import DiskRequest
 
 from . import clock
 from .agent_client import AgentClient
-from .errors import AgentCallError, NotLeaderError, StoreUnavailableError, TxnStateError
+from .errors import AgentCallError, NotLeaderError, TxnStateError
 from .records import DecisionRecord, MemberRecord, TxnRecord
 from .registry import AgentRegistry
-from .store import Store
+from .store import Store, retry_while_unavailable
 from .txn_machine import TxnMachine
 from .txn_messages import (
     Acked,
@@ -190,15 +190,7 @@ class TxnDriver:
         return self._registry.client(agent_id, self.record.address(agent_id))
 
     async def _retry_store(self, write: Callable[[], Awaitable[T]]) -> T:
-        """Retry an etcd write while etcd is unreachable (quorum lost: wait, bits are safe)."""
-        delay = 0.1
-        while True:
-            try:
-                return await write()
-            except StoreUnavailableError as err:
-                log.warning("etcd unavailable, retrying: %s", err)
-                await asyncio.sleep(delay)
-                delay = min(2.0, delay * 2)
+        return await retry_while_unavailable(write)
 
     async def _cut(self, agent_id: str) -> TxnEvent:
         r = self.record

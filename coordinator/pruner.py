@@ -21,8 +21,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable
 
 from .errors import (
     AgentCallError,
@@ -33,10 +32,9 @@ from .errors import (
 )
 from .records import BackupSet, PruneRecord
 from .registry import AgentRegistry
-from .store import Store
+from .store import Store, retry_while_unavailable
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 MAX_SETS = 100  # sets in one intent: its write stays one small etcd transaction
 KEEP_DONE = 1000  # finished prunes remembered (for callers waiting on them)
@@ -134,10 +132,11 @@ class Pruner:
         left: PruneRecord | None = prune
         for set_id in prune.set_ids:
             assert left is not None
-            backup_set = await self._retry(functools.partial(self.store.get_set, set_id))
+            backup_set = await retry_while_unavailable(
+                functools.partial(self.store.get_set, set_id))
             for agent_id in backup_set.agents if backup_set else ():
                 await self._forget_on(prune.prune_id, agent_id, set_id)
-            left = await self._retry(functools.partial(self._removed, left, set_id))
+            left = await retry_while_unavailable(functools.partial(self._removed, left, set_id))
             log.info("prune %s: set %s removed everywhere", prune.prune_id, set_id)
         self.last_error.pop(prune.prune_id, None)
         self._event(prune.prune_id).set()
@@ -164,15 +163,3 @@ class Pruner:
 
     async def _removed(self, prune: PruneRecord, set_id: str) -> PruneRecord | None:
         return await self.store.set_removed(self.epoch(), prune, set_id)
-
-    @staticmethod
-    async def _retry(call: Callable[[], Awaitable[T]]) -> T:
-        """*call* until etcd answers (it is the durable step: it must happen)."""
-        delay = 0.1
-        while True:
-            try:
-                return await call()
-            except StoreUnavailableError as err:
-                log.warning("prune: etcd unavailable, retrying: %s", err)
-                await asyncio.sleep(delay)
-                delay = min(2.0, delay * 2)

@@ -85,9 +85,13 @@ class Coordinator:
     def _finished(self, driver: TxnDriver) -> None:
         if driver.machine.phase == TxnPhase.DONE and self.live.get(driver.txn_id) is driver:
             del self.live[driver.txn_id]  # its final record is in etcd
-            group = driver.record.group
-            if driver.record.set_id and group in self.config.retention and self.leads:
-                self._adopt_task(self._auto_prune(group))
+            # a group's policy runs after each committed backup of it, and after a
+            # backup an agent refused for want of space (the next one may then fit)
+            record = driver.record
+            full = record.decision == Decision.ABORT and "repository full" in record.reason
+            if (record.set_id or full) and record.group in self.config.retention \
+                    and self.leads:
+                self._adopt_task(self._auto_prune(record.group))
 
     async def _auto_prune(self, group: str) -> None:
         """After a committed backup of a group with a policy: apply it."""

@@ -533,6 +533,28 @@ class Store:
         return await self._prefix("prune", PruneRecord)
     # --- end prunes
 
+
+async def retry_while_unavailable(call: Callable[[], Awaitable[T]]) -> T:
+    """*call* until etcd answers: a write that must happen (a decision, a removal's
+    step) waits out an outage (quorum lost: bitmaps are safe meanwhile) or a full etcd
+    (its alarm is reported by health), with backoff up to 2 s (10 s while full).
+
+    Raises:
+        anything but StoreUnavailableError.
+    """
+    delay = 0.1
+    while True:
+        try:
+            return await call()
+        except StoreFullError as err:
+            log.warning("etcd is full, retrying: %s", err)
+            await asyncio.sleep(delay)
+            delay = min(10.0, delay * 2)
+        except StoreUnavailableError as err:
+            log.warning("etcd unavailable, retrying: %s", err)
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
+
 async def leader_name(endpoints: str) -> str | None:
     """The replica name held in the leader key, or None (for tools and tests).
 
