@@ -24,11 +24,13 @@ another one is writing).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,7 @@ class Repository:
         self._records = 0  # lines in the catalog file (compaction once they pile up)
         self._catalog: list[ImageRecord] = self._load()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.reading: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def close(self) -> None:
         self.catalog.close()
@@ -148,6 +151,19 @@ class Repository:
     def lock(self, vm: str, disk: str) -> asyncio.Lock:
         """The disk's lock: restore, verify, new image and removal take turns."""
         return self._locks.setdefault((vm, disk), asyncio.Lock())
+
+    @contextlib.asynccontextmanager
+    async def _read(self, vm: str, disk: str) -> AsyncIterator[None]:
+        """A restore or verify reading the disk's images (``reading`` counts them, so
+        that a removal asked for meanwhile is refused until they end)."""
+        self.reading[(vm, disk)] += 1
+        try:
+            async with self.lock(vm, disk):
+                yield
+        finally:
+            self.reading[(vm, disk)] -= 1
+            if not self.reading[(vm, disk)]:
+                del self.reading[(vm, disk)]
 
     def chain(self, set_id: str, vm: str, disk: str) -> list[ImageRecord]:
         """The images a restore of (*set_id*, *vm*, *disk*) needs, base first.
@@ -277,7 +293,7 @@ class Repository:
             raise BadRequestError(str(err)) from err
         if target.exists() or target.is_symlink():
             raise ConflictError(f"restore destination {target} already exists")
-        async with self.lock(vm, disk):
+        async with self._read(vm, disk):
             return await self._restore(set_id, vm, disk, target, fmt)
 
     async def _restore(self, set_id: str, vm: str, disk: str, target: Path, fmt: str
@@ -312,7 +328,7 @@ class Repository:
             raise UnknownError(f"backup set {set_id} has no image on this agent")
         seen: dict[str, tuple[str, bool, str]] = {}
         for top in tops:
-            async with self.lock(top.vm, top.disk):
+            async with self._read(top.vm, top.disk):
                 for img in self.chain(set_id, top.vm, top.disk):
                     if img.image not in seen:
                         seen[img.image] = (img.image, *await self._check(img))

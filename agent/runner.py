@@ -357,13 +357,14 @@ class AgentRunner:
         check_id(set_id, "set id")
         return await self.repo.verify(set_id)
 
-    async def forget(self, set_id: str) -> int:
+    async def forget(self, set_id: str, check_only: bool = False) -> int:
         """Remove this host's images of *set_id* in the background (see the proto's
-        ForgetImages); return how many are left (0: done).
+        ForgetImages); return how many are left (0: done). *check_only*: only raise
+        if the removal may not start now.
 
         Raises:
-            InvalidInput, ConflictError (a disk in an open transaction, a newest image),
-            AgentError (the removal failed; asking again retries it).
+            InvalidInput, ConflictError (a disk in an open transaction or being read, a
+            newest image), AgentError (the removal failed; asking again retries it).
         """
         check_id(set_id, "set id")
         task = self._forgetting.get(set_id)
@@ -376,11 +377,18 @@ class AgentRunner:
                 if (i.vm, i.disk) in busy:
                     raise ConflictError(f"{i.vm}/{i.disk} is in open transaction "
                                         f"{busy[(i.vm, i.disk)]}: retry when it ends")
+                if (i.vm, i.disk) in self.repo.reading:
+                    raise ConflictError(f"a restore or verify of {i.vm}/{i.disk} is "
+                                        "running: retry when it ends")
                 last = self.repo.last_image(i.vm, i.disk)
                 if last is not None and last.image == i.image:
                     raise ConflictError(f"backup set {set_id} holds the newest backup of "
                                         f"{i.vm}/{i.disk}: the next incremental builds on it")
+            if check_only:
+                return len(images)
             task = self._forgetting[set_id] = self.spawn(self._remove(set_id, images))
+        elif check_only:
+            return sum(1 for i in self.repo.images() if i.set_id == set_id)
         left = sum(1 for i in self.repo.images() if i.set_id == set_id)
         if task.done():
             del self._forgetting[set_id]

@@ -134,7 +134,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     async def ForgetImages(self, request: pb.ForgetImagesRequest,
                            context: Ctx) -> pb.ForgetImagesResponse:
-        left = await guard(context, lambda: self.runner.forget(request.set_id))
+        left = await guard(context, lambda: self.runner.forget(request.set_id,
+                                                               request.check_only))
         return pb.ForgetImagesResponse(done=left == 0, remaining=left)
 
     async def ListImages(self, request: pb.ListImagesRequest,

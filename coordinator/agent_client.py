@@ -172,10 +172,10 @@ class AgentClient:
                               MODE_NAME.get(i.mode, ""), i.bytes, i.size, i.sha256, i.cut_at,
                               i.checkpoint) for i in resp.images)
 
-    async def forget(self, set_id: str) -> int:
+    async def forget(self, set_id: str, check_only: bool = False) -> int:
         """Ask the agent to remove its images of *set_id*; how many are left (0: all
-        gone). Raises: AgentCallError."""
-        req = apb.ForgetImagesRequest(set_id=set_id)
+        gone). *check_only*: only ask whether it may start now. Raises: AgentCallError."""
+        req = apb.ForgetImagesRequest(set_id=set_id, check_only=check_only)
         resp = await self._call("ForgetImages", lambda t: self.stub.ForgetImages(req, timeout=t))
         return 0 if resp.done else max(1, resp.remaining)
 

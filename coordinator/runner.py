@@ -10,6 +10,8 @@ import random
 import time
 from collections.abc import AsyncIterator, Coroutine
 
+import grpc
+
 from blocktxn import retention
 from blocktxn.ids import check_id
 from blocktxn.requests import BackupRequest, Target, check_reason
@@ -329,6 +331,16 @@ class Coordinator:
         todo = [s for s in chosen if not s.removing]
         if not todo:
             return "", chosen, True
+        for s in todo:  # every agent can start now (nothing is changed otherwise)
+            for agent_id in s.agents:
+                client = await self.registry.owner(agent_id)
+                try:
+                    await client.forget(s.set_id, check_only=True)
+                except AgentCallError as err:
+                    if err.code == grpc.StatusCode.FAILED_PRECONDITION:
+                        raise PreconditionError(f"{agent_id}: {err.details} (nothing was "
+                                                "removed)") from err
+                    raise
         prune = await self.pruner.submit(todo, "forget")
         return prune.prune_id, chosen, await self._wait(prune.prune_id, wait)
 

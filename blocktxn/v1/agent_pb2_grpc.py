@@ -177,8 +177,8 @@ class AgentServiceServicer:
         set restores to (a later image of the chain is rebased first). Runs in the
         background: repeat the call until done. Idempotent; done at once if the set
         has no image here. FAILED_PRECONDITION while a disk of the set is in an open
-        transaction, or when an image is its disk's newest (the next incremental
-        builds on it).
+        transaction, while a restore or verify reads one of its disks, or when an
+        image is its disk's newest (the next incremental builds on it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -78,8 +78,8 @@ class AgentServiceStub:
     set restores to (a later image of the chain is rebased first). Runs in the
     background: repeat the call until done. Idempotent; done at once if the set
     has no image here. FAILED_PRECONDITION while a disk of the set is in an open
-    transaction, or when an image is its disk's newest (the next incremental
-    builds on it).
+    transaction, while a restore or verify reads one of its disks, or when an
+    image is its disk's newest (the next incremental builds on it).
     """
 
 @_typing.type_check_only
@@ -123,8 +123,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     set restores to (a later image of the chain is rebased first). Runs in the
     background: repeat the call until done. Idempotent; done at once if the set
     has no image here. FAILED_PRECONDITION while a disk of the set is in an open
-    transaction, or when an image is its disk's newest (the next incremental
-    builds on it).
+    transaction, while a restore or verify reads one of its disks, or when an
+    image is its disk's newest (the next incremental builds on it).
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -231,8 +231,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         set restores to (a later image of the chain is rebased first). Runs in the
         background: repeat the call until done. Idempotent; done at once if the set
         has no image here. FAILED_PRECONDITION while a disk of the set is in an open
-        transaction, or when an image is its disk's newest (the next incremental
-        builds on it).
+        transaction, while a restore or verify reads one of its disks, or when an
+        image is its disk's newest (the next incremental builds on it).
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

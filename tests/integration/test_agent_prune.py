@@ -4,6 +4,9 @@ same end; checkpoints are never touched."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -134,5 +137,35 @@ def test_a_rebase_cut_short_after_its_header_write_is_redone(make_host: Callable
     for _, disk in DISKS:  # the state such a crash leaves: header new, clusters not copied
         subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", "s1.qcow2", "-F",
                         "qcow2", str(host.image(f"images/vm1/{disk}/s3.qcow2"))], check=True)
+    forget(host, "s2")
+    assert_restores(host, cuts, ["s1", "s3"])
+
+
+def test_a_removal_is_refused_while_a_restore_reads_the_disk(make_host: Callable[..., Host]
+                                                            ) -> None:
+    host = make_host()
+    slow = host.workdir / "slowbin"
+    slow.mkdir()
+    real = shutil.which("qemu-img")
+    (slow / "qemu-img").write_text(  # restores (convert) take 4 s
+        f'#!/bin/sh\n[ "$1" = convert ] && sleep 4\nexec {real} "$@"\n')
+    (slow / "qemu-img").chmod(0o755)
+    host.agent.env = {"PATH": f"{slow}:{os.environ['PATH']}"}
+    host.restart_agent()
+    cuts = backups(host, ["s1", "s2", "s3"])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(restore, host, "s1", "vm1", "d0", "s1-d0.raw")
+        time.sleep(1.0)
+        for check_only in (True, False):
+            with pytest.raises(grpc.RpcError) as refused:
+                host.stub.ForgetImages(pb.ForgetImagesRequest(set_id="s2",
+                                                              check_only=check_only),
+                                       timeout=10)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "restore or verify of vm1/d0" in (refused.value.details() or "")
+        out = reading.result(timeout=60)
+    assert images_equal(out, "raw", cuts["s1"]["d0"], "raw")  # type: ignore[arg-type]
+    assert host.stub.ForgetImages(pb.ForgetImagesRequest(set_id="s2", check_only=True),
+                                  timeout=10).remaining == 2
     forget(host, "s2")
     assert_restores(host, cuts, ["s1", "s3"])
