@@ -103,6 +103,9 @@ class Coordinator:
             log.warning("prune of group %s after a backup skipped: %s", group, err)
 
     async def _resume_all(self) -> None:
+        # a driver stopped when this replica was deposed (e.g. its transaction was
+        # created in that instant) drives nothing: take its record over like any other
+        self.live = {t: d for t, d in self.live.items() if d.running}
         for record, decision in await recovery.open_transactions(self.store, self.live):
             self._drive(record, recovery.rebuild(record, decision)).start(Resumed())
         await self.pruner.resume()
@@ -189,6 +192,9 @@ class Coordinator:
             if stored is None:
                 raise NotFoundError(f"request {request_id} maps to a missing transaction")
             return stored
+        if self.election.epoch != epoch:  # deposed meanwhile: the next leader takes it
+            raise NotLeaderError(f"transaction {record.txn_id} recorded, but this replica "
+                                 "no longer leads: the next leader aborts it; retry")
         machine = TxnMachine(record.txn_id, record.agent_ids, record.grouped)
         self._drive(record, machine).start(Begin())
         return record
