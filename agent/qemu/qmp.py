@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, cast
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp import EventListener, ExecuteError, Message, QMPClient, QMPError, Runstate
 
 from ..backend import NODE_PREFIX, Checkpoint, Disk, JobProgress
 from ..errors import AgentTimeoutError, QemuError, VmLostError
@@ -32,6 +32,31 @@ FORMAT_DRIVERS = frozenset(
 
 
 OnConnection = Callable[["VmConnection"], Awaitable[None]]
+
+
+class _Deliver(EventListener):
+    """Hands each JOB_STATUS_CHANGE to *deliver* and keeps nothing: a listener that
+    accepts an event records it in a history list for ever."""
+
+    def __init__(self, deliver: Callable[[Message], None]) -> None:
+        super().__init__(("JOB_STATUS_CHANGE",))
+        self._deliver = deliver
+
+    def accept(self, event: Message) -> bool:
+        if super().accept(event):
+            self._deliver(event)
+        return False
+
+
+def new_client(name: str, deliver: Callable[[Message], None]) -> QMPClient:
+    """A QMP client for one VM that hands job events to *deliver* and keeps no event.
+    (qemu.qmp's default all-events listener queues every event until someone reads it,
+    and every listener keeps a history of what it accepted: an agent that runs for a
+    year must not grow by each job event.)"""
+    client = QMPClient(f"blocktxn-{name}")
+    client.events.event_filter = lambda event: False
+    client.register_listener(_Deliver(deliver))
+    return client
 
 
 class VmConnection:
@@ -83,7 +108,8 @@ class VmConnection:
 
     async def _supervise(self) -> None:
         while True:
-            client = QMPClient(f"blocktxn-{self.name}")
+            events: asyncio.Queue[Message] = asyncio.Queue()
+            client = new_client(self.name, events.put_nowait)
             try:
                 await asyncio.wait_for(client.connect(self.socket_path), self.timeout)
             except (QMPError, OSError, TimeoutError) as err:
@@ -92,10 +118,8 @@ class VmConnection:
                     await client.disconnect()
                 await asyncio.sleep(self.retry_delay)
                 continue
-            listener = EventListener(("JOB_STATUS_CHANGE",))
-            client.register_listener(listener)
             self._client = client
-            pump = asyncio.create_task(self._pump(listener))
+            pump = asyncio.create_task(self._pump(events))
             try:
                 await self._refresh_jobs()
                 self.generation += 1
@@ -119,8 +143,9 @@ class VmConnection:
                 await self.on_lost(self)
             await asyncio.sleep(self.retry_delay)
 
-    async def _pump(self, listener: EventListener) -> None:
-        async for event in listener:
+    async def _pump(self, events: asyncio.Queue[Message]) -> None:
+        while True:  # (the queue is read as fast as events come: it stays short)
+            event = await events.get()
             await self._job_event(cast(dict[str, Any], event["data"] if "data" in event else {}))
 
     async def _job_event(self, data: dict[str, Any]) -> None:
