@@ -1,9 +1,12 @@
 """``python -m tests.chaos --seed N --duration SECONDS``: a Jepsen-style run.
+``python -m tests.chaos --seeds 1-12 --duration SECONDS``: one run per seed, one
+after the other (each in a lab of its own), then an aggregate table of fault kind
+x step, the totals and the invariant violations of all of them.
 
 The parent (root namespace) builds the lab (blackhole route first, namespaces,
 bridge, a tmpfs repository per agent host), runs the driver inside the client
 namespace, and tears everything down on success, failure and Ctrl-C. Exit 0
-only if no invariant was violated.
+only if no invariant was violated (and, with --seeds, every run finished).
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from tests.chaos import netlab
 from tests.chaos.cluster import CLIENT, COORDS, ETCD, HOSTS, REPO_SIZE
 
 
-def parent(args: argparse.Namespace) -> int:
+def parent(args: argparse.Namespace, seed: int, summary: Path | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="blocktxn-chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
     mounts: list[Path] = []
@@ -42,9 +47,13 @@ def parent(args: argparse.Namespace) -> int:
                             str(repo)], check=True)
             mounts.append(repo)
         child = subprocess.run([*net.exec_prefix(CLIENT), sys.executable, "-m", "tests.chaos",
-                                "--child", "--seed", str(args.seed), "--duration",
+                                "--child", "--seed", str(seed), "--duration",
                                 str(args.duration), "--workdir", str(workdir),
-                                "--hosts", json.dumps(net.hosts)])
+                                "--hosts", json.dumps(net.hosts),
+                                *(["--faults", args.faults] if args.faults else []),
+                                *(["--summary", str(summary)] if summary else [])])
+        if child.returncode not in (0, 130) and not args.workdir:
+            keep_logs(workdir, Path(f"/tmp/chaos-logs-seed{seed}"))
         return child.returncode
     except KeyboardInterrupt:
         print("interrupted: tearing the lab down")
@@ -57,8 +66,19 @@ def parent(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def keep_logs(workdir: Path, dest: Path) -> None:
+    """Copy the daemons' logs of a failed run (not the images) for a post-mortem."""
+    shutil.rmtree(dest, ignore_errors=True)
+    for log in workdir.rglob("*.log"):
+        target = dest / log.relative_to(workdir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, target)
+    print(f"logs of the failed run kept in {dest}")
+
+
 def child(args: argparse.Namespace) -> int:
-    from tests.chaos.cluster import ChaosCluster
+    from blocktxn.v1 import coordinator_pb2 as cpb
+    from tests.chaos.cluster import HAVE_QEMU_SYSTEM, ChaosCluster
     from tests.chaos.run import Driver
 
     net = netlab.NetLab(hosts=json.loads(args.hosts))
@@ -73,35 +93,125 @@ def child(args: argparse.Namespace) -> int:
         cluster.wait_ready()
         log(f"chaos: seed {args.seed}, {args.duration:g}s, lab up in "
             f"{time.monotonic() - started:.1f}s")
-        history = Driver(cluster, args.seed, args.duration, log).run()
+        if not HAVE_QEMU_SYSTEM:
+            log("chaos: qemu-system-x86_64 is missing: no pausable VM, pause faults skipped")
+        faults = tuple(args.faults.split(",")) if args.faults else None
+        history = Driver(cluster, args.seed, args.duration, log, faults).run()
     finally:
         cluster.stop_all()
-    committed = sum(1 for r in history.runs if r.final.decision == 1)
+    committed = sum(1 for r in history.runs if r.final.decision == cpb.DECISION_COMMIT)
     print("\n== chaos summary ==")
     print(f"seed {args.seed}: {len(history.runs)} transactions, {committed} committed, "
           f"{len(history.runs) - committed} aborted")
+    print(f"concurrent transactions refused at the start: {history.refused}; "
+          f"commits refused by the agent_commit failpoint: {history.commit_refusals}")
     print("faults injected (kind @ step):")
     for (kind, step), n in sorted(history.faults.items()):
-        print(f"  {kind:12s} @ {step:8s} {n}")
+        print(f"  {kind:16s} @ {step:8s} {n}")
     print(f"invariant violations: {len(history.violations)}")
     for v in history.violations:
         print(f"  - {v}")
     if history.violations:
         print(f"reproduce with: python -m tests.chaos --seed {args.seed} "
               f"--duration {args.duration:g}")
+    if args.summary:
+        Path(args.summary).write_text(json.dumps({
+            "seed": args.seed, "transactions": len(history.runs), "committed": committed,
+            "refused": history.refused, "commit_refusals": history.commit_refusals,
+            "faults": [[k, s, n] for (k, s), n in history.faults.items()],
+            "violations": history.violations}))
     return 1 if history.violations else 0
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``1-12`` or ``3,5,9-11``."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        seeds += range(int(lo), int(hi or lo) + 1)
+    return seeds
+
+
+def table(results: list[dict[str, Any]], missing_runs: list[int], duration: float) -> str:
+    from tests.chaos.run import CUT_ONLY, FAULTS, STEPS
+
+    faults: Counter[tuple[str, str]] = Counter()
+    for r in results:
+        for kind, step, n in r["faults"]:
+            faults[(kind, step)] += n
+    other = sorted({s for _, s in faults} - set(STEPS))
+    cols = [*STEPS, *other]
+    kinds = [*FAULTS, *sorted({k for k, _ in faults} - set(FAULTS))]
+    lines = [f"== chaos aggregate: seeds {','.join(str(r['seed']) for r in results)}, "
+             f"{duration:g}s each ==",
+             f"{'fault kind':18s}" + "".join(f"{c:>9s}" for c in cols) + f"{'total':>8s}"]
+    for k in kinds:
+        row = [faults[(k, c)] for c in cols]
+        lines.append(f"{k:18s}" + "".join(f"{n:9d}" for n in row) + f"{sum(row):8d}")
+    total = sum(r["transactions"] for r in results)
+    committed = sum(r["committed"] for r in results)
+    lines.append(f"{'total':18s}" + "".join(f"{sum(faults[(k, c)] for k in kinds):9d}"
+                                             for c in cols) + f"{total:8d}")
+    unhit = [f"{k}@{s}" for k in FAULTS for s in (("cut",) if k in CUT_ONLY else STEPS)
+             if not faults[(k, s)]]
+    lines.append(f"transactions: {total} ({committed} committed, {total - committed} aborted)"
+                 f"; concurrent refused at start: {sum(r['refused'] for r in results)}"
+                 f"; commits refused by the failpoint: "
+                 f"{sum(r['commit_refusals'] for r in results)}")
+    lines.append("per seed: " + ", ".join(f"{r['seed']}:{r['transactions']}/"
+                                           f"{len(r['violations'])}v" for r in results))
+    lines.append("fault kinds not hit at a step they apply to: "
+                 + (", ".join(unhit) if unhit else "none"))
+    if missing_runs:
+        lines.append(f"runs that did not finish (no summary): seeds {missing_runs}")
+    violations = [(r["seed"], v) for r in results for v in r["violations"]]
+    lines.append(f"invariant violations: {len(violations)}")
+    lines += [f"  - seed {s}: {v}" for s, v in violations]
+    return "\n".join(lines)
+
+
+def many(args: argparse.Namespace) -> int:
+    seeds = parse_seeds(args.seeds)
+    results: list[dict[str, Any]] = []
+    missing: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="blocktxn-chaos-sums-") as sums:
+        for seed in seeds:
+            print(f"\n######## seed {seed} ({len(results) + len(missing) + 1}/{len(seeds)})",
+                  flush=True)
+            summary = Path(sums) / f"{seed}.json"
+            rc = parent(args, seed, summary)
+            if rc == 130:
+                break
+            if summary.exists():
+                results.append(json.loads(summary.read_text()))
+            else:
+                missing.append(seed)
+    out = table(results, missing, args.duration)
+    print("\n" + out)
+    if args.table:
+        Path(args.table).write_text(out + "\n")
+    bad = sum(len(r["violations"]) for r in results)
+    return 0 if results and not bad and not missing else 1
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--duration", type=float, default=120.0)
+    p.add_argument("--seeds", help="several runs, e.g. 1-12 or 3,5,9-11")
+    p.add_argument("--duration", type=float, default=120.0, help="seconds per seed")
+    p.add_argument("--table", help="with --seeds: also write the aggregate table here")
+    p.add_argument("--faults", help="only these fault kinds (comma-separated), to debug one")
     p.add_argument("--workdir")
     p.add_argument("--keep-files", action="store_true")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--hosts", help=argparse.SUPPRESS)
+    p.add_argument("--summary", help=argparse.SUPPRESS)
     args = p.parse_args()
-    return child(args) if args.child else parent(args)
+    if args.child:
+        return child(args)
+    if args.seeds:
+        return many(args)
+    return parent(args, args.seed)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,32 @@
 """The chaos cluster inside the lab namespaces: 3 etcd members, 2 coordinator
 replicas, 3 agent hosts with 2 VMs each; every process started, killed,
-stopped and restarted by PID."""
+stopped and restarted by PID.
+
+On every host ``web`` is a qemu-storage-daemon with an extra large sparse disk
+(``big``, BIG_SIZE virtual, almost nothing allocated) and ``db`` is a
+qemu-system-x86_64 (``-M none``: no guest, but QMP ``stop``/``cont``, so it can be
+quiesced with ``pause``); its STOP/RESUME events are recorded by a third monitor.
+Every agent runs with ``BLOCKTXN_FAILPOINT_FILE`` (armed by the commit_fail fault).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from blocktxn import procs
-from blocktxn.demo.guest import StandInGuestAgent, Workload, close_guests
-from blocktxn.demo.lab import AgentProcess, LabVm
+from blocktxn.demo.guest import Cut, StandInGuestAgent, Workload, close_guests
+from blocktxn.demo.lab import AgentProcess, LabDisk, LabVm, qmp_call, wait_for_path
 from tests.chaos.netlab import NetLab
 
 ETCD = ("e1", "e2", "e3")
@@ -24,7 +36,13 @@ VMS = ("web", "db")
 DISKS = ("d0", "d1")
 FAULTY_DISK = "d1"  # on every VM: blkdebug underneath, for injected read errors
 DISK_SIZE = 8 << 20
-REPO_SIZE = 512 << 20  # tmpfs per agent repository (made full by the repo_full fault)
+BIG_DISK = "big"  # on every host's BIG_VM: a large sparse disk (large_disk fault)
+BIG_VM = "web"
+BIG_SIZE = 4 << 30
+PAUSE_VM = "db"  # qemu-system-x86_64: can be paused (quiesce pause)
+HAVE_QEMU_SYSTEM = shutil.which("qemu-system-x86_64") is not None
+REPO_SIZE = 2 << 30  # tmpfs per agent repository (made full by the repo_full fault); a
+# 420 s run writes ~600 MiB per host: no retention runs, so it must not fill by itself
 CLIENT = "cl"
 
 
@@ -61,6 +79,164 @@ class Proc:
         procs.terminate(self.proc)
 
 
+def _blockdev_args(vm: LabVm) -> list[str]:
+    """The same node graph as LabVm.start (blkdebug under the faulty disk)."""
+    argv: list[str] = []
+    for d in vm.disks:
+        if d.read_error:
+            proto: dict[str, Any] = {
+                "driver": "blkdebug", "node-name": f"{d.name}-dbg", "align": 4096,
+                "image": {"driver": "file", "filename": str(d.image)},
+                "set-state": [{"event": "pwritev_rmw_tail", "state": 1, "new_state": 2},
+                              {"event": "read_aio", "state": 2, "new_state": 3}],
+                "inject-error": [{"event": "read_aio", "state": 2, "errno": 5,
+                                  "iotype": "read", "once": True, "immediately": False}],
+            }
+            argv += ["-blockdev", json.dumps(proto)]
+            file_node = f"{d.name}-dbg"
+        else:
+            argv += ["-blockdev", f"driver=file,node-name={d.name}-file,filename={d.image}"]
+            file_node = f"{d.name}-file"
+        argv += ["-blockdev", f"driver=qcow2,node-name={d.name},file={file_node}"]
+    return argv
+
+
+class PausableVm(LabVm):
+    """A qemu-system-x86_64 without a machine (``-M none``): the same disks and NBD
+    exports as a LabVm, plus a real run state (QMP stop/cont/query-status), a monitor
+    for the agent's freeze watchdog and one whose STOP/RESUME events are recorded
+    (``pauses``)."""
+
+    events: list[tuple[str, float]]
+    _listener: threading.Thread | None = None
+
+    @property
+    def events_socket(self) -> Path:
+        return self.workdir / "qmp-events.sock"
+
+    @property
+    def watch_socket(self) -> Path:
+        """The monitor of the agent's freeze watchdog (AgentProcess passes it as
+        ``--vm NAME=QMP,...,watch=PATH``)."""
+        return self.workdir / "qmp-watch.sock"
+
+    def start(self) -> None:
+        monitors = (self.qmp_socket, self.probe_socket, self.watch_socket, self.events_socket)
+        for sock in (*monitors, self.nbd_socket):
+            sock.unlink(missing_ok=True)
+        argv = ["qemu-system-x86_64", "-M", "none", "-nodefaults", "-display", "none",
+                *_blockdev_args(self)]
+        for i, sock in enumerate(monitors):
+            argv += ["-chardev", f"socket,path={sock},server=on,wait=off,id=qmp{i}",
+                     "-mon", f"chardev=qmp{i},mode=control"]
+        self.proc = subprocess.Popen([*self.prefix, *argv], stdout=subprocess.DEVNULL,
+                                     stderr=open(self.workdir / "qemu.log", "ab"))
+        wait_for_path(self.probe_socket)
+        wait_for_path(self.events_socket)
+        self._export()
+        wait_for_path(self.nbd_socket)
+        if not hasattr(self, "events"):
+            self.events = []
+        if self._listener is None or not self._listener.is_alive():
+            self._listener = threading.Thread(target=self._listen, daemon=True,
+                                              name=f"events-{self.name}")
+            self._listener.start()
+
+    def _export(self) -> None:
+        """NBD server and exports over the probe monitor. Retried: once (seed 5, under
+        load) block-export-add right after nbd-server-start said "NBD server not running"."""
+        exported: set[str] = set()
+        for attempt in range(10):
+            try:
+                try:
+                    qmp_call(self.probe_socket, "nbd-server-start",
+                             {"addr": {"type": "unix", "data": {"path": str(self.nbd_socket)}}})
+                except RuntimeError as err:
+                    if "already" not in str(err):
+                        raise
+                for d in self.disks:
+                    if d.name not in exported:
+                        qmp_call(self.probe_socket, "block-export-add",
+                                 {"type": "nbd", "id": f"exp-{d.name}", "node-name": d.name,
+                                  "name": d.name, "writable": True})
+                        exported.add(d.name)
+                return
+            except (RuntimeError, OSError):
+                if attempt == 9:
+                    raise
+                time.sleep(0.2)
+
+    def _listen(self) -> None:
+        """Record STOP/RESUME (QEMU's own timestamps); reconnect after a restart."""
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(self.events_socket))
+                    f = s.makefile("rwb")
+                    f.readline()
+                    f.write(b'{"execute": "qmp_capabilities"}\n')
+                    f.flush()
+                    for line in f:
+                        msg = json.loads(line)
+                        if msg.get("event") in ("STOP", "RESUME"):
+                            ts = msg["timestamp"]
+                            self.events.append(
+                                (msg["event"], ts["seconds"] + ts["microseconds"] / 1e6))
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+
+    def pauses(self, since: float = 0.0) -> list[tuple[float, float | None]]:
+        """(paused at, resumed at or None) for every pause that began after *since*."""
+        out: list[tuple[float, float | None]] = []
+        for name, t in list(self.events):
+            if name == "STOP":
+                out.append((t, None))
+            elif out and out[-1][1] is None:
+                out[-1] = (out[-1][0], t)
+        return [p for p in out if p[0] >= since]
+
+    def status(self) -> str:
+        return str(qmp_call(self.probe_socket, "query-status")["status"])
+
+
+@dataclass
+class ChaosWorkload(Workload):
+    """A Workload whose cut snapshots copy sparse shadows sparsely (a 4 GiB disk)."""
+
+    def snapshot(self, tag: str) -> Cut:
+        images = {}
+        for disk, shadow in self.shadows.items():
+            dst = self.vm.workdir / f"{disk}.cut-{tag}.raw"
+            sparse_copy(shadow, dst)
+            images[disk] = dst
+        return Cut(self.seq, images, time.time())
+
+
+def sparse_copy(src: Path, dst: Path) -> None:
+    """Copy only the data extents of *src* (holes stay holes)."""
+    size = src.stat().st_size
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        fo.truncate(size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fi.fileno(), start, os.SEEK_HOLE)
+            fi.seek(start)
+            fo.seek(start)
+            left = end - start
+            while left > 0:
+                chunk = fi.read(min(left, 8 << 20))
+                if not chunk:
+                    break
+                fo.write(chunk)
+                left -= len(chunk)
+            pos = end
+
+
 @dataclass
 class Host:
     name: str
@@ -69,6 +245,7 @@ class Host:
     gas: dict[str, StandInGuestAgent] = field(default_factory=dict)
     agent: AgentProcess | None = None
     repo: Path = Path()
+    failpoints: Path = Path()  # the agent's BLOCKTXN_FAILPOINT_FILE
 
 
 class ChaosCluster:
@@ -113,13 +290,21 @@ class ChaosCluster:
             p.start()
             self.coords[c] = p
         for h in HOSTS:
-            host = Host(h, repo=self.workdir / h / "agent" / "repo")
+            host = Host(h, repo=self.workdir / h / "agent" / "repo",
+                        failpoints=self.workdir / h / "failpoints")
             for v in VMS:
                 vm = LabVm.create(v, self.workdir / h / v, list(DISKS), size=DISK_SIZE,
                                   read_error_disks=(FAULTY_DISK,))
+                if v == PAUSE_VM and HAVE_QEMU_SYSTEM:
+                    vm = PausableVm(vm.name, vm.workdir, vm.disks)
+                if v == BIG_VM:
+                    big = vm.workdir / f"{BIG_DISK}.qcow2"
+                    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(big),
+                                    str(BIG_SIZE)], check=True)
+                    vm.disks.append(LabDisk(BIG_DISK, big, BIG_SIZE))
                 vm.prefix = self.net.exec_prefix(h)
                 vm.start()
-                wl = Workload(vm)
+                wl = ChaosWorkload(vm)
                 wl.attach()
                 for d_ in DISKS:
                     wl.write(d_, 0)  # cluster 0: where read errors are armed
@@ -129,7 +314,8 @@ class ChaosCluster:
                 h, self.workdir / h / "agent", list(host.vms.values()),
                 {v: g.path for v, g in host.gas.items()},
                 extra=["--coordinator", ",".join(self.coordinator_addresses)],
-                host_ip=self.net.addr(h), prefix=self.net.exec_prefix(h))
+                host_ip=self.net.addr(h), prefix=self.net.exec_prefix(h),
+                env={"BLOCKTXN_FAILPOINT_FILE": str(host.failpoints)})
             host.agent.start()
             self.hosts[h] = host
 
@@ -144,6 +330,10 @@ class ChaosCluster:
                                 str(d.image), str(wl.shadows[d.name])], check=True)
             lab_vm.start()
             wl.attach()
+
+    def pausable(self, host: str) -> PausableVm | None:
+        vm = self.hosts[host].vms.get(PAUSE_VM)
+        return vm if isinstance(vm, PausableVm) else None
 
     def stop_all(self) -> None:
         for h in self.hosts.values():

@@ -1,43 +1,91 @@
 """The chaos driver (runs inside the client namespace): back-to-back grouped
 transactions, writers running all the time, one seeded fault per transaction at
-a chosen protocol step, a recorded history, and the invariant checker."""
+a chosen protocol step, a recorded history, and the invariant checker.
+
+Fault kinds (each at a step in STEPS unless it acts on the cut itself):
+
+- process faults: kill/stop of the leader coordinator, an agent, an etcd member;
+  SIGTERM and power loss (torn journal/catalog tail) of an agent; kill of a VM;
+- network: a partition of an agent host (``partition``) or of an etcd member
+  (``etcd_cut``: its bridge port goes down, the process keeps running);
+- resources: repository full, guest agent that never answers freeze, read error;
+- ``pause_kill_agent`` / ``pause_stop_agent``: a transaction quiesced with QMP
+  ``stop``/``cont`` (quiesce ``pause``, on the qemu-system VMs) whose agent is
+  SIGKILLed (kept down past the freeze deadline) or SIGSTOPped for longer than the
+  freeze timeout; at step ``cut`` the fault fires the moment QEMU reports STOP;
+- ``concurrent``: transaction A (every VM's d0, freeze) and B (every VM's d1,
+  freeze or none) at the same time (B starts when A reaches the step);
+- ``large_disk``: the transaction also holds every host's 4 GiB sparse disk, and
+  the agent of one host is killed at the step;
+- ``commit_fail``: one agent's Commit answers FAILED_PRECONDITION (runtime
+  failpoint ``agent_commit=fail``) from the step until 3 s after the decision.
+
+Point in time is checked against the stand-in guest agent's snapshot at the
+freeze when one transaction alone froze the VMs, otherwise by reconstruction:
+the restored disks must equal the writer's history replayed up to one write
+number k, and the instant k stands for must lie inside the VM's pause (QEMU's
+STOP/RESUME timestamps), be one of the freezes, or (quiesce none) inside the
+transaction's lifetime.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import signal
 import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blocktxn.client import BackupOptions, ClientError, SyncClient
+from blocktxn.client import BackupOptions, Client, ClientError, SyncClient
 from blocktxn.coordinator.errors import StoreUnavailableError
 from blocktxn.coordinator.store import leader_name
 from blocktxn.demo.lab import CLUSTER, dirty_counts, images_equal, qmp_call, top_layer_clusters
 from blocktxn.v1 import coordinator_pb2 as cpb
 from tests.chaos.cluster import (
+    BIG_DISK,
+    BIG_SIZE,
+    BIG_VM,
     DISK_SIZE,
     DISKS,
     ETCD,
     FAULTY_DISK,
+    HAVE_QEMU_SYSTEM,
     HOSTS,
+    PAUSE_VM,
     REPO_SIZE,
     VMS,
     ChaosCluster,
+    PausableVm,
 )
 
-FAULTS = ("none", "kill_leader", "stop_leader", "kill_agent", "stop_agent", "kill_etcd",
-          "stop_etcd", "partition", "io_error", "kill_vm", "repo_full", "ga_silent",
-          "power_loss", "term_agent")
+PAUSE_FAULTS = ("pause_kill_agent", "pause_stop_agent")
+ALL_FAULTS = ("none", "kill_leader", "stop_leader", "kill_agent", "stop_agent", "kill_etcd",
+              "stop_etcd", "partition", "io_error", "kill_vm", "repo_full", "ga_silent",
+              "power_loss", "term_agent", *PAUSE_FAULTS, "concurrent", "etcd_cut",
+              "large_disk", "commit_fail")
+FAULTS = tuple(f for f in ALL_FAULTS if HAVE_QEMU_SYSTEM or f not in PAUSE_FAULTS)
+CUT_ONLY = ("repo_full", "ga_silent", "io_error")  # act on what the cut is about to do
 STEPS = ("cut", "run", "barrier", "decided")
 FREEZE_TIMEOUT = 4.0
+FREEZE_LIMIT = FREEZE_TIMEOUT + 2.5  # bounded freeze: longest acceptable quiesce
 DEADLINE = 25.0
 STOP_FOR = 6.0  # SIGSTOP of an agent: longer than the freeze timeout (the watchdog thaws)
+# an agent whose VM is paused is killed or stopped for clearly longer than the bound
+KILL_FOR = FREEZE_LIMIT + 1.0
+PAUSE_STOP_FOR = FREEZE_LIMIT + 2.0
+THROTTLE = 2 << 20  # bytes/s per job when the fault targets run or barrier
+BIG_WRITE_EVERY = 25  # one write in this many on a BIG_VM goes to its big disk
+
+Key = tuple[str, str]  # host, vm
+Member = tuple[str, str, str]  # host, vm, disk
 
 
 def tear_tail(path: Path, rng: random.Random) -> None:
@@ -51,13 +99,45 @@ def tear_tail(path: Path, rng: random.Random) -> None:
             f.write(last[: rng.randrange(1, len(last))])
 
 
+def cluster_reps(path: Path) -> list[Any]:
+    """Per cluster: its byte if the cluster is uniform, else a digest of its bytes."""
+    reps: list[Any] = []
+    with open(path, "rb") as f:
+        while True:
+            cl = f.read(CLUSTER)
+            if not cl:
+                return reps
+            reps.append(cl[0] if cl.count(cl[0]) == len(cl) else hashlib.blake2b(cl).digest())
+
+
+@dataclass
+class Base:
+    """A VM's disks (as cluster reps) at write number *seq*: the start of a replay."""
+
+    seq: int
+    reps: dict[str, list[Any]]
+
+
 @dataclass
 class TxnRun:
     txn_id: str
     fault: str
     step: str
-    cuts_before: dict[tuple[str, str], int]
+    cuts_before: dict[Key, int]
+    members: list[Member] = field(default_factory=list)
+    quiesce: str = "freeze"
+    exclusive: bool = True  # no other transaction in flight: the freeze snapshot is its cut
+    started: float = 0.0
+    base: dict[Key, Base] = field(default_factory=dict)
     final: Any = None
+    ended: float = 0.0
+
+    @property
+    def vms(self) -> list[Key]:
+        return sorted({(h, v) for h, v, _ in self.members})
+
+    def disks_of(self, key: Key) -> list[str]:
+        return [d for h, v, d in self.members if (h, v) == key]
 
 
 @dataclass
@@ -65,14 +145,24 @@ class History:
     runs: list[TxnRun] = field(default_factory=list)
     faults: Counter[tuple[str, str]] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
-    # per (host, vm, disk): workload seq of the last committed cut, None after a VM crash
-    last_commit: dict[tuple[str, str, str], int | None] = field(default_factory=dict)
-    crashed: set[tuple[str, str]] = field(default_factory=set)
-    writes: list[tuple[int, tuple[str, str], int]] = field(default_factory=list)  # g, vm, seq
+    refused: int = 0  # concurrent transactions refused at the start (nothing changed)
+    commit_refusals: int = 0  # transactions whose Commit was refused by the failpoint
+    # per (host, vm, disk): workload seq of the last committed cut (the latest it can be),
+    # None after a VM crash
+    last_commit: dict[Member, int | None] = field(default_factory=dict)
+    crashed: set[Key] = field(default_factory=set)
+    writes: list[tuple[int, Key, int]] = field(default_factory=list)  # g, vm, seq
+    # per VM: seq -> (issued, acknowledged) wall-clock times of the writer's writes
+    wtimes: dict[Key, dict[int, tuple[float, float]]] = field(default_factory=dict)
 
 
 class Driver:
-    def __init__(self, cluster: ChaosCluster, seed: int, duration: float, log: Any) -> None:
+    def __init__(self, cluster: ChaosCluster, seed: int, duration: float, log: Any,
+                 faults: tuple[str, ...] | None = None) -> None:
+        unknown = set(faults or ()) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown (or unavailable) fault kinds {sorted(unknown)}")
+        self.faults = faults or FAULTS
         self.c = cluster
         self.rng = random.Random(seed)
         self.seed = seed
@@ -81,16 +171,25 @@ class Driver:
         self.log = log
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
-        self._dead: set[tuple[str, str]] = set()
-        self.pending_crashes: list[tuple[str, str]] = []
+        self._dead: set[Key] = set()
+        self.stuck = False
+        self.vm_pool = ThreadPoolExecutor(3, thread_name_prefix="chk-vm")
+        self.pool = ThreadPoolExecutor(6, thread_name_prefix="chk-disk")
+        self.pending_crashes: list[Key] = []
+        self._loop = asyncio.new_event_loop()
+        self._clients: dict[str, Client] = {}
+        threading.Thread(target=self._loop.run_forever, daemon=True, name="chaos-aio").start()
 
     # ---------------------------------------------------------------- client
-    def client(self) -> SyncClient:
-        """A client of a replica that is running (followers forward to the leader)."""
+    def live_address(self) -> str:
         for name, proc in self.c.coords.items():
             if proc.alive and not proc.stopped:
-                return SyncClient(f"{self.c.net.addr(name)}:7400", timeout=10)
-        return SyncClient(self.c.coordinator_addresses[0], timeout=10)
+                return f"{self.c.net.addr(name)}:7400"
+        return self.c.coordinator_addresses[0]
+
+    def client(self) -> SyncClient:
+        """A client of a replica that is running (followers forward to the leader)."""
+        return SyncClient(self.live_address(), timeout=10)
 
     def call(self, name: str, *args: Any, tries: float = 60) -> Any:
         deadline = time.monotonic() + tries
@@ -102,6 +201,28 @@ class Driver:
                     raise
                 self.log(f"   (retrying {name}: {err})")
                 time.sleep(0.5)
+
+    def aio(self, coro: Any, timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _client(self) -> Client:
+        addr = self.live_address()
+        if addr not in self._clients:
+            self._clients[addr] = Client(addr, timeout=5)
+        return self._clients[addr]
+
+    def get(self, txn_id: str) -> Any:
+        """GetTransaction over a long-lived channel (None if no replica answers)."""
+        async def one() -> Any:
+            try:
+                return await self._client().get(txn_id)
+            except ClientError:
+                return None
+
+        try:
+            return self.aio(one(), 15)
+        except TimeoutError:
+            return None
 
     def leader(self) -> str | None:
         """The replica in etcd's leader key (None if none or etcd does not answer)."""
@@ -115,40 +236,70 @@ class Driver:
     def start_writer(self) -> None:
         keys = [(h, v) for h in HOSTS for v in VMS]
         nclusters = DISK_SIZE // CLUSTER
+        last: dict[tuple[Key, str, int], int] = {}
+        for key in keys:
+            self.h.wtimes[key] = {}
 
         def loop() -> None:
             g = 0
+            rng = self.rng_w
             while not self._stop.is_set():
-                key = self.rng_w.choice(keys)
+                key = rng.choice(keys)
                 if key in self._dead:
                     time.sleep(0.005)
                     continue
                 wl = self.c.hosts[key[0]].workloads[key[1]]
+                if key[1] == BIG_VM and rng.randrange(BIG_WRITE_EVERY) == 0:
+                    disk, cluster = BIG_DISK, rng.randrange(BIG_SIZE // CLUSTER)
+                else:
+                    disk, cluster = rng.choice(DISKS), rng.randrange(1, nclusters)
+                # never the byte the cluster already holds: every write changes the disk
+                byte = rng.randrange(1, 256)
+                if byte == last.get((key, disk, cluster)):
+                    byte = byte % 255 + 1
                 try:
-                    wl.write(self.rng_w.choice(DISKS), self.rng_w.randrange(1, nclusters))
-                except OSError:
-                    continue  # the VM just died; its shadow is resynced at restart
+                    with wl.lock:
+                        t0 = time.time()
+                        wl._write_locked(disk, cluster, byte)
+                        seq = wl.seq
+                        t1 = time.time()
+                except (OSError, ValueError, KeyError):
+                    # the VM just died (its shadow is resynced at restart), or the lab is
+                    # being torn down
+                    time.sleep(0.005)
+                    continue
+                last[(key, disk, cluster)] = byte
                 g += 1
-                self.h.writes.append((g, key, wl.seq))
+                self.h.writes.append((g, key, seq))
+                self.h.wtimes[key][seq] = (t0, t1)
                 time.sleep(0.004)
 
         self.rng_w = random.Random(self.seed + 1)
         self._writer = threading.Thread(target=loop, daemon=True, name="chaos-writer")
         self._writer.start()
 
+    def base(self, keys: list[Key]) -> dict[Key, Base]:
+        """Each VM's disks now (write number and cluster reps), the writes held off."""
+        out = {}
+        for key in keys:
+            wl = self.c.hosts[key[0]].workloads[key[1]]
+            if not wl.lock.acquire(timeout=10):
+                continue  # a guest still frozen: no replay reference for this VM
+            try:
+                out[key] = Base(wl.seq, {d: cluster_reps(wl.shadows[d]) for d in DISKS})
+            finally:
+                wl.lock.release()
+        return out
+
     # ---------------------------------------------------------------- faults
     def wait_step(self, txn_id: str, step: str, timeout: float = 20) -> str:
-        """Wait until *txn_id* reaches *step*; return what was observed."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                t = self.client().get(txn_id)
-            except ClientError:
-                time.sleep(0.05)
-                continue
+        """Wait until *txn_id* reaches *step* (following its watch stream); return
+        what was observed: the step, ``late`` if it was already past, ``timeout``."""
+        if step == "cut":
+            return "cut"
+
+        def reached(t: Any) -> str | None:
             phase = t.phase
-            if step == "cut":
-                return "cut"
             if step == "run" and phase >= cpb.TXN_PHASE_RUNNING:
                 return "run" if phase == cpb.TXN_PHASE_RUNNING else "late"
             if step == "barrier" and phase >= cpb.TXN_PHASE_RUNNING and (
@@ -157,14 +308,33 @@ class Driver:
                 return "barrier" if phase == cpb.TXN_PHASE_RUNNING else "late"
             if step == "decided" and phase >= cpb.TXN_PHASE_DECIDED:
                 return "decided" if phase == cpb.TXN_PHASE_DECIDED else "late"
-            time.sleep(0.02)
-        return "timeout"
+            return None
 
-    def inject(self, fault: str, txn_id: str | None) -> list[Any]:
+        async def follow() -> str:
+            while True:
+                try:
+                    async for t in self._client().watch(txn_id):
+                        seen = reached(t)
+                        if seen:
+                            return seen
+                    t = await self._client().get(txn_id)
+                    return reached(t) or "late"
+                except ClientError:
+                    await asyncio.sleep(0.05)
+
+        async def bounded() -> str:
+            try:
+                return await asyncio.wait_for(follow(), timeout)
+            except TimeoutError:
+                return "timeout"
+
+        return str(self.aio(bounded(), timeout + 5))
+
+    def inject(self, fault: str, txn_id: str | None, host: str | None = None) -> list[Any]:
         """Inject *fault*; return the undo actions to run once the step has passed."""
         rng = self.rng
         undo: list[Any] = []
-        host = rng.choice(HOSTS)
+        host = host or rng.choice(HOSTS)
         vm = rng.choice(VMS)
         h = self.c.hosts[host]
         if fault in ("kill_leader", "stop_leader"):
@@ -176,22 +346,25 @@ class Driver:
             else:
                 proc.signal(signal.SIGSTOP)
                 undo.append(later(6.5, lambda: proc.signal(signal.SIGCONT)))
-        elif fault in ("kill_agent", "stop_agent", "power_loss", "term_agent"):
+        elif fault in ("kill_agent", "stop_agent", "power_loss", "term_agent", "large_disk",
+                       *PAUSE_FAULTS):
             agent = h.agent
             assert agent is not None and agent.proc is not None
-            if fault in ("kill_agent", "power_loss"):
+            if fault in ("kill_agent", "power_loss", "large_disk", "pause_kill_agent"):
                 agent.kill()
                 if fault == "power_loss":  # the write in flight was torn
                     for name in ("journal.jsonl", "catalog.jsonl"):
                         tear_tail(h.repo / name, rng)
-                undo.append(later(1.0, lambda: agent.start()))
+                down = KILL_FOR if fault == "pause_kill_agent" else 1.0
+                undo.append(later(down, lambda: agent.start()))
             elif fault == "term_agent":    # as a service manager stops it
                 agent.stop()
                 undo.append(later(1.0, lambda: agent.start()))
             else:
                 agent.proc.send_signal(signal.SIGSTOP)
                 popen = agent.proc
-                undo.append(later(STOP_FOR, lambda: popen.send_signal(signal.SIGCONT)))
+                held = PAUSE_STOP_FOR if fault == "pause_stop_agent" else STOP_FOR
+                undo.append(later(held, lambda: popen.send_signal(signal.SIGCONT)))
         elif fault in ("kill_etcd", "stop_etcd"):
             member = self.c.etcd[rng.choice(ETCD)]
             if fault == "kill_etcd":
@@ -200,6 +373,10 @@ class Driver:
             else:
                 member.signal(signal.SIGSTOP)
                 undo.append(later(3.0, lambda: member.signal(signal.SIGCONT)))
+        elif fault == "etcd_cut":  # the member runs on, its network is gone
+            name = rng.choice(ETCD)
+            self.c.net.cut(name)
+            undo.append(later(3.0, lambda: self.c.net.heal(name)))
         elif fault == "partition":
             self.c.net.cut(host)
             undo.append(later(3.0, lambda: self.c.net.heal(host)))
@@ -227,50 +404,81 @@ class Driver:
             ga = h.gas[vm]
             ga.answer_freeze = False
             undo.append(later(FREEZE_TIMEOUT + 1, lambda: setattr(ga, "answer_freeze", True)))
+        elif fault == "commit_fail":
+            h.failpoints.write_text("agent_commit=fail\n")
+            assert txn_id is not None
+            tid = txn_id
+
+            def disarm() -> None:  # a few seconds after the decision
+                self.wait_step(tid, "decided", timeout=DEADLINE + 10)
+                time.sleep(3.0)
+                h.failpoints.unlink(missing_ok=True)
+
+            undo.append(disarm)
         return undo
 
+    def when_paused(self, host: str, since: float, action: Callable[[], None]) -> Any:
+        """A thread that runs *action* the moment QEMU reports STOP on *host*'s
+        pausable VM (after *since*); its result: "cut", or "timeout"."""
+        vm = self.c.pausable(host)
+        assert vm is not None
+        out: dict[str, str] = {}
+
+        def run() -> None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if vm.pauses(since):
+                    action()
+                    out["seen"] = "cut"
+                    return
+                time.sleep(0.0005)
+            out["seen"] = "timeout"
+
+        t = threading.Thread(target=run, daemon=True, name="pause-trigger")
+        t.start()
+        return t, out
+
     # ------------------------------------------------------------ main loop
+    def default_members(self) -> list[Member]:
+        return [(h, v, d) for h in HOSTS for v in VMS for d in DISKS]
+
+    def big_members(self) -> list[Member]:
+        return [(h, BIG_VM, BIG_DISK) for h in HOSTS]
+
+    def start_txn(self, members: list[Member], quiesce: str, speed: int) -> Any:
+        return self.call("backup", [f"{h}/{v}/{d}" for h, v, d in members], BackupOptions(
+            quiesce=quiesce, freeze_timeout=FREEZE_TIMEOUT, deadline=DEADLINE, speed=speed))
+
+    def cuts_now(self) -> dict[Key, int]:
+        return {(h, v): len(self.c.hosts[h].gas[v].cuts) for h in HOSTS for v in VMS}
+
     def run(self) -> History:
         self.start_writer()
-        targets = [f"{h}/{v}" for h in HOSTS for v in VMS]
         started = time.monotonic()
         n = 0
         while time.monotonic() - started < self.duration:
             n += 1
-            fault = self.rng.choice(FAULTS) if n > 1 else "none"
+            fault = self.rng.choice(self.faults) if n > 1 else "none"
             step = self.rng.choice(STEPS)
-            if fault in ("repo_full", "ga_silent", "io_error"):
-                step = "cut"  # these act on what the transaction is about to do
-            cuts_before = {(h, v): len(self.c.hosts[h].gas[v].cuts)
-                           for h in HOSTS for v in VMS}
-            undo: list[Any] = []
-            if fault in ("repo_full", "ga_silent", "io_error"):
-                undo = self.inject(fault, None)
-            # throttle the copy when the fault targets the run or the barrier, so that
-            # the driver sees the step before the transaction has passed it
-            speed = 2 << 20 if step in ("run", "barrier") else 0
-            txn = self.call("backup", targets, BackupOptions(
-                quiesce="freeze", freeze_timeout=FREEZE_TIMEOUT, deadline=DEADLINE,
-                speed=speed))
-            seen = step
-            if fault not in ("none", "repo_full", "ga_silent", "io_error"):
-                seen = self.wait_step(txn.txn_id, step)
-                undo = self.inject(fault, txn.txn_id)
-            self.h.faults[(fault, seen)] += 1
-            threads = [threading.Thread(target=u, daemon=True) for u in undo]
-            for t in threads:
-                t.start()
-            final = self.wait_done(txn.txn_id)
-            for t in threads:
-                t.join(30)
-            run = TxnRun(txn.txn_id, fault, seen, cuts_before, final)
-            self.h.runs.append(run)
-            self.log(f"{n:3d} {txn.txn_id} {fault:12s} @{seen:8s} -> "
-                     f"{'COMMIT' if final.decision == cpb.DECISION_COMMIT else 'ABORT '} "
-                     f"{final.reason[:70]}")
-            self.check_txn(run)
+            if fault in CUT_ONLY:
+                step = "cut"
+            if fault == "concurrent":
+                runs = self.run_concurrent(step)
+            else:
+                runs = [self.run_single(fault, step, seed_big=n == 1)]
+            if self.stuck:
+                self.log("   a transaction never finished: the run stops here")
+                break
+            for run in runs:
+                self.h.runs.append(run)
+                self.log(f"{n:3d} {run.txn_id} {run.fault:16s} @{run.step:8s} -> "
+                         f"{'COMMIT' if run.final.decision == cpb.DECISION_COMMIT else 'ABORT '} "
+                         f"{run.final.reason[:70]}")
+            for run in runs:
+                self.check_txn(run)
+            self.cleanup_cuts(runs)
             for host, vm in self.pending_crashes:  # the checkpoints died with QEMU
-                for d in DISKS:
+                for d in self.c.hosts[host].workloads[vm].shadows:
                     self.h.last_commit[(host, vm, d)] = None
             self.pending_crashes.clear()
         self._stop.set()
@@ -280,21 +488,116 @@ class Driver:
         self.check_end()
         return self.h
 
+    def run_single(self, fault: str, step: str, seed_big: bool = False) -> TxnRun:
+        members, quiesce = self.default_members(), "freeze"
+        # throttle the copy when the fault targets the run or the barrier, so that
+        # the driver sees the step before the transaction has passed it
+        speed = THROTTLE if step in ("run", "barrier") else 0
+        if fault in PAUSE_FAULTS:
+            members = [(h, PAUSE_VM, d) for h in HOSTS for d in DISKS]
+            quiesce = "pause"
+        if fault == "large_disk" or seed_big:
+            members = members + self.big_members()
+            if any(self.h.last_commit.get(m) is None for m in self.big_members()):
+                speed = 0  # a full copy of 4 GiB: throttling counts its zeroes too
+        run = TxnRun("", fault, step, self.cuts_now(), members, quiesce, True)
+        if quiesce == "pause":
+            run.base = self.base(run.vms)
+        undo: list[Any] = []
+        if fault in CUT_ONLY:
+            undo = self.inject(fault, None)
+        trigger = None
+        host = self.rng.choice(HOSTS)
+        run.started = time.time()
+        if fault in PAUSE_FAULTS and step == "cut":
+            holder: list[list[Any]] = []
+            trigger = self.when_paused(host, run.started - 0.05,
+                                       lambda: holder.append(self.inject(fault, None, host)))
+        txn = self.start_txn(members, quiesce, speed)
+        run.txn_id = txn.txn_id
+        seen = step
+        if trigger is not None:
+            trigger[0].join(15)
+            seen = trigger[1].get("seen", "timeout")
+            undo = holder[0] if holder else []
+        elif fault not in ("none", *CUT_ONLY):
+            seen = self.wait_step(txn.txn_id, step)
+            undo = self.inject(fault, txn.txn_id, host)
+        run.step = seen
+        self.h.faults[(fault, seen)] += 1
+        self.finish([run], undo)
+        return run
+
+    def run_concurrent(self, step: str) -> list[TxnRun]:
+        """Transaction A (every VM's d0, freeze) and B (every VM's d1, freeze or none),
+        B started together with A (step cut) or when A reaches the step."""
+        b_quiesce = self.rng.choice(("freeze", "none"))
+        speed = THROTTLE if step in ("run", "barrier") else 0
+        keys = [(h, v) for h in HOSTS for v in VMS]
+        a = TxnRun("", "concurrent", step, self.cuts_now(),
+                   [(h, v, "d0") for h, v in keys], "freeze", False)
+        b = TxnRun("", "concurrent", step, a.cuts_before,
+                   [(h, v, "d1") for h, v in keys], b_quiesce, False)
+        a.base = b.base = self.base(keys)
+        errors: list[str] = []
+
+        def start(run: TxnRun) -> None:
+            run.started = time.time()
+            try:
+                run.txn_id = self.start_txn(run.members, run.quiesce, speed).txn_id
+            except ClientError as err:  # a refusal: nothing may have changed
+                errors.append(str(err))
+
+        if step == "cut":
+            threads = [threading.Thread(target=start, args=(r,)) for r in (a, b)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            seen = "cut"
+        else:
+            start(a)
+            seen = self.wait_step(a.txn_id, step) if a.txn_id else "refused"
+            start(b)
+        runs = [r for r in (a, b) if r.txn_id]
+        for r in runs:
+            r.step = seen
+        for err in errors:
+            self.h.refused += 1
+            self.log(f"   concurrent transaction refused: {err[:100]}")
+        self.h.faults[("concurrent", seen)] += len(runs)
+        self.finish(runs, [])
+        return runs
+
+    def finish(self, runs: list[TxnRun], undo: list[Any]) -> None:
+        threads = [threading.Thread(target=u, daemon=True) for u in undo]
+        for t in threads:
+            t.start()
+        for run in runs:
+            run.final = self.wait_done(run.txn_id)
+            run.ended = time.time()
+            if run.final is None:
+                self.bad(f"{run.txn_id} ({run.fault} @ {run.step}) never finished")
+                self.stuck = True
+            if run.fault == "commit_fail" and any(
+                    "failpoint agent_commit" in e for e in run.final.errors):
+                self.h.commit_refusals += 1
+        for t in threads:
+            t.join(60)
+
     def wait_done(self, txn_id: str, timeout: float = 120) -> Any:
+        """The final state of *txn_id*, or None if it is not done in *timeout*."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                t = self.client().get(txn_id)
-                if t.phase == cpb.TXN_PHASE_DONE:
-                    return t
-            except ClientError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"{txn_id} never finished")
+            t = self.get(txn_id)
+            if t is not None and t.phase == cpb.TXN_PHASE_DONE:
+                return t
+            time.sleep(0.05)
+        return None
 
     def settle(self) -> None:
         """Heal everything, let open transactions finish."""
-        for name in HOSTS:
+        for name in [*HOSTS, *ETCD]:
             self.c.net.heal(name)
         for p in [*self.c.etcd.values(), *self.c.coords.values()]:
             if p.stopped:
@@ -303,17 +606,63 @@ class Driver:
                 p.start()
         for h in self.c.hosts.values():
             assert h.agent is not None
+            h.failpoints.unlink(missing_ok=True)
             if h.agent.proc is None or h.agent.proc.poll() is not None:
                 h.agent.start()
             (h.repo / "ballast").unlink(missing_ok=True)
         time.sleep(2)
         for t in self.call("list_transactions", True):
-            self.wait_done(t.txn_id)
+            if self.wait_done(t.txn_id) is None:
+                self.bad(f"{t.txn_id}: still open after the faults were healed")
 
     # --------------------------------------------------------------- checker
     def bad(self, text: str) -> None:
         self.h.violations.append(text)
         self.log(f"   VIOLATION: {text}")
+
+    def cleanup_cuts(self, runs: list[TxnRun]) -> None:
+        """Delete the freeze snapshots taken since these runs began."""
+        if not runs:
+            return
+        for host in HOSTS:
+            for vm, ga in self.c.hosts[host].gas.items():
+                for cut in ga.cuts[runs[0].cuts_before[(host, vm)]:]:
+                    for snapshot in cut.images.values():
+                        snapshot.unlink(missing_ok=True)
+
+    def check_bounded_quiesce(self, run: TxnRun) -> None:
+        """No guest frozen, no VM paused, past its freeze deadline."""
+        t = run.final
+        for host in HOSTS:
+            for vm, ga in self.c.hosts[host].gas.items():
+                for s, e in ga.frozen_intervals[run.cuts_before[(host, vm)]:]:
+                    if e - s > FREEZE_LIMIT:
+                        self.bad(f"{t.txn_id}: {host}/{vm} frozen {e - s:.1f}s")
+            pvm = self.c.pausable(host)
+            if pvm is None or (host, PAUSE_VM) in self._dead:
+                continue
+            pauses = pvm.pauses(run.started - 0.05)
+            if run.quiesce == "pause" or pauses:
+                self.log(f"   {host}/{PAUSE_VM} paused for "
+                         + ", ".join(f"{(e or time.time()) - s:.2f}s" for s, e in pauses))
+            for stop, resume in pauses:
+                if resume is None:
+                    # still paused: wait until its deadline has surely passed, then ask QEMU
+                    time.sleep(max(0.0, stop + FREEZE_LIMIT - time.time()))
+                    try:
+                        status = pvm.status()
+                    except (OSError, RuntimeError) as err:
+                        status = f"unknown ({err})"
+                    if status != "running":
+                        self.bad(f"{t.txn_id}: {host}/{PAUSE_VM} still {status} "
+                                 f"{time.time() - stop:.1f}s after it was paused "
+                                 f"(limit {FREEZE_LIMIT:g}s)")
+                        try:  # let the run go on
+                            qmp_call(pvm.probe_socket, "cont")
+                        except (OSError, RuntimeError):
+                            pass
+                elif resume - stop > FREEZE_LIMIT:
+                    self.bad(f"{t.txn_id}: {host}/{PAUSE_VM} paused {resume - stop:.1f}s")
 
     def check_txn(self, run: TxnRun) -> None:
         t = run.final
@@ -322,74 +671,172 @@ class Driver:
         # atomicity + single decision (agents' catalogs agree with the durable decision)
         if outcomes != {"committed" if committed else "aborted"}:
             self.bad(f"{t.txn_id}: members {outcomes} but decision {t.decision}")
+        want_members = {(m.agent_id, m.vm, m.disk) for m in t.members}
+        if want_members != set(run.members):
+            self.bad(f"{t.txn_id}: members {sorted(want_members)} != requested")
         decision = self.call("get", t.txn_id).decision
         if decision != t.decision:
             self.bad(f"{t.txn_id}: decision changed {t.decision} -> {decision}")
         for host in HOSTS:
             repo = self.c.hosts[host].repo
             images = list((repo / "images").glob(f"*/*/{t.txn_id}.qcow2"))
-            if committed and len(images) != len(VMS) * len(DISKS):
-                self.bad(f"{t.txn_id}: {host} holds {len(images)} images of a committed set")
+            expect = sum(1 for h, _, _ in run.members if h == host)
+            if committed and len(images) != expect:
+                self.bad(f"{t.txn_id}: {host} holds {len(images)} images of a committed set "
+                         f"of {expect}")
             if not committed and images:
                 self.bad(f"{t.txn_id}: {host} kept images of an aborted transaction")
-        # bounded freeze
-        for host in HOSTS:
-            for vm, ga in self.c.hosts[host].gas.items():
-                for s, e in ga.frozen_intervals[run.cuts_before[(host, vm)]:]:
-                    if e - s > FREEZE_TIMEOUT + 2.5:
-                        self.bad(f"{t.txn_id}: {host}/{vm} frozen {e - s:.1f}s")
+        self.check_bounded_quiesce(run)
         if not committed:
-            for host in HOSTS:
-                for vm, ga in self.c.hosts[host].gas.items():
-                    for cut in ga.cuts[run.cuts_before[(host, vm)]:]:
-                        for snapshot in cut.images.values():
-                            snapshot.unlink(missing_ok=True)
             return
         bset = self.call("set", t.txn_id)
         by_disk = {(i.agent_id, i.vm, i.disk): i for i in bset.images}
-        cut_g: dict[tuple[str, str], int] = {}
-        for host in HOSTS:
-            h = self.c.hosts[host]
-            for vm in VMS:
-                ga = h.gas[vm]
-                idx = run.cuts_before[(host, vm)]
-                if len(ga.cuts) <= idx:
-                    self.bad(f"{t.txn_id}: committed without freezing {host}/{vm}")
+        if set(by_disk) != set(run.members):
+            self.bad(f"{t.txn_id}: the set holds {sorted(set(by_disk))[:4]}..., "
+                     f"not every member")
+        bounds: dict[Key, tuple[int, int]] = {}
+
+        def point_in_time(key: Key) -> tuple[int, int] | None:
+            if run.quiesce == "freeze" and run.exclusive:
+                return self.check_cut_snapshot(run, key)
+            return self.check_replayed(run, key)
+
+        # the restores of the check run side by side (the VMs' own order does not matter)
+        for key, b in zip(run.vms, self.vm_pool.map(point_in_time, run.vms), strict=True):
+            if b is not None:
+                bounds[key] = b
+        # no lost change: the incremental holds every write since the last commit
+        for host, vm, d in run.members:
+            img = by_disk.get((host, vm, d))
+            b = bounds.get((host, vm))
+            if img is None or b is None:
+                continue
+            lo, hi = b
+            prev = self.h.last_commit.get((host, vm, d))
+            if img.mode == 3:  # incremental
+                if prev is None:
+                    self.bad(f"{t.txn_id}: {host}/{vm}/{d} incremental after a crash")
+                else:
+                    h = self.c.hosts[host]
+                    need = h.workloads[vm].clusters(d, prev, lo)
+                    got = top_layer_clusters(h.repo / img.image)
+                    if need - got:
+                        self.bad(f"{t.txn_id}: {host}/{vm}/{d} lost clusters "
+                                 f"{sorted(need - got)[:5]}")
+            self.h.last_commit[(host, vm, d)] = hi
+        if run.quiesce == "freeze":
+            # causal consistency across VMs: one global point separates in from out
+            inside = [g for g, key, seq in self.h.writes if key in bounds and seq <= bounds[key][0]]
+            outside = [g for g, key, seq in self.h.writes
+                       if key in bounds and seq > bounds[key][1]]
+            if inside and outside and max(inside) > min(outside):
+                self.bad(f"{t.txn_id}: cut not causally consistent ({max(inside)} > "
+                         f"{min(outside)})")
+        elif run.quiesce == "pause":
+            # one instant when every member VM was paused (what a real guest needs)
+            firsts = []
+            for host, vm in run.vms:
+                pvm = self.c.pausable(host)
+                ps = pvm.pauses(run.started - 0.05) if pvm else []
+                if not ps:
+                    self.bad(f"{t.txn_id}: committed without pausing {host}/{vm}")
                     continue
-                cut = ga.cuts[idx]
-                cut_g[(host, vm)] = cut.seq
-                for d in DISKS:
-                    img = by_disk.get((host, vm, d))
-                    if img is None:
-                        self.bad(f"{t.txn_id}: set lacks {host}/{vm}/{d}")
-                        continue
-                    # no lost change: the incremental holds every write since the last commit
-                    prev = self.h.last_commit.get((host, vm, d))
-                    if img.mode == 3:  # incremental
-                        if prev is None:
-                            self.bad(f"{t.txn_id}: {host}/{vm}/{d} incremental after a crash")
-                        else:
-                            need = h.workloads[vm].clusters(d, prev, cut.seq)
-                            got = top_layer_clusters(h.repo / img.image)
-                            if need - got:
-                                self.bad(f"{t.txn_id}: {host}/{vm}/{d} lost clusters "
-                                         f"{sorted(need - got)[:5]}")
-                    self.h.last_commit[(host, vm, d)] = cut.seq
-                    # point in time: the restore equals the content at the cut
-                    out = h.agent.restore_dir / f"chk-{t.txn_id}-{vm}-{d}.raw"  # type: ignore
-                    try:
-                        self.call("restore", t.txn_id, f"{host}/{vm}/{d}", str(out), tries=30)
-                        if not images_equal(out, "raw", cut.images[d], "raw"):
-                            self.bad(f"{t.txn_id}: restore of {host}/{vm}/{d} != its cut")
-                    finally:
-                        out.unlink(missing_ok=True)
-                    cut.images[d].unlink(missing_ok=True)
-        # causal consistency across VMs: one global point separates in from out
-        inside = [g for g, key, seq in self.h.writes if key in cut_g and seq <= cut_g[key]]
-        outside = [g for g, key, seq in self.h.writes if key in cut_g and seq > cut_g[key]]
-        if inside and outside and max(inside) > min(outside):
-            self.bad(f"{t.txn_id}: cut not causally consistent ({max(inside)} > "
-                     f"{min(outside)})")
+                firsts.append((ps[0][0], ps[0][1] or time.time()))
+            if firsts and max(s for s, _ in firsts) > min(e for _, e in firsts):
+                self.bad(f"{t.txn_id}: the pauses do not overlap {firsts}")
+
+    def restore(self, txn_id: str, host: str, vm: str, disk: str) -> Path:
+        h = self.c.hosts[host]
+        out = h.agent.restore_dir / f"chk-{txn_id}-{vm}-{disk}.raw"  # type: ignore[union-attr]
+        self.call("restore", txn_id, f"{host}/{vm}/{disk}", str(out), tries=30)
+        return out
+
+    def check_cut_snapshot(self, run: TxnRun, key: Key) -> tuple[int, int] | None:
+        """Point in time against the guest agent's snapshot at this transaction's freeze."""
+        host, vm = key
+        t = run.final
+        ga = self.c.hosts[host].gas[vm]
+        idx = run.cuts_before[key]
+        if len(ga.cuts) <= idx:
+            self.bad(f"{t.txn_id}: committed without freezing {host}/{vm}")
+            return None
+        cut = ga.cuts[idx]
+
+        def one(d: str) -> None:
+            out = self.restore(t.txn_id, host, vm, d)
+            try:
+                if not images_equal(out, "raw", cut.images[d], "raw"):
+                    self.bad(f"{t.txn_id}: restore of {host}/{vm}/{d} != its cut")
+            finally:
+                out.unlink(missing_ok=True)
+
+        list(self.pool.map(one, run.disks_of(key)))
+        return cut.seq, cut.seq
+
+    def check_replayed(self, run: TxnRun, key: Key) -> tuple[int, int] | None:
+        """Point in time by replay: the restored disks equal the writes up to some k
+        whose instant is inside this VM's pause / one of its freezes / the transaction;
+        return (lowest, highest) such k."""
+        host, vm = key
+        t = run.final
+        base = run.base.get(key)
+        if base is None:
+            self.log(f"   (no replay reference for {host}/{vm}: point in time not checked)")
+            return None
+        disks = run.disks_of(key)
+
+        def one(d: str) -> list[Any]:
+            out = self.restore(t.txn_id, host, vm, d)
+            try:
+                return cluster_reps(out)
+            finally:
+                out.unlink(missing_ok=True)
+
+        restored = dict(zip(disks, self.pool.map(one, disks), strict=True))
+        wl = self.c.hosts[host].workloads[vm]
+        cur = {d: list(base.reps[d]) for d in disks}
+        mism = {(d, c) for d in disks for c, r in enumerate(cur[d]) if r != restored[d][c]}
+        valid = [base.seq] if not mism else []
+        for s, d, c, v in wl.log[base.seq:]:
+            if d in cur:
+                cur[d][c] = v
+                if v == restored[d][c]:
+                    mism.discard((d, c))
+                else:
+                    mism.add((d, c))
+            if not mism:
+                valid.append(s)
+        if not valid:
+            self.bad(f"{t.txn_id}: restore of {host}/{vm} {disks} is no state the writes "
+                     f"went through (point in time)")
+            return None
+        times = self.h.wtimes.get(key, {})
+
+        def window(k: int) -> tuple[float, float]:
+            lo = times[k][0] if k in times else float("-inf")
+            hi = times[k + 1][1] if k + 1 in times else float("inf")
+            return lo, hi
+
+        if run.quiesce == "freeze":
+            seqs = {c.seq for c in self.c.hosts[host].gas[vm].cuts[run.cuts_before[key]:]}
+            ok = [k for k in valid if k in seqs]
+            what = f"any freeze of it (cuts at {sorted(seqs)})"
+        else:
+            if run.quiesce == "pause":
+                pvm = self.c.pausable(host)
+                spans = [(s, e or time.time()) for s, e in
+                         (pvm.pauses(run.started - 0.05) if pvm else [])]
+                what = f"its pause {spans}"
+            else:
+                spans = [(run.started, run.ended)]
+                what = "the transaction's lifetime"
+            ok = [k for k in valid
+                  if any(window(k)[0] < e and s < window(k)[1] for s, e in spans)]
+        if not ok:
+            self.bad(f"{t.txn_id}: {host}/{vm} {disks} equal writes {valid[0]}..{valid[-1]}, "
+                     f"none inside {what}")
+            return None
+        return min(ok), max(ok)
 
     def check_end(self) -> None:
         """Nothing left behind; presumed abort and single decision on every record."""
@@ -399,10 +846,11 @@ class Driver:
                 self.bad(f"{run.txn_id}: decision differs at the end")
         for host in HOSTS:
             h = self.c.hosts[host]
-            catalog = {i.image for i in _catalog(h.repo)}
+            catalog = _catalog(h.repo)
             files = {str(p.relative_to(h.repo)) for p in (h.repo / "images").rglob("*.qcow2")}
-            if files - catalog:
-                self.bad(f"{host}: partial/stray images {sorted(files - catalog)[:3]}")
+            stray = files - {i.image for i in catalog}
+            if stray:
+                self.bad(f"{host}: partial/stray images {sorted(stray)[:3]}")
             for vm, lab_vm in h.vms.items():
                 jobs = [j for j in qmp_call(lab_vm.probe_socket, "query-jobs")
                         if str(j["id"]).startswith("btx")]
@@ -410,9 +858,11 @@ class Driver:
                     self.bad(f"{host}/{vm}: stray jobs {jobs}")
                 if h.gas[vm].is_frozen:
                     self.bad(f"{host}/{vm}: guest left frozen")
-                for d in DISKS:
+                if isinstance(lab_vm, PausableVm) and lab_vm.status() != "running":
+                    self.bad(f"{host}/{vm}: VM left {lab_vm.status()}")
+                for d in (d.name for d in lab_vm.disks):
                     ours = {n for n in dirty_counts(lab_vm, d) if n.startswith("blocktxn:")}
-                    last = [i for i in _catalog(h.repo) if (i.vm, i.disk) == (vm, d)]
+                    last = [i for i in catalog if (i.vm, i.disk) == (vm, d)]
                     want = {f"blocktxn:{last[-1].set_id}"} if last else set()
                     if ours - want:
                         self.bad(f"{host}/{vm}/{d}: stray bitmaps {sorted(ours - want)}")
@@ -431,14 +881,11 @@ def later(delay: float, action: Any) -> Any:
 
 
 def _catalog(repo: Path) -> list[Any]:
+    """The agent's catalog, read as the agent reads it (a torn last line is no record)."""
+    from blocktxn.agent.jsonl import JsonLines
     from blocktxn.agent.participant_messages import ImageRecord
 
-    path = repo / "catalog.jsonl"
-    if not path.exists():
-        return []
-    import json
-
-    return [ImageRecord(**json.loads(line)) for line in path.read_text().splitlines() if line]
+    return [ImageRecord(**r) for r in JsonLines(repo / "catalog.jsonl").read()]
 
 
 def _free_bytes(path: Path) -> int:
@@ -446,4 +893,3 @@ def _free_bytes(path: Path) -> int:
 
     st = os.statvfs(path)
     return min(st.f_bavail * st.f_frsize, REPO_SIZE)
-
