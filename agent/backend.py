@@ -133,6 +133,11 @@ class VmBackend(abc.ABC):
         this agent stops or dies (QEMU: start the watchdog process)."""
 
     @abc.abstractmethod
+    async def freeze_ready(self) -> None:
+        """Before the freeze window: wait until what ``freeze_prepare`` started can act
+        (its start-up must not count against the freeze timeout)."""
+
+    @abc.abstractmethod
     async def freeze_abandon(self) -> None:
         """Undo ``freeze_prepare`` for a freeze that never happened."""
 

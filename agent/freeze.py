@@ -42,6 +42,10 @@ class FreezeControl:
         """Before the freeze window (see VmBackend.freeze_prepare)."""
         await gather_all(*(self.backends[vm].freeze_prepare(quiesce) for vm in vms))
 
+    async def ready(self, vms: Sequence[str]) -> None:
+        """Before the freeze window (see VmBackend.freeze_ready)."""
+        await gather_all(*(self.backends[vm].freeze_ready() for vm in vms))
+
     async def freeze(self, txn_id: str, vm: str, quiesce: str, deadline: float) -> None:
         """Quiesce *vm* for *txn_id* until at most *deadline* (unix time)."""
         if quiesce == "none":

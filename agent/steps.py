@@ -62,6 +62,8 @@ class Steps:
                   for m in plan.members))
             await gather_all(*(self.backends[vm].attach_targets(ms, self.repo.path)
                                for vm, ms in members.items()))
+            if plan.quiesce != "none":  # the watchdogs' start-up is not in the window
+                await self.freeze.ready(list(members))
             frozen_at = time.time()
             deadline = frozen_at + plan.freeze_timeout
 

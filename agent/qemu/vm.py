@@ -33,6 +33,7 @@ class QemuVm(VmBackend):
         self.watch_socket = watch_socket  # a monitor for the watchdog alone (pause)
         self.guest_agent = GuestAgentClient(ga_socket) if ga_socket else None
         self.watchdog: asyncio.subprocess.Process | None = None
+        self._ready: asyncio.subprocess.Process | None = None  # the watchdog said ready
         self._reaping: set[asyncio.Task[int]] = set()
 
     async def _lost(self, _: VmConnection) -> None:
@@ -119,6 +120,24 @@ class QemuVm(VmBackend):
             await blockjobs.resume(self.conn)
         self._stop_watchdog()
 
+    async def freeze_ready(self) -> None:
+        """Wait (outside the freeze window) until the watchdog says it can act.
+
+        Raises:
+            QemuError: it did not start, so the guest must not be frozen.
+        """
+        proc = self.watchdog
+        if proc is None or proc.stdout is None or proc is self._ready:
+            return
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), WATCHDOG_START)
+        except TimeoutError:
+            line = b""
+        if line.decode().strip() != watchdog.READY:
+            raise QemuError(f"VM {self.name}: freeze watchdog did not start "
+                            f"(see the agent's log); not freezing")
+        self._ready = proc
+
     async def _arm_watchdog(self, deadline: float) -> None:
         """Give the watchdog its deadline: from now on it will thaw by itself.
 
@@ -129,13 +148,7 @@ class QemuVm(VmBackend):
         if (proc is None or proc.stdin is None or proc.stdout is None
                 or proc.returncode is not None):
             raise QemuError(f"VM {self.name}: freeze watchdog is not running; not freezing")
-        try:  # it says ready once it can act (usually long before: it started early)
-            ready = await asyncio.wait_for(proc.stdout.readline(), WATCHDOG_START)
-        except TimeoutError:
-            ready = b""
-        if ready.decode().strip() != watchdog.READY:
-            raise QemuError(f"VM {self.name}: freeze watchdog did not start "
-                            f"(see the agent's log); not freezing")
+        await self.freeze_ready()
         try:
             proc.stdin.write(f"{deadline!r}\n".encode())
             await proc.stdin.drain()
