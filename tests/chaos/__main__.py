@@ -12,6 +12,7 @@ only if no invariant was violated (and, with --seeds, every run finished).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import shutil
 import signal
@@ -26,8 +27,23 @@ from typing import Any
 from tests.chaos import netlab
 from tests.chaos.cluster import CLIENT, COORDS, ETCD, HOSTS, REPO_SIZE
 
+LOCK = Path("/run/lock/blocktxn-chaos.lock")  # one lab on the machine at a time
+
 
 def parent(args: argparse.Namespace, seed: int, summary: Path | None = None) -> int:
+    # The lab's namespaces have fixed names and teardown() kills whatever runs in them:
+    # a second run (another checkout's test suite) waits here instead of killing this one.
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another chaos lab is running: waiting for {LOCK}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _parent(args, seed, summary)
+
+
+def _parent(args: argparse.Namespace, seed: int, summary: Path | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="blocktxn-chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
     mounts: list[Path] = []
