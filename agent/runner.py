@@ -57,6 +57,7 @@ from .steps import Steps
 from .vm_events import VmEvents
 
 log = logging.getLogger(__name__)
+WAIT_STEP = 0.1  # seconds between looks at a disk another step holds
 REMOVAL_WAIT = 30.0  # seconds a cut waits for a set removal's step on one of its disks
 T = TypeVar("T")
 
@@ -88,6 +89,7 @@ class AgentRunner:
         self._barriers: dict[str, asyncio.Task[None]] = {}
         self._forgetting: dict[str, asyncio.Task[None]] = {}  # set id -> its removal
         self.pruning: dict[tuple[str, str], str] = {}  # (vm, disk) -> set being removed
+        self.removal_wanted: dict[tuple[str, str], int] = {}  # removals waiting for a disk
         self._background: set[asyncio.Task[Any]] = set()
         self.started = False
 
@@ -189,8 +191,29 @@ class AgentRunner:
         if isinstance(cmd, Publish):
             return await self.steps.publish(cmd.txn_id, cmd.members, cmd.images)
         if isinstance(cmd, Rollback):
-            return await self.steps.rollback(cmd)
+            await self._stop_barrier(cmd.txn_id)
+            event = await self.steps.rollback(cmd)
+            self.spawn(self._sweep_after(cmd.txn_id, {m.vm for m in cmd.members}))
+            return event
         raise AssertionError(f"unknown command {cmd!r}")
+
+    async def _stop_barrier(self, txn_id: str) -> None:
+        """An Abort while the barrier still runs: stop the barrier first, so that it and
+        the rollback never work on the same job at once (QEMU then shows one state)."""
+        task = self._barriers.get(txn_id)
+        if task is None or task.done() or task is asyncio.current_task():
+            return
+        task.cancel()
+        await asyncio.wait({task}, timeout=60)
+
+    async def _sweep_after(self, txn_id: str, vms: set[str]) -> None:
+        """Once a rollback is recorded, remove whatever of ours it could not."""
+        async with self.lock(txn_id):
+            pass
+        for name in sorted(vms):
+            vm = self.backends.get(name)
+            if vm is not None and vm.connected:
+                await self.vm_events.sweep(vm)
 
     async def _deadline_passed(self, txn_id: str) -> None:
         """The freeze deadline of *txn_id* passed before the coordinator's thaw."""
@@ -248,13 +271,18 @@ class AgentRunner:
             return st
 
     async def _after_removals(self, disks: Sequence[DiskRequest]) -> None:
-        """A backup set removal under way on a disk holds it for one image at a time:
-        a cut waits for that step (up to REMOVAL_WAIT; the planner refuses after)."""
+        """A backup set removal asked for a disk holds it for one image at a time: a cut
+        waits for that step (up to REMOVAL_WAIT; the planner refuses after), also when
+        the removal is only about to start (it waited for the transaction before)."""
+        busy = self.machine.busy_disks()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(REMOVAL_WAIT):
                 for d in disks:
-                    if (d.vm, d.disk) in self.pruning:
-                        async with self.repo.lock(d.vm, d.disk):
+                    key = (d.vm, d.disk)
+                    while key in self.removal_wanted and key not in busy:
+                        await asyncio.sleep(WAIT_STEP)
+                    if key in self.pruning:
+                        async with self.repo.lock(*key):
                             pass
 
     async def _facts(self, disks: Sequence[DiskRequest], quiesce: str) -> planner.Facts:
@@ -305,7 +333,13 @@ class AgentRunner:
             await self._decide(txn_id, PrepareRequested(timeout))
         barrier = self._barriers.get(txn_id)
         if barrier is not None:  # ours, or one a repeated Prepare started earlier
-            await asyncio.shield(barrier)
+            try:
+                await asyncio.shield(barrier)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # our caller gave up
+                # an Abort stopped the barrier: the answer is the state it left
         return self.machine.txns[txn_id]
 
     async def commit(self, txn_id: str) -> TxnState:
@@ -363,8 +397,10 @@ class AgentRunner:
         if the removal may not start now.
 
         Raises:
-            InvalidInput, ConflictError (a disk in an open transaction or being read, a
-            newest image), AgentError (the removal failed; asking again retries it).
+            InvalidInput, ConflictError (a disk being read, a newest image), AgentError
+            (the removal failed; asking again retries it). A disk in an open transaction
+            is not refused: its removal step waits for the transaction to end, and the
+            next cut of the disk waits for that step (neither starves the other).
         """
         check_id(set_id, "set id")
         task = self._forgetting.get(set_id)
@@ -372,11 +408,7 @@ class AgentRunner:
             images = [i for i in self.repo.images() if i.set_id == set_id]
             if not images:
                 return 0
-            busy = self.machine.busy_disks()
             for i in images:
-                if (i.vm, i.disk) in busy:
-                    raise ConflictError(f"{i.vm}/{i.disk} is in open transaction "
-                                        f"{busy[(i.vm, i.disk)]}: retry when it ends")
                 if (i.vm, i.disk) in self.repo.reading:
                     raise ConflictError(f"a restore or verify of {i.vm}/{i.disk} is "
                                         "running: retry when it ends")
@@ -398,15 +430,28 @@ class AgentRunner:
     async def _remove(self, set_id: str, images: list[ImageRecord]) -> None:
         for image in images:
             key = (image.vm, image.disk)
-            async with self.repo.lock(*key):
-                if key in self.machine.busy_disks():
-                    raise ConflictError(f"{image.vm}/{image.disk} is in an open transaction")
-                self.pruning[key] = set_id
-                try:
-                    await self.repo.remove(image)
-                finally:
-                    del self.pruning[key]
+            self.removal_wanted[key] = self.removal_wanted.get(key, 0) + 1
+            wanted = True
+            try:
+                while key in self.machine.busy_disks():  # until its transaction ends
+                    await asyncio.sleep(WAIT_STEP)
+                async with self.repo.lock(*key):
+                    self.pruning[key] = set_id
+                    self._drop_wanted(key)
+                    wanted = False
+                    try:
+                        await self.repo.remove(image)
+                    finally:
+                        del self.pruning[key]
+            finally:
+                if wanted:
+                    self._drop_wanted(key)
             log.info("set %s: image %s removed", set_id, image.image)
+
+    def _drop_wanted(self, key: tuple[str, str]) -> None:
+        n = self.removal_wanted.pop(key, 0) - 1
+        if n > 0:
+            self.removal_wanted[key] = n
 
     def spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro)

@@ -127,12 +127,12 @@ class TxnDriver:
                     self.record = self.record.with_error(str(err))
                     continue
                 self.machine.validate()
+                if any(isinstance(cmd, Finish) for cmd in commands):
+                    await self._finish()  # DONE is shown once it is durable, not before
+                    return
                 self._sync()
                 _failpoints(commands)
                 for cmd in commands:
-                    if isinstance(cmd, Finish):
-                        await self._finish()
-                        return
                     task = asyncio.create_task(self._execute(cmd))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -271,13 +271,16 @@ class TxnDriver:
                                                       self.record.address(cmd.agent_id))
 
     async def _finish(self) -> None:
-        """Write the final record, and the backup set when something committed."""
-        backup_set = self.record.backup_set(clock.now())
+        """Write the final record, and the backup set when something committed; only
+        then do watchers see DONE and the set id (a client that reads them must find the
+        set)."""
+        final = self.record.with_machine(self.machine)
+        backup_set = final.backup_set(clock.now())
         if backup_set is not None:
-            self.record = replace(self.record, set_id=backup_set.set_id)
-        await self._retry_store(
-            lambda: self._store.put_txn(self._fence(), self.record, backup_set))
-        self._sync()
+            final = replace(final, set_id=backup_set.set_id)
+        await self._retry_store(lambda: self._store.put_txn(self._fence(), final, backup_set))
+        self.record = final
+        self.notify()
         log.info("txn %s done: %s %s", self.txn_id,
                  self.record.decision.value if self.record.decision else "", self.record.reason)
 

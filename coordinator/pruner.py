@@ -144,14 +144,17 @@ class Pruner:
 
     async def _forget_on(self, prune_id: str, agent_id: str, set_id: str) -> None:
         """Ask *agent_id* until its images of *set_id* are gone."""
-        delay = 0.2
+        delay, last = 0.2, -1
         while True:
             self.epoch()
             try:
                 client = await self.registry.owner(agent_id)
-                if await client.forget(set_id) == 0:
+                left = await client.forget(set_id)
+                if left == 0:
                     return
-                delay = 0.2  # under way: ask again soon
+                # under way: ask again soon; waiting (a backup holds the disk): less often
+                delay = 0.2 if left != last else min(RETRY_MAX, delay * 2)
+                last = left
             except (AgentCallError, NotFoundError, StoreUnavailableError,
                     StoreCorruptError) as err:
                 why = f"{agent_id}: {err}"

@@ -120,24 +120,45 @@ async def remove_bitmaps(conn: VmConnection, bitmaps: Sequence[tuple[str, str]])
 
 async def cancel_jobs(conn: VmConnection, members: Sequence[MemberPlan]) -> None:
     """Cancel and dismiss the members' jobs, delete their target nodes (one query of
-    jobs and one of nodes for all of them); best effort."""
+    jobs and one of nodes for all of them); best effort, member by member and step by
+    step: a job that another step dismissed meanwhile (a barrier finishing while an
+    Abort comes) does not stop the rest, and every node still there is deleted."""
     if not conn.connected:
         return
+    problems: list[str] = []
     try:
         jobs = dict(await conn.refresh_jobs())
+    except AgentError as err:
+        log.warning("rollback on %s incomplete: %s", conn.name, err)
+        return
 
-        async def cancel(job_id: str) -> None:
+    async def end(job_id: str) -> None:
+        try:
             if jobs[job_id].status != "concluded":
                 await conn.execute("job-cancel", {"id": job_id})
                 await conn.wait_job(job_id, {"concluded"}, 60)
+        except AgentError as err:  # gone or concluded meanwhile: dismiss what is left
+            problems.append(str(err))
+        try:
             await conn.execute("job-dismiss", {"id": job_id})
+        except AgentError as err:
+            problems.append(str(err))
 
-        await gather_all(*(cancel(m.job_id) for m in members if m.job_id in jobs))
+    async def delete(node: str) -> None:
+        try:
+            await conn.execute("blockdev-del", {"node-name": node})
+        except AgentError as err:
+            problems.append(str(err))
+
+    await asyncio.gather(*(end(m.job_id) for m in members if m.job_id in jobs))
+    try:
         nodes = await conn.node_names()
-        await gather_all(*(conn.execute("blockdev-del", {"node-name": m.target_node})
-                           for m in members if m.target_node in nodes))
     except AgentError as err:
         log.warning("rollback on %s incomplete: %s", conn.name, err)
+        return
+    await asyncio.gather(*(delete(m.target_node) for m in members if m.target_node in nodes))
+    if problems:  # usually harmless (already gone); a leftover is swept on reconnect
+        log.info("rollback on %s: %s", conn.name, "; ".join(problems))
 
 
 async def sweep(conn: VmConnection, keep_jobs: set[str], keep_nodes: set[str],

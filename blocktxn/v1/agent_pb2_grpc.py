@@ -176,9 +176,10 @@ class AgentServiceServicer:
         """Remove this host's images of a backup set without changing what any other
         set restores to (a later image of the chain is rebased first). Runs in the
         background: repeat the call until done. Idempotent; done at once if the set
-        has no image here. FAILED_PRECONDITION while a disk of the set is in an open
-        transaction, while a restore or verify reads one of its disks, or when an
-        image is its disk's newest (the next incremental builds on it).
+        has no image here. A disk in an open transaction is not refused: its step
+        waits for that transaction to end, and the disk's next cut waits for the step.
+        FAILED_PRECONDITION while a restore or verify reads one of its disks, or when
+        an image is its disk's newest (the next incremental builds on it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -77,9 +77,10 @@ class AgentServiceStub:
     """Remove this host's images of a backup set without changing what any other
     set restores to (a later image of the chain is rebased first). Runs in the
     background: repeat the call until done. Idempotent; done at once if the set
-    has no image here. FAILED_PRECONDITION while a disk of the set is in an open
-    transaction, while a restore or verify reads one of its disks, or when an
-    image is its disk's newest (the next incremental builds on it).
+    has no image here. A disk in an open transaction is not refused: its step
+    waits for that transaction to end, and the disk's next cut waits for the step.
+    FAILED_PRECONDITION while a restore or verify reads one of its disks, or when
+    an image is its disk's newest (the next incremental builds on it).
     """
 
 @_typing.type_check_only
@@ -122,9 +123,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Remove this host's images of a backup set without changing what any other
     set restores to (a later image of the chain is rebased first). Runs in the
     background: repeat the call until done. Idempotent; done at once if the set
-    has no image here. FAILED_PRECONDITION while a disk of the set is in an open
-    transaction, while a restore or verify reads one of its disks, or when an
-    image is its disk's newest (the next incremental builds on it).
+    has no image here. A disk in an open transaction is not refused: its step
+    waits for that transaction to end, and the disk's next cut waits for the step.
+    FAILED_PRECONDITION while a restore or verify reads one of its disks, or when
+    an image is its disk's newest (the next incremental builds on it).
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -230,9 +232,10 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Remove this host's images of a backup set without changing what any other
         set restores to (a later image of the chain is rebased first). Runs in the
         background: repeat the call until done. Idempotent; done at once if the set
-        has no image here. FAILED_PRECONDITION while a disk of the set is in an open
-        transaction, while a restore or verify reads one of its disks, or when an
-        image is its disk's newest (the next incremental builds on it).
+        has no image here. A disk in an open transaction is not refused: its step
+        waits for that transaction to end, and the disk's next cut waits for the step.
+        FAILED_PRECONDITION while a restore or verify reads one of its disks, or when
+        an image is its disk's newest (the next incremental builds on it).
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -169,3 +169,29 @@ def test_a_removal_is_refused_while_a_restore_reads_the_disk(make_host: Callable
                                   timeout=10).remaining == 2
     forget(host, "s2")
     assert_restores(host, cuts, ["s1", "s3"])
+
+
+def test_a_removal_asked_during_a_backup_waits_for_it_and_the_next_cut_waits_for_the_removal(
+        make_host: Callable[..., Host]) -> None:
+    """Back-to-back backups of a disk must not starve its prune (the soak run: every
+    ForgetImages met the next open transaction and was refused, for ever): a removal
+    asked while a transaction holds the disk is accepted and waits for it; a cut asked
+    right after that transaction waits for the removal's step."""
+    host = make_host()
+    cuts = backups(host, ["s1", "s2", "s3"])
+    before = catalog(host)
+    host.cut("t4", DISKS, speed=256 << 10)
+    host.thaw("t4")
+    left = host.stub.ForgetImages(pb.ForgetImagesRequest(set_id="s2"), timeout=10)
+    assert not left.done and left.remaining == 2
+    time.sleep(1.0)
+    assert catalog(host) == before  # nothing is touched while the transaction runs
+    vote = host.prepare("t4")
+    assert vote.yes, vote.reason
+    host.commit("t4")
+    cuts["t4"] = dict(host.gas["vm1"].cuts[-1].images)
+    vote = host.backup("t5", DISKS)  # right after: waits, then runs
+    assert vote.yes, vote.reason
+    forget(host, "s2")
+    assert not [i for i in catalog(host) if "/s2." in i]
+    assert_restores(host, cuts, ["s1", "s3", "t4"])
