@@ -17,9 +17,8 @@ Writes ``soak.csv`` and ``soak.png`` (the curves against the transaction count) 
 plateaus (``--plateau report``: the verdicts are printed but not enforced).
 The soak compresses time, so the daemons' time-based upkeep is scaled down with it:
 ``--keep-finished`` (default 120s), etcd's auto-compaction window (default 1m;
-``--etcd-compaction product`` keeps the product's hour) and etcd's --snapshot-count
-(default 5000; ``product``: etcd's 100000, which a soak of a few thousand transactions
-never reaches, so etcd's memory then grows for the whole run).
+``--etcd-compaction product`` keeps the product's hour). etcd's --snapshot-count is
+the product's 10000 (about 1,000 transactions) unless ``--etcd-snapshot-count N``.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ def parse(argv: list[str]) -> Options:
                    help="etcd periodic auto-compaction window, or 'product'")
     p.add_argument("--etcd-snapshot-count", default=d.etcd_snapshot_count,
                    help="etcd --snapshot-count (raft entries kept in memory between "
-                   "snapshots), or 'product' for etcd's default 100000")
+                   "snapshots), or 'product' for the product's 10000")
     p.add_argument("--plateau", choices=("enforce", "report"), default=d.plateau)
     p.add_argument("--no-prune-gap", dest="prune_gap", action="store_false",
                    help="start the next backup at once, without waiting for the prune of "
