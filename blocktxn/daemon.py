@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -25,6 +27,24 @@ async def until_signalled() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+#: Seconds the stop hooks may take before the process exits anyway (as on SIGKILL,
+#: which every daemon survives: what it must keep is on disk before it answers).
+STOP_LIMIT = 30.0
+
+
+def _exit_after(seconds: float, name: str) -> None:
+    """A safety net no coroutine can block: a stop that hangs (a task that lost its
+    cancellation) must not keep a stopped daemon running."""
+    def hard_exit() -> None:
+        logging.getLogger(name).error("stopping took over %gs: exiting now", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, hard_exit)
+    timer.daemon = True
+    timer.start()
 
 
 def main(name: str, argv: Sequence[str], parser: argparse.ArgumentParser,
@@ -47,6 +67,7 @@ def main(name: str, argv: Sequence[str], parser: argparse.ArgumentParser,
         try:
             await until_signalled()
         finally:
+            _exit_after(STOP_LIMIT, name)
             for stop in stops:
                 await stop()
 

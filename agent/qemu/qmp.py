@@ -77,6 +77,7 @@ class VmConnection:
         self._connected = asyncio.Event()
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.on_lost: OnConnection | None = None
         self.on_connected: OnConnection | None = None
 
@@ -89,10 +90,14 @@ class VmConnection:
         self._task = asyncio.create_task(self._supervise(), name=f"qmp-{self.name}")
 
     async def stop(self) -> None:
+        """End the session and its supervisor. The supervisor also checks a flag: a
+        cancellation can be lost (Python 3.11's wait_for drops one that lands just as
+        the awaited connect has failed), and the loop would then reconnect for ever."""
+        self._stopping = True
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await asyncio.shield(self._task)
         await self._drop_client()
 
     async def wait_connected(self, timeout: float) -> bool:
@@ -107,7 +112,7 @@ class VmConnection:
                 await asyncio.wait_for(client.disconnect(), 2.0)
 
     async def _supervise(self) -> None:
-        while True:
+        while not self._stopping:
             events: asyncio.Queue[Message] = asyncio.Queue()
             client = new_client(self.name, events.put_nowait)
             try:
@@ -116,7 +121,8 @@ class VmConnection:
                 log.debug("vm %s: connect failed: %s", self.name, err)
                 with contextlib.suppress(Exception):
                     await client.disconnect()
-                await asyncio.sleep(self.retry_delay)
+                if not self._stopping:
+                    await asyncio.sleep(self.retry_delay)
                 continue
             self._client = client
             pump = asyncio.create_task(self._pump(events))

@@ -79,3 +79,43 @@ def test_the_qmp_client_keeps_no_event() -> None:
     delivered, kept = asyncio.run(run())
     assert len(delivered) == 3000 and delivered[:3] == ["running", "pending", "concluded"]
     assert kept == 0
+
+
+class FailsAtOnce:
+    """A connect that fails at once, as to a VM whose socket is gone."""
+
+    runstate = None
+
+    async def connect(self, address: str) -> None:
+        from qemu.qmp import ConnectError
+        raise ConnectError("Failed to establish connection", FileNotFoundError(address))
+
+    async def disconnect(self) -> None:
+        pass
+
+
+def test_stop_ends_the_supervisor_whenever_the_cancellation_lands(monkeypatch: Any) -> None:
+    """Python 3.11's asyncio.wait_for drops a cancellation that lands just as the
+    awaited connect has failed: seen in CI, an agent's SIGTERM never ended it, its
+    supervisor kept reconnecting to a VM that was gone. Stop at every step of the loop."""
+    from blocktxn.agent.qemu import qmp
+
+    monkeypatch.setattr(qmp, "new_client", lambda name, deliver: FailsAtOnce())
+
+    async def run() -> None:
+        for steps in range(40):
+            conn = VmConnection("vm1", "/nonexistent.sock", timeout=5, retry_delay=0)
+            conn.start()
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            await conn.stop()
+            stopped.append(steps)
+
+    import threading
+    stopped: list[int] = []
+    # in a thread of its own: a stop() that never returns cannot be timed out from inside
+    # (wait_for's cancel reaches the same swallowing loop)
+    thread = threading.Thread(target=lambda: asyncio.run(run()), daemon=True)
+    thread.start()
+    thread.join(20)
+    assert stopped == list(range(40)), f"stop() never returned after {len(stopped)} steps"
