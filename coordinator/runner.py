@@ -335,8 +335,9 @@ class Coordinator:
                         f"backup set {s.set_id} holds the newest backup of {disk}: the "
                         f"next incremental builds on it (nothing was removed)")
         todo = [s for s in chosen if not s.removing]
-        if not todo:
-            return "", chosen, True
+        under_way = sorted({s.removing for s in chosen if s.removing})
+        if not todo:  # another prune removes them: done once it is
+            return "", chosen, await self._wait_all(under_way, wait)
         for s in todo:  # every agent can start now (nothing is changed otherwise)
             for agent_id in s.agents:
                 client = await self.registry.owner(agent_id)
@@ -348,14 +349,16 @@ class Coordinator:
                                                 "removed)") from err
                     raise
         prune = await self.pruner.submit(todo, "forget")
-        return prune.prune_id, chosen, await self._wait(prune.prune_id, wait)
+        return prune.prune_id, chosen, await self._wait_all([*under_way, prune.prune_id],
+                                                            wait)
 
-    async def _wait(self, prune_id: str, seconds: float) -> bool:
-        """Wait up to *seconds* for a prune; return whether it is done."""
-        if seconds > 0:
+    async def _wait_all(self, prune_ids: list[str], seconds: float) -> bool:
+        """Wait up to *seconds* for these prunes; return whether all are done."""
+        if seconds > 0 and prune_ids:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.pruner.wait(prune_id), seconds)
-        return self.pruner.done(prune_id)
+                await asyncio.wait_for(asyncio.gather(
+                    *(self.pruner.wait(p) for p in prune_ids)), seconds)
+        return all(self.pruner.done(p) for p in prune_ids)
 
     async def prune(self, group: str, dry_run: bool, wait: float = 0.0
                     ) -> tuple[str, list[tuple[BackupSet, retention.Verdict]], bool]:
@@ -373,7 +376,9 @@ class Coordinator:
                                     "coordinator's --retention)")
         self.election.require()
         groups = [group] if group else sorted(self.config.retention)
-        every = [s for s in await self.store.sets() if not s.removing]
+        stored = await self.store.sets()
+        every = [s for s in stored if not s.removing]
+        under_way = sorted({s.removing for s in stored if s.removing and s.group in groups})
         rows: list[tuple[BackupSet, retention.Verdict]] = []
         for g in groups:
             mine = {s.set_id: s for s in every if s.group == g}
@@ -381,11 +386,13 @@ class Coordinator:
             rows += [(mine[v.set_id], v)
                      for v in retention.plan(infos, self.config.retention[g])]
         removed = [s for s, v in rows if not v.keep]
-        if dry_run or not removed:
+        if dry_run:
             return "", rows, not removed
+        if not removed:  # done once the removals of these groups under way are
+            return "", rows, await self._wait_all(under_way, wait)
         why = f"prune {', '.join(groups)}"
         prune = await self.pruner.submit(removed[:MAX_SETS], why)
-        return prune.prune_id, rows, await self._wait(prune.prune_id, wait)
+        return prune.prune_id, rows, await self._wait_all([*under_way, prune.prune_id], wait)
 
     async def restore(self, set_id: str, target: str, destination: str, fmt: str
                       ) -> RestoreResult:

@@ -169,3 +169,31 @@ def test_a_removal_outlives_a_dead_agent_and_a_dead_leader(
     assert listed(cluster) == [sets[0], sets[2]]
     assert_gone_everywhere(cluster, [sets[0], sets[2]])
     assert_restorable(cluster, cuts, [sets[0], sets[2]])
+
+
+def test_waiting_on_a_removal_already_under_way_waits_for_it(
+        make_cluster: Callable[..., Cluster]) -> None:
+    """Asking again for sets another prune is removing (or pruning a group while a
+    removal of it runs) reports done only once they are gone: found by the chaos run,
+    where a last `prune --wait` returned at once while a removal was still under way."""
+    cluster = two_hosts(make_cluster, coordinator_args=["--retention", "web=keep-last=10"])
+    h1 = cluster.hosts["h1"]
+    armed = h1.workdir / "failpoints"
+    h1.agent.env = {"BLOCKTXN_FAILPOINT_FILE": str(armed)}
+    h1.restart_agent()
+    cluster.wait_registered(2)
+    cuts: Cuts = {}
+    sets = [backup(cluster, cuts, n, group="web") for n in range(3)]
+    armed.write_text("agent_after_delete=fail\n")  # h1's removal fails until disarmed
+    first = cluster.stub().ForgetSets(cpb.ForgetSetsRequest(set_ids=[sets[0]]), timeout=30)
+    assert first.prune_id and not first.done
+    again = cluster.stub().ForgetSets(cpb.ForgetSetsRequest(set_ids=[sets[0]]), timeout=30)
+    assert not again.done
+    pruned = cluster.stub().PruneSets(cpb.PruneSetsRequest(group="web"), timeout=30)
+    assert not pruned.done and not pruned.prune_id
+    armed.unlink()
+    again = cluster.stub().ForgetSets(cpb.ForgetSetsRequest(set_ids=[sets[0]], wait=True),
+                                      timeout=120)
+    assert again.done
+    assert gone_everywhere(cluster, [sets[1], sets[2]])
+    assert_restorable(cluster, cuts, [sets[1], sets[2]])
