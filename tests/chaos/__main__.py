@@ -120,7 +120,8 @@ def child(args: argparse.Namespace) -> int:
     print(f"seed {args.seed}: {len(history.runs)} transactions, {committed} committed, "
           f"{len(history.runs) - committed} aborted")
     print(f"concurrent transactions refused at the start: {history.refused}; "
-          f"commits refused by the agent_commit failpoint: {history.commit_refusals}")
+          f"commits refused by the agent_commit failpoint: {history.commit_refusals}; "
+          f"sets removed by retention: {history.removed}")
     print("faults injected (kind @ step):")
     for (kind, step), n in sorted(history.faults.items()):
         print(f"  {kind:16s} @ {step:8s} {n}")
@@ -134,6 +135,7 @@ def child(args: argparse.Namespace) -> int:
         Path(args.summary).write_text(json.dumps({
             "seed": args.seed, "transactions": len(history.runs), "committed": committed,
             "refused": history.refused, "commit_refusals": history.commit_refusals,
+            "removed": history.removed,
             "faults": [[k, s, n] for (k, s), n in history.faults.items()],
             "violations": history.violations}))
     return 1 if history.violations else 0
@@ -149,14 +151,14 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def table(results: list[dict[str, Any]], missing_runs: list[int], duration: float) -> str:
-    from tests.chaos.run import CUT_ONLY, FAULTS, STEPS
+    from tests.chaos.run import CUT_ONLY, FAULTS, PRUNE_STEPS, STEPS
 
     faults: Counter[tuple[str, str]] = Counter()
     for r in results:
         for kind, step, n in r["faults"]:
             faults[(kind, step)] += n
-    other = sorted({s for _, s in faults} - set(STEPS))
-    cols = [*STEPS, *other]
+    other = sorted({s for _, s in faults} - set(STEPS) - set(PRUNE_STEPS))
+    cols = [*STEPS, *PRUNE_STEPS, *other]
     kinds = [*FAULTS, *sorted({k for k, _ in faults} - set(FAULTS))]
     lines = [f"== chaos aggregate: seeds {','.join(str(r['seed']) for r in results)}, "
              f"{duration:g}s each ==",
@@ -168,12 +170,16 @@ def table(results: list[dict[str, Any]], missing_runs: list[int], duration: floa
     committed = sum(r["committed"] for r in results)
     lines.append(f"{'total':18s}" + "".join(f"{sum(faults[(k, c)] for k in kinds):9d}"
                                              for c in cols) + f"{total:8d}")
-    unhit = [f"{k}@{s}" for k in FAULTS for s in (("cut",) if k in CUT_ONLY else STEPS)
-             if not faults[(k, s)]]
+    def steps_of(kind: str) -> tuple[str, ...]:
+        return ("cut",) if kind in CUT_ONLY else PRUNE_STEPS if kind == "prune_crash" else STEPS
+
+    unhit = [f"{k}@{s}" for k in FAULTS for s in steps_of(k) if not faults[(k, s)]]
     lines.append(f"transactions: {total} ({committed} committed, {total - committed} aborted)"
                  f"; concurrent refused at start: {sum(r['refused'] for r in results)}"
                  f"; commits refused by the failpoint: "
-                 f"{sum(r['commit_refusals'] for r in results)}")
+                 f"{sum(r['commit_refusals'] for r in results)}"
+                 f"; sets removed by retention (checked gone): "
+                 f"{sum(r.get('removed', 0) for r in results)}")
     lines.append("per seed: " + ", ".join(f"{r['seed']}:{r['transactions']}/"
                                            f"{len(r['violations'])}v" for r in results))
     lines.append("fault kinds not hit at a step they apply to: "

@@ -41,8 +41,8 @@ BIG_VM = "web"
 BIG_SIZE = 4 << 30
 PAUSE_VM = "db"  # qemu-system-x86_64: can be paused (quiesce pause)
 HAVE_QEMU_SYSTEM = shutil.which("qemu-system-x86_64") is not None
-REPO_SIZE = 2 << 30  # tmpfs per agent repository (made full by the repo_full fault); a
-# 420 s run writes ~600 MiB per host: no retention runs, so it must not fill by itself
+REPO_SIZE = 2 << 30  # tmpfs per agent repository (made full by the repo_full fault)
+RETENTION = "chaos=keep-last=3"  # every set's group: each commit starts a prune
 CLIENT = "cl"
 
 
@@ -286,7 +286,7 @@ class ChaosCluster:
             d.mkdir(parents=True, exist_ok=True)
             p = Proc(c, [*self.net.exec_prefix(c), sys.executable, "-m", "blocktxn.coordinator",
                          "--name", c, "--listen", f"{ip}:7400", "--etcd", self.etcd_endpoints,
-                         "--data-dir", str(d)], d / "coordinator.log")
+                         "--data-dir", str(d), "--retention", RETENTION], d / "coordinator.log")
             p.start()
             self.coords[c] = p
         for h in HOSTS:

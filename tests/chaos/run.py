@@ -18,7 +18,17 @@ Fault kinds (each at a step in STEPS unless it acts on the cut itself):
 - ``large_disk``: the transaction also holds every host's 4 GiB sparse disk, and
   the agent of one host is killed at the step;
 - ``commit_fail``: one agent's Commit answers FAILED_PRECONDITION (runtime
-  failpoint ``agent_commit=fail``) from the step until 3 s after the decision.
+  failpoint ``agent_commit=fail``) from the step until 3 s after the decision;
+- ``prune_crash``: retention runs all the time (group ``chaos``, keep-last 3: every
+  commit starts a prune that overlaps the next transactions and their faults); this
+  fault makes one agent exit (power-loss style) inside a set removal, right after its
+  ``rebase`` of the child image or its ``delete`` of the file (runtime failpoints
+  ``agent_after_rebase`` / ``agent_after_delete``); the agent is started again.
+
+Retention invariants: after every transaction, every listed set is whole in the
+agents' catalogs and files; at the end (after a last prune), every set still listed
+restores to the content recorded when it committed, and every set retention removed
+is gone from every catalog and repository.
 
 Point in time is checked against the stand-in guest agent's snapshot at the
 freeze when one transaction alone froze the VMs, otherwise by reconstruction:
@@ -70,9 +80,11 @@ PAUSE_FAULTS = ("pause_kill_agent", "pause_stop_agent")
 ALL_FAULTS = ("none", "kill_leader", "stop_leader", "kill_agent", "stop_agent", "kill_etcd",
               "stop_etcd", "partition", "io_error", "kill_vm", "repo_full", "ga_silent",
               "power_loss", "term_agent", *PAUSE_FAULTS, "concurrent", "etcd_cut",
-              "large_disk", "commit_fail")
+              "large_disk", "commit_fail", "prune_crash")
 FAULTS = tuple(f for f in ALL_FAULTS if HAVE_QEMU_SYSTEM or f not in PAUSE_FAULTS)
 CUT_ONLY = ("repo_full", "ga_silent", "io_error")  # act on what the cut is about to do
+PRUNE_STEPS = ("rebase", "delete")  # where prune_crash stops an agent inside a removal
+GROUP = "chaos"  # the retention group of every set (the coordinators keep the last 3)
 STEPS = ("cut", "run", "barrier", "decided")
 FREEZE_TIMEOUT = 4.0
 FREEZE_LIMIT = FREEZE_TIMEOUT + 2.5  # bounded freeze: longest acceptable quiesce
@@ -154,6 +166,9 @@ class History:
     writes: list[tuple[int, Key, int]] = field(default_factory=list)  # g, vm, seq
     # per VM: seq -> (issued, acknowledged) wall-clock times of the writer's writes
     wtimes: dict[Key, dict[int, tuple[float, float]]] = field(default_factory=dict)
+    # per committed set: sha256 of each member's content, recorded when it was checked
+    digests: dict[str, dict[Member, str]] = field(default_factory=dict)
+    removed: int = 0  # sets retention removed, checked gone at the end
 
 
 class Driver:
@@ -176,6 +191,7 @@ class Driver:
         self.vm_pool = ThreadPoolExecutor(3, thread_name_prefix="chk-vm")
         self.pool = ThreadPoolExecutor(6, thread_name_prefix="chk-disk")
         self.pending_crashes: list[Key] = []
+        self._prune_seen: list[str] = []
         self._loop = asyncio.new_event_loop()
         self._clients: dict[str, Client] = {}
         threading.Thread(target=self._loop.run_forever, daemon=True, name="chaos-aio").start()
@@ -415,6 +431,27 @@ class Driver:
                 h.failpoints.unlink(missing_ok=True)
 
             undo.append(disarm)
+        elif fault == "prune_crash":  # inside the next removal on this host
+            point = rng.choice(PRUNE_STEPS)
+            h.failpoints.write_text(f"agent_after_{point}=exit\n")
+            agent = h.agent
+            assert agent is not None and txn_id is not None
+            tid = txn_id
+
+            def after_prune() -> None:  # its commit starts a prune: wait for the exit
+                self.wait_step(tid, "decided", timeout=DEADLINE + 10)
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline and agent.proc is not None \
+                        and agent.proc.poll() is None:
+                    time.sleep(0.05)
+                h.failpoints.unlink(missing_ok=True)
+                hit = agent.proc is not None and agent.proc.poll() is not None
+                self._prune_seen.append(point if hit else "no-prune")
+                if hit:
+                    time.sleep(0.5)
+                    agent.start()
+
+            undo.append(after_prune)
         return undo
 
     def when_paused(self, host: str, since: float, action: Callable[[], None]) -> Any:
@@ -447,7 +484,8 @@ class Driver:
 
     def start_txn(self, members: list[Member], quiesce: str, speed: int) -> Any:
         return self.call("backup", [f"{h}/{v}/{d}" for h, v, d in members], BackupOptions(
-            quiesce=quiesce, freeze_timeout=FREEZE_TIMEOUT, deadline=DEADLINE, speed=speed))
+            quiesce=quiesce, freeze_timeout=FREEZE_TIMEOUT, deadline=DEADLINE, speed=speed,
+            group=GROUP))
 
     def cuts_now(self) -> dict[Key, int]:
         return {(h, v): len(self.c.hosts[h].gas[v].cuts) for h in HOSTS for v in VMS}
@@ -476,6 +514,7 @@ class Driver:
                          f"{run.final.reason[:70]}")
             for run in runs:
                 self.check_txn(run)
+            self.check_sets_whole()
             self.cleanup_cuts(runs)
             for host, vm in self.pending_crashes:  # the checkpoints died with QEMU
                 for d in self.c.hosts[host].workloads[vm].shadows:
@@ -523,9 +562,12 @@ class Driver:
         elif fault not in ("none", *CUT_ONLY):
             seen = self.wait_step(txn.txn_id, step)
             undo = self.inject(fault, txn.txn_id, host)
+        self._prune_seen = []
+        self.finish([run], undo)
+        if fault == "prune_crash":
+            seen = self._prune_seen[0] if self._prune_seen else "no-prune"
         run.step = seen
         self.h.faults[(fault, seen)] += 1
-        self.finish([run], undo)
         return run
 
     def run_concurrent(self, step: str) -> list[TxnRun]:
@@ -767,6 +809,8 @@ class Driver:
             try:
                 if not images_equal(out, "raw", cut.images[d], "raw"):
                     self.bad(f"{t.txn_id}: restore of {host}/{vm}/{d} != its cut")
+                else:
+                    self.h.digests.setdefault(t.txn_id, {})[(host, vm, d)] = digest(out)
             finally:
                 out.unlink(missing_ok=True)
 
@@ -785,9 +829,12 @@ class Driver:
             return None
         disks = run.disks_of(key)
 
+        sums: dict[str, str] = {}
+
         def one(d: str) -> list[Any]:
             out = self.restore(t.txn_id, host, vm, d)
             try:
+                sums[d] = digest(out)
                 return cluster_reps(out)
             finally:
                 out.unlink(missing_ok=True)
@@ -836,10 +883,69 @@ class Driver:
             self.bad(f"{t.txn_id}: {host}/{vm} {disks} equal writes {valid[0]}..{valid[-1]}, "
                      f"none inside {what}")
             return None
+        for d, sha in sums.items():
+            self.h.digests.setdefault(t.txn_id, {})[(host, vm, d)] = sha
         return min(ok), max(ok)
+
+    # ------------------------------------------------------------- retention
+    def catalogs(self) -> dict[str, list[Any]]:
+        return {host: _catalog(self.c.hosts[host].repo) for host in HOSTS}
+
+    def check_sets_whole(self) -> None:
+        """Every listed set is whole: each image in its agent's catalog and on disk.
+        (Catalogs first: a set listed after that was not being removed before it.)"""
+        catalogs = self.catalogs()
+        for bset in self.call("sets"):
+            for i in bset.images:
+                h = self.c.hosts[i.agent_id]
+                if not any(c.set_id == bset.set_id and c.image == i.image
+                           for c in catalogs[i.agent_id]):
+                    self.bad(f"set {bset.set_id} listed, but {i.agent_id}/{i.vm}/{i.disk} "
+                             f"is not in its catalog")
+                elif not (h.repo / i.image).exists():
+                    self.bad(f"set {bset.set_id} listed, but {i.image} is gone")
+
+    def check_retention(self) -> None:
+        """After a last prune: every listed set restores to what it held at its commit;
+        every removed set is gone from every catalog and repository."""
+        try:
+            if not self.call("prune", GROUP, False, 120.0).done:
+                self.bad("the removals under way did not end within 120 s of the healing")
+        except ClientError as err:
+            self.bad(f"the last prune failed: {err}")
+        listed = {s.set_id: s for s in self.call("sets")}
+        committed = {r.txn_id for r in self.h.runs if r.final.decision == cpb.DECISION_COMMIT}
+        catalogs = self.catalogs()
+        for host, rows in catalogs.items():
+            orphans = {r.set_id for r in rows} - set(listed)
+            if orphans:
+                self.bad(f"{host}: catalog rows of sets not listed: {sorted(orphans)[:3]}")
+        for txn_id in sorted(committed - set(listed)):
+            self.h.removed += 1
+            for host in HOSTS:
+                left = list((self.c.hosts[host].repo / "images").glob(f"*/*/{txn_id}.qcow2"))
+                if left:
+                    self.bad(f"removed set {txn_id}: {host} still holds {left[0].name}")
+        checks = [(set_id, m, sha) for set_id in sorted(listed)
+                  for m, sha in self.h.digests.get(set_id, {}).items() if m[2] != BIG_DISK]
+
+        def one(item: tuple[str, Member, str]) -> None:
+            set_id, (host, vm, d), sha = item
+            out = self.restore(set_id, host, vm, d)
+            try:
+                if digest(out) != sha:
+                    self.bad(f"kept set {set_id}: {host}/{vm}/{d} restores to other content "
+                             "than at its commit")
+            finally:
+                out.unlink(missing_ok=True)
+
+        list(self.pool.map(one, checks))
+        self.log(f"retention: {len(listed)} sets kept ({len(checks)} disks restored and "
+                 f"compared), {self.h.removed} removed and gone everywhere")
 
     def check_end(self) -> None:
         """Nothing left behind; presumed abort and single decision on every record."""
+        self.check_retention()
         for run in self.h.runs:
             got = self.call("get", run.txn_id)
             if got.decision != run.final.decision:
@@ -870,6 +976,11 @@ class Driver:
                         self.bad(f"{host}/{vm}/{d}: checkpoint lost without a crash")
 
 
+def digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def later(delay: float, action: Any) -> Any:
     """An undo step: wait *delay* seconds, then act."""
 
@@ -881,11 +992,11 @@ def later(delay: float, action: Any) -> Any:
 
 
 def _catalog(repo: Path) -> list[Any]:
-    """The agent's catalog, read as the agent reads it (a torn last line is no record)."""
-    from blocktxn.agent.jsonl import JsonLines
-    from blocktxn.agent.participant_messages import ImageRecord
+    """The agent's catalog, replayed as the agent replays it (a torn last line is no
+    record; rebase and remove records apply to the images before them). Reads only."""
+    from blocktxn.agent.repository import Repository
 
-    return [ImageRecord(**r) for r in JsonLines(repo / "catalog.jsonl").read()]
+    return Repository(repo, []).images()
 
 
 def _free_bytes(path: Path) -> int:

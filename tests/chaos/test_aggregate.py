@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.chaos.__main__ import parse_seeds, table
-from tests.chaos.run import CUT_ONLY, FAULTS, STEPS
+from tests.chaos.run import CUT_ONLY, FAULTS, PRUNE_STEPS, STEPS
 
 
 def test_seed_lists() -> None:
@@ -13,7 +13,9 @@ def test_seed_lists() -> None:
 
 
 def every_cell() -> list[list[object]]:
-    return [[k, s, 1] for k in FAULTS for s in (("cut",) if k in CUT_ONLY else STEPS)]
+    return [[k, s, 1] for k in FAULTS
+            for s in (("cut",) if k in CUT_ONLY else PRUNE_STEPS if k == "prune_crash"
+                      else STEPS)]
 
 
 def test_table_totals_and_violations() -> None:
@@ -31,7 +33,7 @@ def test_table_totals_and_violations() -> None:
     assert "invariant violations: 1" in out
     assert "seed 2: tx-1: lost clusters [3]" in out
     row = next(line for line in out.splitlines() if line.startswith("kill_agent "))
-    assert row.split()[1:] == ["1", "1", "1", "1", "3", "7"]  # 4 steps, late, total
+    assert row.split()[1:] == ["1", "1", "1", "1", "0", "0", "3", "7"]  # 4+2 steps, late, total
 
 
 def test_table_names_the_cells_never_hit() -> None:
