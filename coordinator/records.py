@@ -13,6 +13,16 @@ from .txn_machine import TxnMachine
 from .txn_messages import Decision, TxnPhase
 
 MAX_ERRORS = 20  # errors a transaction record keeps, newest last
+# Free texts a record keeps, cut to a bound (what an agent or QEMU says can be long; a
+# record must fit one etcd request, see store.final_write_bound):
+MAX_MEMBER_TEXT = 160   # a member's mode reason
+MAX_VOTE_TEXT = 512     # an agent's vote reason
+MAX_ERROR_TEXT = 512    # one remembered error
+MAX_REASON_TEXT = 1024  # the decision's reason
+
+
+def _cut(text: str, bound: int) -> str:
+    return text if len(text) <= bound else text[:bound - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -35,7 +45,8 @@ class MemberRecord:
         return self.agent_id, self.vm, self.disk
 
     def cut_as(self, chosen: str, reason: str, total: int) -> MemberRecord:
-        return replace(self, chosen=chosen, mode_reason=reason, total=total)
+        return replace(self, chosen=chosen, mode_reason=_cut(reason, MAX_MEMBER_TEXT),
+                       total=total)
 
     def progressed(self, status: str, done: int, total: int) -> MemberRecord:
         return replace(self, status=status, done=done, total=total)
@@ -200,7 +211,7 @@ class TxnRecord:
 
     def with_error(self, error: str) -> TxnRecord:
         """Remember *error* (the last MAX_ERRORS only: a record must stay small)."""
-        return replace(self, errors=(*self.errors, error)[-MAX_ERRORS:])
+        return replace(self, errors=(*self.errors, _cut(error, MAX_ERROR_TEXT))[-MAX_ERRORS:])
 
     def with_images(self, images: tuple[SetImage, ...]) -> TxnRecord:
         return replace(self, images=(*self.images, *images))
@@ -208,9 +219,9 @@ class TxnRecord:
     def with_machine(self, machine: TxnMachine) -> TxnRecord:
         """The machine's view: phase, decision, votes."""
         return replace(
-            self, phase=machine.phase, decision=machine.decision, reason=machine.reason,
-            committed=machine.committed,
-            votes=tuple(VoteRecord(p.agent_id, p.vote, p.reason)
+            self, phase=machine.phase, decision=machine.decision,
+            reason=_cut(machine.reason, MAX_REASON_TEXT), committed=machine.committed,
+            votes=tuple(VoteRecord(p.agent_id, p.vote, _cut(p.reason, MAX_VOTE_TEXT))
                         for p in machine.parts.values() if p.vote is not None))
 
     def with_decision(self, decision: DecisionRecord) -> TxnRecord:

@@ -32,7 +32,7 @@ from .errors import (
 from .pruner import MAX_SETS, Pruner
 from .records import AgentEntry, AgentInventory, BackupSet, DecisionRecord, TxnRecord
 from .registry import AgentRegistry
-from .store import Store
+from .store import ETCD_MAX_REQUEST, REQUEST_MARGIN, Store, final_write_bound
 from .txn_machine import TxnMachine
 from .txn_messages import OPEN, Begin, CancelRequested, DeadlinePassed, Decision, Resumed, TxnPhase
 
@@ -180,6 +180,13 @@ class Coordinator:
         record = planner.new_record(request, planned,
                                     planner.txn_id_at(now, random.getrandbits(24)),
                                     request_id, now, self.config.name)
+        size = final_write_bound(record)
+        if size > ETCD_MAX_REQUEST - REQUEST_MARGIN:
+            raise RequestError(
+                f"{len(record.members)} disks on {len(record.agents)} agents: the "
+                f"transaction's final record could take {size} bytes, more than one etcd "
+                f"request holds ({ETCD_MAX_REQUEST - REQUEST_MARGIN}); it could never be "
+                "decided: split the targets into several backups (nothing was started)")
         try:
             existing = await self.store.create_txn(epoch, record)
         except StoreUnavailableError:

@@ -54,8 +54,21 @@ from .errors import (
     StoreUnavailableError,
 )
 from .planner import txn_id_at
-from .records import AgentEntry, BackupSet, DecisionRecord, PruneRecord, TxnRecord
-from .txn_messages import TxnPhase
+from .records import (
+    MAX_ERROR_TEXT,
+    MAX_ERRORS,
+    MAX_MEMBER_TEXT,
+    MAX_REASON_TEXT,
+    MAX_VOTE_TEXT,
+    AgentEntry,
+    BackupSet,
+    DecisionRecord,
+    PruneRecord,
+    SetImage,
+    TxnRecord,
+    VoteRecord,
+)
+from .txn_messages import Decision, TxnPhase
 
 log = logging.getLogger(__name__)
 #: gRPC codes of an etcd request that a retry cannot fix (RESOURCE_EXHAUSTED: a message
@@ -73,6 +86,10 @@ PAGE = 500
 #: --max-txn-ops is 128 by default)
 COLLECT_BATCH = 32
 SCHEMA = 1
+#: etcd's default --max-request-bytes (1.5 MiB): a larger request is refused for good
+ETCD_MAX_REQUEST = 1536 << 10
+#: room left for the keys, the fence compare and gRPC's framing of the final write
+REQUEST_MARGIN = 32 << 10
 PREFIX = "/blocktxn/v1/"
 T = TypeVar("T")
 R = TypeVar("R")
@@ -574,6 +591,37 @@ async def leader_name(endpoints: str) -> str | None:
 # wrote them): enums by value, no decision as "", the (agent, address) pairs of a
 # transaction as an object, tuples as lists. A missing key takes the field's default.
 _PAIRS = tuple[tuple[str, str], ...]
+
+
+def final_write_bound(record: TxnRecord) -> int:
+    """Bytes of the largest etcd request this transaction can make: its final record and
+    its backup set in one write, every free text at its bound, every number at its
+    widest. A transaction is refused up front when this exceeds what etcd takes: it
+    could never be decided."""
+    final, backup_set = worst_final_write(record)
+    return len(_dump(final)) + len(_dump(backup_set))
+
+
+def worst_final_write(record: TxnRecord) -> tuple[TxnRecord, BackupSet]:
+    """*record* as its largest final write could hold it (see final_write_bound)."""
+    big, when = 2 ** 63 - 1, 1.0e9 + 0.123456789
+
+    def image(m: Any) -> SetImage:
+        path = f"images/{m.vm}/{m.disk}/{record.txn_id}.qcow2"
+        return SetImage(m.agent_id, m.vm, m.disk, path, path, "incremental", big, big,
+                        "0" * 64, when, f"blocktxn:{record.txn_id}")
+
+    images = tuple(image(m) for m in record.members)
+    final = dataclasses.replace(
+        record, phase=TxnPhase.DONE, decision=Decision.COMMIT,
+        reason="x" * MAX_REASON_TEXT, committed=record.agent_ids,
+        votes=tuple(VoteRecord(a, True, "x" * MAX_VOTE_TEXT) for a in record.agent_ids),
+        errors=("x" * MAX_ERROR_TEXT,) * MAX_ERRORS, frozen_from=when, thawed_at=when,
+        set_id=record.txn_id, images=images,
+        members=tuple(dataclasses.replace(
+            m, chosen="incremental", mode_reason="x" * MAX_MEMBER_TEXT, status="prepared",
+            done=big, total=big, outcome="committed") for m in record.members))
+    return final, BackupSet.of(record.txn_id, images, record.group, when)
 
 
 def _dump(record: object) -> bytes:

@@ -387,3 +387,54 @@ def test_free_space_counts_as_changed_only_past_its_slack() -> None:
     assert same_inventory(stored, replace(stored, repo_free=(100 << 30) - step))
     assert not same_inventory(stored, replace(stored, repo_free=(100 << 30) - step - 1))
     assert not same_inventory(stored, replace(stored, open_transactions=("tx-1",)))
+
+
+def _wide_record(hosts: int, disks_per_host: int, name_len: int = 0) -> TxnRecord:
+    """A transaction over *hosts* agents with *disks_per_host* disks each; ids padded to
+    *name_len* characters (64 is the longest an id may be)."""
+    def pad(text: str) -> str:
+        return text + "x" * max(0, name_len - len(text))
+
+    agents = [pad(f"s{h:03d}") for h in range(hosts)]
+    members = tuple(MemberRecord(a, pad(f"vm{d // 2}"), pad(f"d{d % 2}"), "auto")
+                    for a in agents for d in range(disks_per_host))
+    now = time.time()
+    return TxnRecord(txn_id_at(now, 7), "r-wide", "grouped", "freeze", 10.0, now + 3600, 0,
+                     now, members, tuple((a, f"10.0.{i // 250}.{i % 250}:7401")
+                                         for i, a in enumerate(agents)), group="web")
+
+
+def test_the_final_write_of_1000_disks_on_100_agents_fits_one_etcd_request(
+        make_cluster: Callable[..., Cluster]) -> None:
+    """A transaction of 1,000 disks on 100 agents (the scale issue's lab) can always be
+    decided: its largest final write, every free text at its bound, is one request that
+    etcd takes; one that could never fit is refused before it starts."""
+    from blocktxn.coordinator.store import (
+        ETCD_MAX_REQUEST,
+        REQUEST_MARGIN,
+        final_write_bound,
+        worst_final_write,
+    )
+    from blocktxn.coordinator.errors import StoreRejectedError
+
+    wide = _wide_record(100, 10)
+    assert final_write_bound(wide) <= ETCD_MAX_REQUEST - REQUEST_MARGIN
+    too_wide = _wide_record(100, 20, name_len=64)
+    assert final_write_bound(too_wide) > ETCD_MAX_REQUEST
+    cluster = make_cluster(0)
+
+    async def scenario() -> None:
+        store, epoch = await leading_store(cluster)
+        try:
+            final, backup_set = worst_final_write(wide)
+            assert await store.create_txn(epoch, wide) is None
+            await store.put_txn(epoch, final, backup_set)   # etcd takes it
+            assert await store.get_txn(wide.txn_id) == final
+            assert await store.get_set(wide.txn_id) == backup_set
+            final, backup_set = worst_final_write(too_wide)
+            with pytest.raises(StoreRejectedError):          # what the refusal avoids
+                await store.put_txn(epoch, final, backup_set)
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
