@@ -203,8 +203,9 @@ class Repository:
         except OSError as err:
             raise QemuError(f"repository: cannot create {p.parent}: {err}") from err
         argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
-        if backing_rel:
-            argv += ["-b", Path(backing_rel).name, "-F", "qcow2"]
+        if backing_rel:  # -u: only the name is written; without it qemu-img opens the
+            # whole backing chain (time grows with every earlier backup of the disk)
+            argv += ["-u", "-b", Path(backing_rel).name, "-F", "qcow2"]
         await run_tool(*argv, str(p), str(size), timeout=60)
 
     async def remove(self, image: ImageRecord) -> None:
