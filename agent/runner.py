@@ -274,12 +274,11 @@ class AgentRunner:
         """A backup set removal asked for a disk holds it for one image at a time: a cut
         waits for that step (up to REMOVAL_WAIT; the planner refuses after), also when
         the removal is only about to start (it waited for the transaction before)."""
-        busy = self.machine.busy_disks()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(REMOVAL_WAIT):
                 for d in disks:
                     key = (d.vm, d.disk)
-                    while key in self.removal_wanted and key not in busy:
+                    while key in self.removal_wanted and key not in self.machine.busy_disks():
                         await asyncio.sleep(WAIT_STEP)
                     if key in self.pruning:
                         async with self.repo.lock(*key):
@@ -433,16 +432,20 @@ class AgentRunner:
             self.removal_wanted[key] = self.removal_wanted.get(key, 0) + 1
             wanted = True
             try:
-                while key in self.machine.busy_disks():  # until its transaction ends
-                    await asyncio.sleep(WAIT_STEP)
-                async with self.repo.lock(*key):
-                    self.pruning[key] = set_id
-                    self._drop_wanted(key)
-                    wanted = False
-                    try:
-                        await self.repo.remove(image)
-                    finally:
-                        del self.pruning[key]
+                while True:
+                    while key in self.machine.busy_disks():  # until its transaction ends
+                        await asyncio.sleep(WAIT_STEP)
+                    async with self.repo.lock(*key):
+                        if key in self.machine.busy_disks():
+                            continue  # a cut took the disk while the lock was awaited
+                        self.pruning[key] = set_id
+                        self._drop_wanted(key)
+                        wanted = False
+                        try:
+                            await self.repo.remove(image)
+                        finally:
+                            del self.pruning[key]
+                    break
             finally:
                 if wanted:
                     self._drop_wanted(key)

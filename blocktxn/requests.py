@@ -13,6 +13,7 @@ Ranges (also in the proto and ``blocktxn backup --help``):
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -69,6 +70,21 @@ def check_interval(seconds: float) -> float:
     if seconds == 0:
         return DEFAULT_INTERVAL
     return check_range(seconds, INTERVAL_MIN, INTERVAL_MAX, "interval", "s")
+
+
+def cut_text(text: str, bound: int) -> str:
+    """*text* if its JSON form (non-ASCII and quotes escaped, as records are stored)
+    takes at most *bound* bytes, else its longest prefix that does with "..." added."""
+    if len(json.dumps(text)) - 2 <= bound:
+        return text
+    out, used = [], 3
+    for ch in text:
+        n = len(json.dumps(ch)) - 2
+        if used + n > bound:
+            break
+        out.append(ch)
+        used += n
+    return "".join(out) + "..."
 
 
 def check_reason(text: str) -> str:

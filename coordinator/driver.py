@@ -14,12 +14,12 @@ from typing import Protocol, TypeVar
 
 from blocktxn import failpoints
 from blocktxn.errors import InvalidInput
-from blocktxn.requests import DiskRequest
+from blocktxn.requests import DiskRequest, cut_text
 
 from . import clock
 from .agent_client import AgentClient
 from .errors import AgentCallError, NotLeaderError, TxnStateError
-from .records import DecisionRecord, MemberRecord, TxnRecord
+from .records import MAX_ERROR_TEXT, DecisionRecord, MemberRecord, TxnRecord
 from .registry import AgentRegistry
 from .store import Store, retry_while_unavailable
 from .txn_machine import TxnMachine
@@ -260,7 +260,7 @@ class TxnDriver:
             except AgentCallError as err:
                 if not err.retryable:
                     log.error("txn %s: %s", self.txn_id, err.describe())
-                    if self.record.errors[-1:] != (err.describe(),):
+                    if self.record.errors[-1:] != (cut_text(err.describe(), MAX_ERROR_TEXT),):
                         self.record = self.record.with_error(err.describe())
                     if isinstance(cmd, SendAbort):
                         return Acked(cmd.agent_id)

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from blocktxn.requests import cut_text
+
 from .errors import NotFoundError
 from .txn_machine import TxnMachine
 from .txn_messages import Decision, TxnPhase
@@ -18,11 +20,8 @@ MAX_ERRORS = 20  # errors a transaction record keeps, newest last
 MAX_MEMBER_TEXT = 160   # a member's mode reason
 MAX_VOTE_TEXT = 512     # an agent's vote reason
 MAX_ERROR_TEXT = 512    # one remembered error
-MAX_REASON_TEXT = 1024  # the decision's reason
-
-
-def _cut(text: str, bound: int) -> str:
-    return text if len(text) <= bound else text[:bound - 1] + "…"
+MAX_REASON_TEXT = 1024  # the decision's reason (the machine cuts it)
+# (bounds in bytes of the stored JSON form: see blocktxn.requests.cut_text)
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class MemberRecord:
         return self.agent_id, self.vm, self.disk
 
     def cut_as(self, chosen: str, reason: str, total: int) -> MemberRecord:
-        return replace(self, chosen=chosen, mode_reason=_cut(reason, MAX_MEMBER_TEXT),
+        return replace(self, chosen=chosen, mode_reason=cut_text(reason, MAX_MEMBER_TEXT),
                        total=total)
 
     def progressed(self, status: str, done: int, total: int) -> MemberRecord:
@@ -211,7 +210,8 @@ class TxnRecord:
 
     def with_error(self, error: str) -> TxnRecord:
         """Remember *error* (the last MAX_ERRORS only: a record must stay small)."""
-        return replace(self, errors=(*self.errors, _cut(error, MAX_ERROR_TEXT))[-MAX_ERRORS:])
+        return replace(self,
+                       errors=(*self.errors, cut_text(error, MAX_ERROR_TEXT))[-MAX_ERRORS:])
 
     def with_images(self, images: tuple[SetImage, ...]) -> TxnRecord:
         return replace(self, images=(*self.images, *images))
@@ -220,8 +220,8 @@ class TxnRecord:
         """The machine's view: phase, decision, votes."""
         return replace(
             self, phase=machine.phase, decision=machine.decision,
-            reason=_cut(machine.reason, MAX_REASON_TEXT), committed=machine.committed,
-            votes=tuple(VoteRecord(p.agent_id, p.vote, _cut(p.reason, MAX_VOTE_TEXT))
+            reason=cut_text(machine.reason, MAX_REASON_TEXT), committed=machine.committed,
+            votes=tuple(VoteRecord(p.agent_id, p.vote, cut_text(p.reason, MAX_VOTE_TEXT))
                         for p in machine.parts.values() if p.vote is not None))
 
     def with_decision(self, decision: DecisionRecord) -> TxnRecord:

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from blocktxn.requests import MAX_REASON, cut_text
+
 from .errors import TxnStateError
 from .txn_messages import (
     Acked,
@@ -150,7 +152,8 @@ class TxnMachine:
         return self.deciding or self.decision is not None
 
     def _decide(self, decision: Decision, reason: str) -> list[TxnCommand]:
-        self.deciding = True
+        reason = cut_text(reason, MAX_REASON)  # joined NO votes can be long; an agent's
+        self.deciding = True                   # Abort takes at most MAX_REASON
         committed: tuple[str, ...] = ()
         if decision == Decision.COMMIT:
             committed = tuple(a for a in self.agents if self.parts[a].vote)

@@ -92,12 +92,13 @@ class VmConnection:
     async def stop(self) -> None:
         """End the session and its supervisor. The supervisor also checks a flag: a
         cancellation can be lost (Python 3.11's wait_for drops one that lands just as
-        the awaited connect has failed), and the loop would then reconnect for ever."""
+        the awaited connect has failed or succeeded), and the loop would then reconnect,
+        or sit in a session, for ever: it is cancelled until it ends."""
         self._stopping = True
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(self._task)
+        task = self._task
+        while task is not None and not task.done():  # again, should one be lost
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
         await self._drop_client()
 
     async def wait_connected(self, timeout: float) -> bool:

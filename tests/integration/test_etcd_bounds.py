@@ -409,13 +409,13 @@ def test_the_final_write_of_1000_disks_on_100_agents_fits_one_etcd_request(
     """A transaction of 1,000 disks on 100 agents (the scale issue's lab) can always be
     decided: its largest final write, every free text at its bound, is one request that
     etcd takes; one that could never fit is refused before it starts."""
+    from blocktxn.coordinator.errors import StoreRejectedError
     from blocktxn.coordinator.store import (
         ETCD_MAX_REQUEST,
         REQUEST_MARGIN,
         final_write_bound,
         worst_final_write,
     )
-    from blocktxn.coordinator.errors import StoreRejectedError
 
     wide = _wide_record(100, 10)
     assert final_write_bound(wide) <= ETCD_MAX_REQUEST - REQUEST_MARGIN

@@ -119,3 +119,48 @@ def test_stop_ends_the_supervisor_whenever_the_cancellation_lands(monkeypatch: A
     thread.start()
     thread.join(20)
     assert stopped == list(range(40)), f"stop() never returned after {len(stopped)} steps"
+
+
+class ConnectsAtOnce:
+    """A VM that accepts at once and then stays up: the session waits for it to end."""
+
+    def __init__(self) -> None:
+        from qemu.qmp.protocol import Runstate
+        self.runstate = Runstate.RUNNING
+        self._forever = asyncio.Event()
+
+    async def connect(self, address: str) -> None:
+        pass
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        return []
+
+    async def runstate_changed(self) -> None:
+        await self._forever.wait()
+
+    async def disconnect(self) -> None:
+        pass
+
+
+def test_stop_ends_a_session_whenever_the_cancellation_lands(monkeypatch: Any) -> None:
+    """The same lost cancellation as the connect succeeds leaves the supervisor in a
+    session that lasts as long as the VM: stop() must end it too."""
+    from blocktxn.agent.qemu import qmp
+
+    monkeypatch.setattr(qmp, "new_client", lambda name, deliver: ConnectsAtOnce())
+
+    async def run() -> None:
+        for steps in range(40):
+            conn = VmConnection("vm1", "/nonexistent.sock", timeout=5, retry_delay=0)
+            conn.start()
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            await conn.stop()
+            stopped.append(steps)
+
+    import threading
+    stopped: list[int] = []
+    thread = threading.Thread(target=lambda: asyncio.run(run()), daemon=True)
+    thread.start()
+    thread.join(30)
+    assert stopped == list(range(40)), f"stop() never returned after {len(stopped)} steps"
