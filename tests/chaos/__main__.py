@@ -196,11 +196,14 @@ def many(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     results: list[dict[str, Any]] = []
     missing: list[int] = []
-    with tempfile.TemporaryDirectory(prefix="blocktxn-chaos-sums-") as sums:
+    with tempfile.TemporaryDirectory(prefix="blocktxn-chaos-sums-") as tmp:
+        sums = Path(args.summaries or tmp)  # --summaries: kept, and earlier seeds counted
+        sums.mkdir(parents=True, exist_ok=True)
         for seed in seeds:
             print(f"\n######## seed {seed} ({len(results) + len(missing) + 1}/{len(seeds)})",
                   flush=True)
-            summary = Path(sums) / f"{seed}.json"
+            summary = sums / f"{seed}.json"
+            summary.unlink(missing_ok=True)
             rc = parent(args, seed, summary)
             if rc == 130:
                 break
@@ -208,6 +211,10 @@ def many(args: argparse.Namespace) -> int:
                 results.append(json.loads(summary.read_text()))
             else:
                 missing.append(seed)
+        if args.summaries:  # the seeds of earlier runs into the same directory
+            results += [json.loads(f.read_text()) for f in sorted(sums.glob("*.json"))
+                        if f.stem.isdigit() and int(f.stem) not in seeds]
+            results.sort(key=lambda r: int(r["seed"]))
     out = table(results, missing, args.duration)
     print("\n" + out)
     if args.table:
@@ -222,6 +229,9 @@ def main() -> int:
     p.add_argument("--seeds", help="several runs, e.g. 1-12 or 3,5,9-11")
     p.add_argument("--duration", type=float, default=120.0, help="seconds per seed")
     p.add_argument("--table", help="with --seeds: also write the aggregate table here")
+    p.add_argument("--summaries", help="with --seeds: keep each seed's summary in this "
+                   "directory, and count the seeds an earlier run left there (a long run "
+                   "made in parts: --seeds 1-8, then --seeds 9-16, same directory)")
     p.add_argument("--faults", help="only these fault kinds (comma-separated), to debug one")
     p.add_argument("--workdir")
     p.add_argument("--keep-files", action="store_true")
