@@ -8,7 +8,6 @@ same transaction id; one lock per transaction orders them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
@@ -38,7 +37,6 @@ from .participant_messages import (
     DeclineVote,
     Event,
     FinalizeJobs,
-    ImageRecord,
     Phase,
     PrepareRequested,
     Publish,
@@ -52,13 +50,12 @@ from .participant_messages import (
     VotedNo,
 )
 from .qemu import QemuVm
+from .removals import Removals
 from .repository import Repository
 from .steps import Steps
 from .vm_events import VmEvents
 
 log = logging.getLogger(__name__)
-WAIT_STEP = 0.1  # seconds between looks at a disk another step holds
-REMOVAL_WAIT = 30.0  # seconds a cut waits for a set removal's step on one of its disks
 T = TypeVar("T")
 
 
@@ -87,10 +84,8 @@ class AgentRunner:
         self._locks: dict[str, asyncio.Lock] = {}
         self.plan_lock = asyncio.Lock()
         self._barriers: dict[str, asyncio.Task[None]] = {}
-        self._forgetting: dict[str, asyncio.Task[None]] = {}  # set id -> its removal
-        self.pruning: dict[tuple[str, str], str] = {}  # (vm, disk) -> set being removed
-        self.removal_wanted: dict[tuple[str, str], int] = {}  # removals waiting for a disk
         self._background: set[asyncio.Task[Any]] = set()
+        self.removals = Removals(self.repo, self.machine.busy_disks, self.spawn)
         self.started = False
 
     # -------------------------------------------------------------- lifecycle
@@ -258,7 +253,7 @@ class AgentRunner:
                     raise ConflictError(
                         f"transaction {txn_id} is already {known.phase.value} with other members")
             else:
-                await self._after_removals(disks)
+                await self.removals.before_cut(disks)
                 async with self.plan_lock:
                     plan = planner.plan_cut(txn_id, disks, quiesce, freeze_timeout,
                                             await self._facts(disks, quiesce), individual)
@@ -269,20 +264,6 @@ class AgentRunner:
                 raise ConflictError(f"cut of {txn_id} failed and was rolled back: "
                                     f"{st.failure or st.abort_reason}")
             return st
-
-    async def _after_removals(self, disks: Sequence[DiskRequest]) -> None:
-        """A backup set removal asked for a disk holds it for one image at a time: a cut
-        waits for that step (up to REMOVAL_WAIT; the planner refuses after), also when
-        the removal is only about to start (it waited for the transaction before)."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(REMOVAL_WAIT):
-                for d in disks:
-                    key = (d.vm, d.disk)
-                    while key in self.removal_wanted and key not in self.machine.busy_disks():
-                        await asyncio.sleep(WAIT_STEP)
-                    if key in self.pruning:
-                        async with self.repo.lock(*key):
-                            pass
 
     async def _facts(self, disks: Sequence[DiskRequest], quiesce: str) -> planner.Facts:
         """What the planner needs, read from the VMs, the catalog and the machine."""
@@ -301,7 +282,7 @@ class AgentRunner:
             image_exists=lambda rel: self.repo.path(rel).exists(),
             image_rel=self.repo.image_rel, busy=self.machine.busy_disks(),
             frozen={**self.machine.quiesce_holders(), **self.freeze.frozen_by()},
-            pruning=dict(self.pruning), chain_length=self.repo.chain_length,
+            pruning=dict(self.removals.pruning), chain_length=self.repo.chain_length,
             max_chain=self.config.max_chain, repo_free=self.repo.space()[1])
 
     async def thaw(self, txn_id: str) -> TxnState:
@@ -391,70 +372,9 @@ class AgentRunner:
         return await self.repo.verify(set_id)
 
     async def forget(self, set_id: str, check_only: bool = False) -> int:
-        """Remove this host's images of *set_id* in the background (see the proto's
-        ForgetImages); return how many are left (0: done). *check_only*: only raise
-        if the removal may not start now.
-
-        Raises:
-            InvalidInput, ConflictError (a disk being read, a newest image), AgentError
-            (the removal failed; asking again retries it). A disk in an open transaction
-            is not refused: its removal step waits for the transaction to end, and the
-            next cut of the disk waits for that step (neither starves the other).
-        """
+        """See Removals.forget. Raises: InvalidInput, ConflictError, AgentError."""
         check_id(set_id, "set id")
-        task = self._forgetting.get(set_id)
-        if task is None:
-            images = [i for i in self.repo.images() if i.set_id == set_id]
-            if not images:
-                return 0
-            for i in images:
-                if (i.vm, i.disk) in self.repo.reading:
-                    raise ConflictError(f"a restore or verify of {i.vm}/{i.disk} is "
-                                        "running: retry when it ends")
-                last = self.repo.last_image(i.vm, i.disk)
-                if last is not None and last.image == i.image:
-                    raise ConflictError(f"backup set {set_id} holds the newest backup of "
-                                        f"{i.vm}/{i.disk}: the next incremental builds on it")
-            if check_only:
-                return len(images)
-            task = self._forgetting[set_id] = self.spawn(self._remove(set_id, images))
-        elif check_only:
-            return sum(1 for i in self.repo.images() if i.set_id == set_id)
-        left = sum(1 for i in self.repo.images() if i.set_id == set_id)
-        if task.done():
-            del self._forgetting[set_id]
-            task.result()  # raises what the removal raised
-        return left
-
-    async def _remove(self, set_id: str, images: list[ImageRecord]) -> None:
-        for image in images:
-            key = (image.vm, image.disk)
-            self.removal_wanted[key] = self.removal_wanted.get(key, 0) + 1
-            wanted = True
-            try:
-                while True:
-                    while key in self.machine.busy_disks():  # until its transaction ends
-                        await asyncio.sleep(WAIT_STEP)
-                    async with self.repo.lock(*key):
-                        if key in self.machine.busy_disks():
-                            continue  # a cut took the disk while the lock was awaited
-                        self.pruning[key] = set_id
-                        self._drop_wanted(key)
-                        wanted = False
-                        try:
-                            await self.repo.remove(image)
-                        finally:
-                            del self.pruning[key]
-                    break
-            finally:
-                if wanted:
-                    self._drop_wanted(key)
-            log.info("set %s: image %s removed", set_id, image.image)
-
-    def _drop_wanted(self, key: tuple[str, str]) -> None:
-        n = self.removal_wanted.pop(key, 0) - 1
-        if n > 0:
-            self.removal_wanted[key] = n
+        return await self.removals.forget(set_id, check_only)
 
     def spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro)
