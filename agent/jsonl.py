@@ -91,7 +91,9 @@ class JsonLines:
                                 self.path, size - self._durable)
                     os.ftruncate(self._fd, self._durable)
                     os.fsync(self._fd)
-            os.write(self._fd, data)
+            left = memoryview(data)
+            while left:  # a full disk may take part of it and say so only by the count
+                left = left[os.write(self._fd, left):]
             os.fsync(self._fd)
         except OSError as err:  # e.g. the disk is full: nothing was promised
             self.close()

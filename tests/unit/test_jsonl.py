@@ -3,6 +3,7 @@ the next append; a corrupt record in the middle stops the agent, never a silent 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,30 @@ def test_a_corrupt_record_in_the_middle_is_an_error(tmp_path: Path) -> None:
     path.write_bytes(b'{"n": 1}\n{"n": \x00\n{"n": 3}\n')
     with pytest.raises(JournalError, match=r"j.jsonl.*line 2"):
         JsonLines(path).read()
+
+
+def test_a_write_cut_short_by_a_full_disk_is_a_torn_tail_not_a_corrupt_middle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk can make write() store only part of the records and return the short
+    count (no error): found by the chaos run (repository full during a commit), where
+    the next records were glued onto the part and the catalog was corrupt in the middle;
+    the agent would then refuse to start."""
+    import errno
+
+    f = JsonLines(tmp_path / "c.jsonl")
+    f.append([{"n": 1}])
+    real_write = os.write
+    calls = []
+
+    def full_disk(fd: int, data: bytes | memoryview) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[:7]))  # the space left: a short write
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)  # what jsonl calls
+    with pytest.raises(JournalError):
+        f.append([{"n": 2, "pad": "x" * 40}, {"n": 3}])
+    monkeypatch.setattr(os, "write", real_write)
+    f.append([{"n": 4}])
+    assert JsonLines(tmp_path / "c.jsonl").read() == [{"n": 1}, {"n": 4}]
