@@ -81,6 +81,29 @@ def test_the_qmp_client_keeps_no_event() -> None:
     assert kept == 0
 
 
+def stops_at_every_step() -> None:
+    """Start a connection and stop it after 0..39 loop steps; every stop() returns. In a
+    thread of its own: a stop() that never returns cannot be timed out from inside
+    (wait_for's cancel reaches the same swallowing loop)."""
+    import threading
+
+    stopped: list[int] = []
+
+    async def run() -> None:
+        for steps in range(40):
+            conn = VmConnection("vm1", "/nonexistent.sock", timeout=5, retry_delay=0)
+            conn.start()
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            await conn.stop()
+            stopped.append(steps)
+
+    thread = threading.Thread(target=lambda: asyncio.run(run()), daemon=True)
+    thread.start()
+    thread.join(30)
+    assert stopped == list(range(40)), f"stop() never returned after {len(stopped)} steps"
+
+
 class FailsAtOnce:
     """A connect that fails at once, as to a VM whose socket is gone."""
 
@@ -102,23 +125,7 @@ def test_stop_ends_the_supervisor_whenever_the_cancellation_lands(monkeypatch: A
 
     monkeypatch.setattr(qmp, "new_client", lambda name, deliver: FailsAtOnce())
 
-    async def run() -> None:
-        for steps in range(40):
-            conn = VmConnection("vm1", "/nonexistent.sock", timeout=5, retry_delay=0)
-            conn.start()
-            for _ in range(steps):
-                await asyncio.sleep(0)
-            await conn.stop()
-            stopped.append(steps)
-
-    import threading
-    stopped: list[int] = []
-    # in a thread of its own: a stop() that never returns cannot be timed out from inside
-    # (wait_for's cancel reaches the same swallowing loop)
-    thread = threading.Thread(target=lambda: asyncio.run(run()), daemon=True)
-    thread.start()
-    thread.join(20)
-    assert stopped == list(range(40)), f"stop() never returned after {len(stopped)} steps"
+    stops_at_every_step()
 
 
 class ConnectsAtOnce:
@@ -149,18 +156,4 @@ def test_stop_ends_a_session_whenever_the_cancellation_lands(monkeypatch: Any) -
 
     monkeypatch.setattr(qmp, "new_client", lambda name, deliver: ConnectsAtOnce())
 
-    async def run() -> None:
-        for steps in range(40):
-            conn = VmConnection("vm1", "/nonexistent.sock", timeout=5, retry_delay=0)
-            conn.start()
-            for _ in range(steps):
-                await asyncio.sleep(0)
-            await conn.stop()
-            stopped.append(steps)
-
-    import threading
-    stopped: list[int] = []
-    thread = threading.Thread(target=lambda: asyncio.run(run()), daemon=True)
-    thread.start()
-    thread.join(30)
-    assert stopped == list(range(40)), f"stop() never returned after {len(stopped)} steps"
+    stops_at_every_step()
