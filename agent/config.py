@@ -31,6 +31,7 @@ class AgentConfig:
     tls: TlsFiles = field(default_factory=TlsFiles)
     in_doubt_after: float = 30.0  # a vote this old with no decision: ask for it
     max_chain: int = 32  # images a restore may open: a longer chain takes a full (auto)
+    metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint (None: off)
 
 
 def parse_vm(spec: str) -> VmConfig:

@@ -10,13 +10,14 @@ import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from blocktxn import daemon, tls
+from blocktxn import daemon, metrics, tls
 from blocktxn.configfile import load_config_file
 from blocktxn.ids import check_id
 
 from .config import AgentConfig, parse_vm
 from .heartbeat import register_forever
 from .indoubt import resolve_in_doubt_forever
+from .metrics import AgentMetrics
 from .replicas import Replicas
 from .runner import AgentRunner
 from .service import serve
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-chain", type=int, default=32,
                    help="most images a disk's backup chain may have; an auto backup that "
                    "would make it longer is a full, 1..1000 (default 32)")
+    metrics.add_arguments(p)
     tls.add_arguments(p)
     return p
 
@@ -63,6 +65,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         raise ValueError(f"--in-doubt-after {args.in_doubt_after} is not within 1..86400 s")
     if not 1 <= int(args.max_chain) <= 1000:
         raise ValueError(f"--max-chain {args.max_chain} is not within 1..1000")
+    if args.metrics_listen:
+        metrics.parse_listen(args.metrics_listen)
     vms = tuple(parse_vm(v) for v in args.vm)
     if len({v.name for v in vms}) != len(vms):
         raise ValueError("a VM name is given twice")
@@ -71,13 +75,15 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         restore_dirs=tuple(args.restore_dir), coordinator=args.coordinator,
         advertise=args.advertise, qmp_timeout=args.qmp_timeout, tls=tls.from_args(args),
         in_doubt_after=float(args.in_doubt_after),
-        max_chain=int(args.max_chain),
+        max_chain=int(args.max_chain), metrics_listen=args.metrics_listen,
     )
 
 
 async def start(config: AgentConfig) -> daemon.Stops:
     """Bring the agent up; return its stop hooks, in order."""
-    runner = AgentRunner(config)
+    agent_metrics = AgentMetrics()
+    stop_metrics = metrics.serve(config.metrics_listen, agent_metrics.registry)
+    runner = AgentRunner(config, agent_metrics)
     await runner.start()
     server = await serve(runner, config.listen, config.tls)
     replicas = Replicas(config.coordinator, config.tls) if config.coordinator else None
@@ -97,7 +103,7 @@ async def start(config: AgentConfig) -> daemon.Stops:
     async def stop_server() -> None:
         await server.stop(grace=2)
 
-    return [stop_heartbeat, stop_server, runner.stop]
+    return [stop_heartbeat, stop_server, runner.stop, stop_metrics]
 
 
 def main(argv: Sequence[str]) -> int:

@@ -24,6 +24,7 @@ from .config import AgentConfig
 from .errors import ConflictError, UnknownError
 from .freeze import FreezeControl
 from .journal import Journal
+from .metrics import AgentMetrics
 from .participant import ParticipantMachine, TxnState
 from .participant_messages import (
     Aborted,
@@ -68,7 +69,7 @@ def make_backends(config: AgentConfig) -> dict[str, VmBackend]:
 class AgentRunner:
     """One host's participant: all its VMs, transactions, journal and repository."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, metrics: AgentMetrics | None = None) -> None:
         self.config = config
         restore = list(config.restore_dirs) or [config.repo / "restores"]
         self.repo = Repository(config.repo, restore)
@@ -87,6 +88,8 @@ class AgentRunner:
         self._background: set[asyncio.Task[Any]] = set()
         self.removals = Removals(self.repo, self.machine.busy_disks, self.spawn)
         self.started = False
+        self.metrics = metrics or AgentMetrics()
+        self.metrics.watch(self.repo, lambda: {n: b.connected for n, b in self.backends.items()})
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -131,8 +134,10 @@ class AgentRunner:
     def _record(self, txn_id: str, event: Event) -> list[Command]:
         if event.journaled:
             self.journal.append(txn_id, event)
+        old = self.machine.phase(txn_id)
         commands = self.machine.handle(txn_id, event)
         self.machine.validate_state()
+        self.metrics.observe(event, old, self.machine.txns.get(txn_id), self.machine.txns)
         if isinstance(event, (Committed, Aborted)):
             self._forget()
         return commands

@@ -22,6 +22,7 @@ class CoordinatorConfig:
     tls: TlsFiles = field(default_factory=TlsFiles)
     keep_finished: float = 7 * 86400.0  # s a finished txn record stays in etcd (upkeep.py)
     retention: Mapping[str, Policy] = field(default_factory=dict)  # group -> policy
+    metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint (None: off)
 
 
 def parse_retention(spec: str) -> tuple[str, Policy]:

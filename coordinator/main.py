@@ -11,13 +11,14 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from blocktxn import daemon, tls
+from blocktxn import daemon, metrics, tls
 from blocktxn.configfile import load_config_file
 from blocktxn.ids import check_id
 
 from . import upkeep
 from .config import CoordinatorConfig, parse_retention
 from .etcd_server import EtcdServer
+from .metrics import CoordinatorMetrics
 from .runner import Coordinator
 from .service import serve
 from .store import Store
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-finished", help="how long a finished transaction's record stays "
                    "in etcd, from its start: seconds or a duration like 12h, 7d (1s..3650d; "
                    "default 7d); backup sets stay")
+    metrics.add_arguments(p)
     tls.add_arguments(p)
     return p
 
@@ -58,15 +60,20 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     args.data_dir = args.data_dir or Path("/var/lib/blocktxn/coordinator")
     check_id(args.name, "replica name")
     retention = dict(parse_retention(spec) for spec in args.retention)
+    if args.metrics_listen:
+        metrics.parse_listen(args.metrics_listen)
     return CoordinatorConfig(name=args.name, listen=args.listen,
                              advertise=args.advertise or args.listen, etcd=args.etcd,
                              data_dir=args.data_dir, tls=tls.from_args(args),
                              retention=retention,
-                             keep_finished=upkeep.parse_keep(args.keep_finished or "7d"))
+                             keep_finished=upkeep.parse_keep(args.keep_finished or "7d"),
+                             metrics_listen=args.metrics_listen)
 
 
 async def start(config: CoordinatorConfig) -> daemon.Stops:
     """Bring the replica up; return its stop hooks, in order."""
+    replica_metrics = CoordinatorMetrics()
+    stop_metrics = metrics.serve(config.metrics_listen, replica_metrics.registry)
     etcd = None
     endpoints = config.etcd
     if endpoints is None:
@@ -74,8 +81,8 @@ async def start(config: CoordinatorConfig) -> daemon.Stops:
         await asyncio.to_thread(etcd.start)
         endpoints = etcd.endpoint
     supervisor = asyncio.create_task(supervise(etcd)) if etcd is not None else None
-    store = Store(endpoints, config.etcd_timeout)
-    coordinator = Coordinator(config, store)
+    store = Store(endpoints, config.etcd_timeout, observe=replica_metrics.etcd_request)
+    coordinator = Coordinator(config, store, replica_metrics)
     health = upkeep.Health()
     server = await serve(coordinator, config.listen, config.tls, health)
     coordinator.start()
@@ -95,7 +102,7 @@ async def start(config: CoordinatorConfig) -> daemon.Stops:
         if etcd is not None:
             etcd.stop()
 
-    return [stop_server, stop_upkeep, coordinator.stop, store.close, stop_etcd]
+    return [stop_server, stop_upkeep, coordinator.stop, store.close, stop_etcd, stop_metrics]
 
 
 async def supervise(etcd: EtcdServer) -> None:

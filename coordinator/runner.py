@@ -29,6 +29,7 @@ from .errors import (
     RequestError,
     StoreUnavailableError,
 )
+from .metrics import CoordinatorMetrics
 from .pruner import MAX_SETS, Pruner
 from .records import AgentEntry, AgentInventory, BackupSet, DecisionRecord, TxnRecord
 from .registry import AgentRegistry
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 class Coordinator:
     """One replica. Leads when it holds the etcd leader key."""
 
-    def __init__(self, config: CoordinatorConfig, store: Store) -> None:
+    def __init__(self, config: CoordinatorConfig, store: Store,
+                 metrics: CoordinatorMetrics | None = None) -> None:
         self.config = config
         self.store = store
         self.registry = AgentRegistry(store, config.tls)
@@ -51,6 +53,9 @@ class Coordinator:
         self.live: dict[str, TxnDriver] = {}
         self._adopting: set[asyncio.Future[None]] = set()
         self.pruner = Pruner(store, self.registry, self.election.require)
+        self.metrics = metrics or CoordinatorMetrics()
+        self.metrics.watch(lambda: self.leads,
+                           lambda: [d.record for d in list(self.live.values())])
 
     @property
     def leads(self) -> bool:
@@ -87,6 +92,7 @@ class Coordinator:
     def _finished(self, driver: TxnDriver) -> None:
         if driver.machine.phase == TxnPhase.DONE and self.live.get(driver.txn_id) is driver:
             del self.live[driver.txn_id]  # its final record is in etcd
+            self.metrics.finished(driver.record)
             # a group's policy runs after each committed backup of it, and after a
             # backup an agent refused for want of space (the next one may then fit)
             record = driver.record
@@ -103,6 +109,7 @@ class Coordinator:
             log.warning("prune of group %s after a backup skipped: %s", group, err)
 
     async def _resume_all(self) -> None:
+        self.metrics.elections.inc()
         # a driver stopped when this replica was deposed (e.g. its transaction was
         # created in that instant) drives nothing: take its record over like any other
         self.live = {t: d for t, d in self.live.items() if d.running}

@@ -30,6 +30,7 @@ import enum
 import functools
 import json
 import logging
+import time
 import types
 import typing
 from collections.abc import Awaitable, Callable
@@ -129,11 +130,16 @@ def parse_endpoints(endpoints: str) -> tuple[str, int]:
 class Store:
     """A connection to etcd with deadlines on every call."""
 
-    def __init__(self, endpoints: str, timeout: float = 5.0, page: int = PAGE) -> None:
-        """Raises: ConfigError for malformed *endpoints*."""
+    def __init__(self, endpoints: str, timeout: float = 5.0, page: int = PAGE,
+                 observe: Callable[[str, float, str], None] | None = None) -> None:
+        """*observe(what, seconds, outcome)* sees every request (outcome ``ok``,
+        ``unavailable``, ``rejected`` or ``full``).
+
+        Raises: ConfigError for malformed *endpoints*."""
         host, port = parse_endpoints(endpoints)
         self.timeout = timeout
         self.page = page
+        self.observe = observe
         self.client = aetcd.Client(
             host=host, port=port, timeout=int(max(1, timeout)),
             options={"grpc.keepalive_time_ms": 5000, "grpc.keepalive_timeout_ms": 5000,
@@ -150,18 +156,27 @@ class Store:
             StoreFullError: etcd's NOSPACE alarm is raised (a write waits for an operator).
             StoreUnavailableError: anything else: etcd may answer a retry.
         """
+        start, outcome = time.monotonic(), "cancelled"
         try:
-            return await asyncio.wait_for(make(), self.timeout)
+            reply = await asyncio.wait_for(make(), self.timeout)
+            outcome = "ok"
+            return reply
         except (TimeoutError, aetcd.exceptions.ClientError, grpc.RpcError, OSError) as err:
             rpc = err if isinstance(err, grpc.aio.AioRpcError) else err.__cause__
             if isinstance(rpc, grpc.aio.AioRpcError) and _NOSPACE in (rpc.details() or ""):
+                outcome = "full"
                 raise StoreFullError(f"etcd {what}: {FULL_HINT}: {rpc.details()}") from err
             if isinstance(err, (aetcd.exceptions.InvalidArgumentError,
                                 aetcd.exceptions.UnauthenticatedError)) or (
                     isinstance(rpc, grpc.aio.AioRpcError) and rpc.code() in _REJECTED):
                 detail = rpc.details() if isinstance(rpc, grpc.aio.AioRpcError) else str(err)
+                outcome = "rejected"
                 raise StoreRejectedError(f"etcd {what}: request refused: {detail}") from err
+            outcome = "unavailable"
             raise StoreUnavailableError(f"etcd {what}: {err or type(err).__name__}") from err
+        finally:
+            if self.observe is not None:
+                self.observe(what, time.monotonic() - start, outcome)
 
     async def close(self) -> None:
         try:

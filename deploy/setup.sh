@@ -4,9 +4,9 @@
 #   bash deploy/setup.sh test [ARGS...]   install, then run the whole test suite (pytest)
 #   bash deploy/setup.sh install          install only
 # Installs (only what is missing): Debian qemu-utils, qemu-system-common (qemu-storage-daemon),
-# qemu-system-x86,
-# etcd-server, nftables; a virtualenv in .venv with blocktxn and its dev tools, at the
-# exact versions of constraints.txt.
+# qemu-system-x86, etcd-server, nftables, prometheus (the metrics tests' server and
+# promtool); a virtualenv in .venv with blocktxn and its dev tools, at the exact versions
+# of constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +17,7 @@ command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || need+=(qemu-u
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v nft >/dev/null || need+=(nftables)
 command -v stdbuf >/dev/null || need+=(coreutils)
+command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)  # metrics tests
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq

@@ -95,9 +95,10 @@ class Cluster:
                 return self.stub(i)
         raise RuntimeError("no coordinator running")
 
-    def add_host(self, agent_id: str, vms: dict[str, list[str]], **kw: Any) -> Host:
+    def add_host(self, agent_id: str, vms: dict[str, list[str]],
+                 agent_args: list[str] | None = None, **kw: Any) -> Host:
         host = Host(self.workdir / agent_id, vms, agent_id=agent_id, **kw)
-        host.agent.extra = ["--coordinator", self.addresses, *self.extra]
+        host.agent.extra = ["--coordinator", self.addresses, *self.extra, *(agent_args or [])]
         host.start_agent()
         self.hosts[agent_id] = host
         return host

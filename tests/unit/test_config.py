@@ -22,6 +22,7 @@ def test_documented_agent_file_parses_and_flags_override_it() -> None:
     assert cfg.repo == Path("/var/lib/blocktxn/repo")
     assert [v.name for v in cfg.vms] == ["web", "db"] and cfg.vms[0].ga == "/run/qemu/web.qga"
     assert cfg.restore_dirs == (Path("/var/lib/blocktxn/restores"),)
+    assert cfg.metrics_listen == "127.0.0.1:9101"
 
 
 def test_documented_coordinator_file_parses() -> None:
@@ -32,6 +33,7 @@ def test_documented_coordinator_file_parses() -> None:
     defaults = coordinator_config(coordinator_parser().parse_args([]))
     assert defaults.listen == "127.0.0.1:7400" and defaults.etcd is None
     assert not defaults.retention
+    assert cfg.metrics_listen == "127.0.0.1:9100" and defaults.metrics_listen is None
 
 
 @pytest.mark.parametrize("spec,word", [

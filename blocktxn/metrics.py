@@ -1,0 +1,98 @@
+"""Prometheus metrics of both daemons: the ``--metrics-listen`` option and the HTTP
+``/metrics`` endpoint. Off by default; each daemon keeps its metrics in a registry of its
+own (never prometheus_client's global one), so two daemons in one process do not mix.
+
+The endpoint is plaintext HTTP served from a thread: bind it to loopback or to a
+management network. What a daemon exports is in ``coordinator/metrics.py`` and
+``agent/metrics.py``; names and labels follow Prometheus' conventions (base units in
+the name, ``_total`` for counters, label values from small fixed sets or from the
+daemon's own configured disks)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+from blocktxn import __version__
+from blocktxn.errors import BlocktxnError
+
+log = logging.getLogger(__name__)
+
+#: Buckets (seconds) of the duration histograms: a freeze of a few milliseconds up to a
+#: transaction of an hour.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 300.0, 900.0, 3600.0)
+
+
+class MetricsError(BlocktxnError):
+    """The metrics endpoint cannot be served (a bad or busy address)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help="serve Prometheus metrics over plain HTTP at "
+                        "http://HOST:PORT/metrics (default: off; use loopback or a "
+                        "management network)")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` for IPv6), port 1..65535.
+
+    Raises: ValueError with the option's name.
+    """
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"--metrics-listen {text!r} is not HOST:PORT (port 1..65535)")
+    return host, int(port)
+
+
+def new_registry(daemon: str) -> CollectorRegistry:
+    """A daemon's own registry: the process' CPU, memory and descriptors, and
+    ``blocktxn_build_info``."""
+    registry = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=registry)
+    info = GaugeMetricFamily("blocktxn_build_info", "blocktxn's version and daemon kind",
+                             labels=["version", "daemon"])
+    info.add_metric([__version__, daemon], 1.0)
+
+    class _Info:
+        def collect(self) -> list[GaugeMetricFamily]:
+            return [info]
+
+    registry.register(_Info())
+    return registry
+
+
+def serve(listen: str | None, registry: CollectorRegistry) -> Callable[[], Awaitable[None]]:
+    """Start serving *registry* at *listen* (None: nothing) and return the stop hook.
+    Call it before anything else starts: a busy address must stop the daemon at once.
+
+    Raises:
+        MetricsError: the address cannot be bound (in use, not local, bad name).
+    """
+    server: WSGIServer | None = None
+    thread: threading.Thread | None = None
+    if listen is not None:
+        host, port = parse_listen(listen)
+        try:
+            server, thread = start_http_server(port, host, registry)
+        except OSError as err:
+            raise MetricsError(f"--metrics-listen {listen}: {err.strerror or err}") from err
+        log.info("metrics on http://%s/metrics", listen)
+
+    async def stop() -> None:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout=2)
+
+    return stop
