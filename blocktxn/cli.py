@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ag = sub.add_parser("agents", parents=[common], help="registered agents")
     ag.add_argument("--json", action="store_true")
+    sc = sub.add_parser("schedules", parents=[common],
+                        help="scheduled backups: next run, last run and its outcome")
+    sc.add_argument("--json", action="store_true")
 
     s = sub.add_parser("sets", help="backup sets")
     ssub = s.add_subparsers(dest="sets_command", required=True, parser_class=_Parser)
@@ -226,7 +229,14 @@ def _when(t: float) -> str:
 
 async def _operator(args: argparse.Namespace) -> int:
     from blocktxn.client import Client
-    from blocktxn.shapes import agent_json, restore_json, set_json, txn_json, verify_json
+    from blocktxn.shapes import (
+        agent_json,
+        restore_json,
+        schedule_json,
+        set_json,
+        txn_json,
+        verify_json,
+    )
     from blocktxn.wire import DECISION_NAME, MODE_NAME, PHASE_NAME
 
     async with Client(args.coordinator, tls=args.tls) as client:
@@ -263,6 +273,19 @@ async def _operator(args: argparse.Namespace) -> int:
                          str(sum(len(v.disks) for v in a.inventory.vms)),
                          _space(a.inventory.repo_free, a.inventory.repo_capacity)]
                         for a in agents])
+            return EXIT_OK
+        if args.command == "schedules":
+            schedules = await client.schedules()
+            if args.json:
+                print(json.dumps([schedule_json(s) for s in schedules]))
+            else:
+                _table("schedules", ["schedule", "cron (UTC)", "targets", "next run",
+                                     "last run", "outcome", "transaction"],
+                       [[s.name, s.cron, ", ".join(s.targets), _when(s.next_at),
+                         _when(s.last_at) if s.last_at else "-",
+                         " ".join(filter(None, (s.last_outcome, s.last_decision,
+                                                s.last_reason)))[:80] or "-",
+                         s.last_txn_id or "-"] for s in schedules])
             return EXIT_OK
         if args.command == "sets" and args.sets_command in ("prune", "forget"):
             return await _removal(client, args)

@@ -125,6 +125,11 @@ class Client:
                                                              timeout=self.timeout))
         return list(resp.agents)
 
+    async def schedules(self) -> list[cpb.ScheduleInfo]:
+        resp = await self._call(lambda: self.stub.ListSchedules(cpb.ListSchedulesRequest(),
+                                                                timeout=self.timeout))
+        return list(resp.schedules)
+
     async def sets(self) -> list[cpb.BackupSet]:
         resp = await self._call(lambda: self.stub.ListBackupSets(cpb.ListBackupSetsRequest(),
                                                                  timeout=self.timeout))

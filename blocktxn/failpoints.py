@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 POINTS = (
     # coordinator
     "before_cut", "after_cut", "after_thaw", "after_decision", "after_commit_sent",
-    "lose_create_reply",
+    "lose_create_reply", "schedule_started",
     # agent
     "agent_commit", "agent_after_rebase", "agent_after_delete",
 )

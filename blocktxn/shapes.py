@@ -64,6 +64,16 @@ def prune_json(r: cpb.PruneResult) -> dict[str, Any]:
          "reasons": list(v.reasons)} for v in r.sets]}
 
 
+def schedule_json(s: cpb.ScheduleInfo) -> dict[str, Any]:
+    return {
+        "name": s.name, "cron": s.cron, "targets": list(s.targets), "mode": s.mode,
+        "quiesce": s.quiesce, "group": s.group, "catch_up": s.catch_up,
+        "next_at": s.next_at, "last_at": s.last_at or None,
+        "last_outcome": s.last_outcome or None, "last_txn_id": s.last_txn_id or None,
+        "last_decision": s.last_decision or None, "last_reason": s.last_reason,
+    }
+
+
 def agent_json(a: cpb.AgentEntry) -> dict[str, Any]:
     return {
         "agent_id": a.agent_id, "address": a.address, "live": a.live, "last_seen": a.last_seen,

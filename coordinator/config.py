@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blocktxn.ids import check_id
 from blocktxn.retention import Policy
 from blocktxn.tls import TlsFiles
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .schedule import Schedule
+
+_UNITS = {"": 1, "s": 1, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([a-z]*)")
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,7 @@ class CoordinatorConfig:
     keep_finished: float = 7 * 86400.0  # s a finished txn record stays in etcd (upkeep.py)
     retention: Mapping[str, Policy] = field(default_factory=dict)  # group -> policy
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint (None: off)
+    schedules: tuple[Schedule, ...] = ()
 
 
 def parse_retention(spec: str) -> tuple[str, Policy]:
@@ -49,3 +60,26 @@ def parse_retention(spec: str) -> tuple[str, Policy]:
         return group, Policy.from_mapping(items)
     except ValueError as err:
         raise ValueError(f"--retention {spec!r}: {err}") from err
+
+
+def parse_seconds(text: str, option: str, low: float, high: float) -> float:
+    """Seconds, or a number with a unit s, h, d or w, within *low*..*high*.
+
+    Raises:
+        ConfigError: naming *option*.
+    """
+    found = _DURATION.fullmatch(str(text).strip().lower())
+    if found is None or found.group(2) not in _UNITS:
+        raise ConfigError(f"{option} {text!r} is not seconds or a duration like "
+                          "12h, 7d (units s, h, d, w)")
+    seconds = float(found.group(1)) * _UNITS[found.group(2)]
+    if not low <= seconds <= high:
+        raise ConfigError(f"{option} {text!r} is out of range {_span(low)}..{_span(high)}")
+    return seconds
+
+
+def _span(seconds: float) -> str:
+    for unit in ("d", "h"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{seconds / _UNITS[unit]:g}{unit}"
+    return f"{seconds:g}s"

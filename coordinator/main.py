@@ -20,6 +20,7 @@ from .config import CoordinatorConfig, parse_retention
 from .etcd_server import EtcdServer
 from .metrics import CoordinatorMetrics
 from .runner import Coordinator
+from .schedule import MAX_SCHEDULES, Schedule, parse_schedule, parse_schedule_spec
 from .service import serve
 from .store import Store
 
@@ -43,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "web=keep-last=5,keep-daily=7,keep-weekly=4,keep-within=2d; keys "
                    "keep-last/-hourly/-daily/-weekly/-monthly/-yearly (0..100000) and "
                    "keep-within (a duration such as 12h, 7d, 1y); repeatable")
+    p.add_argument("--schedule", action="append", default=[],
+                   metavar="NAME=cron=CRON;targets=T[,T...][;KEY=VALUE...]",
+                   help="a scheduled backup, e.g. 'nightly=cron=0 3 * * *;targets=h1/web,"
+                   "h2/db;quiesce=freeze;group=web'; keys cron (UTC; 5 fields, or 6 with "
+                   "seconds last), targets, mode, quiesce, freeze-timeout, completion, group, "
+                   "catch-up (how late a missed run may still start, 0..366d, default 1h), "
+                   "webhook (URL), notify (abort|all); repeatable, or [schedule.NAME] "
+                   "tables in --config")
     p.add_argument("--keep-finished", help="how long a finished transaction's record stays "
                    "in etcd, from its start: seconds or a duration like 12h, 7d (1s..3650d; "
                    "default 7d); backup sets stay")
@@ -62,12 +71,35 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     retention = dict(parse_retention(spec) for spec in args.retention)
     if args.metrics_listen:
         metrics.parse_listen(args.metrics_listen)
+    schedules = parse_schedules(args.schedule)
     return CoordinatorConfig(name=args.name, listen=args.listen,
                              advertise=args.advertise or args.listen, etcd=args.etcd,
                              data_dir=args.data_dir, tls=tls.from_args(args),
                              retention=retention,
                              keep_finished=upkeep.parse_keep(args.keep_finished or "7d"),
-                             metrics_listen=args.metrics_listen)
+                             metrics_listen=args.metrics_listen, schedules=schedules)
+
+
+def parse_schedules(given: object) -> tuple[Schedule, ...]:
+    """``--schedule`` specs, or the ``[schedule.NAME]`` tables of a config file.
+
+    Raises: ValueError."""
+    if isinstance(given, dict):
+        for name, table in given.items():
+            if not isinstance(table, dict):
+                raise ValueError(f"config file: [schedule.{name}] is not a table")
+        schedules = [parse_schedule(name, table) for name, table in given.items()]
+    elif isinstance(given, list):
+        schedules = [parse_schedule_spec(str(spec)) for spec in given]
+    else:
+        raise ValueError("schedule: a list of specs or [schedule.NAME] tables")
+    names = [s.name for s in schedules]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"schedule {twice[0]!r} is given twice")
+    if len(schedules) > MAX_SCHEDULES:
+        raise ValueError(f"{len(schedules)} schedules: at most {MAX_SCHEDULES}")
+    return tuple(schedules)
 
 
 async def start(config: CoordinatorConfig) -> daemon.Stops:

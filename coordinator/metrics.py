@@ -78,6 +78,9 @@ class CoordinatorMetrics:
         self.etcd_errors = Counter(
             "blocktxn_etcd_request_errors", "failed etcd requests by operation and kind "
             "(unavailable, rejected, full, cancelled)", ["operation", "kind"], registry=r)
+        self.schedule_runs = Counter(
+            "blocktxn_schedule_runs", "occurrences of each schedule this replica handled, "
+            "by outcome (started, refused, missed)", ["schedule", "outcome"], registry=r)
         for outcome in ("commit", "abort"):
             self.duration.labels(outcome)
         self.transactions.labels("commit", "none")
@@ -85,6 +88,10 @@ class CoordinatorMetrics:
     def watch(self, leads: Callable[[], bool], driven: Callable[[], list[TxnRecord]]) -> None:
         """Collect leadership and the transactions driven now at each scrape."""
         self.registry.register(_DriversCollector(leads, driven))
+
+    def watch_schedules(self, next_runs: Callable[[], dict[str, float]]) -> None:
+        """Collect each schedule's next occurrence at each scrape (on the leader)."""
+        self.registry.register(_SchedulesCollector(next_runs))
 
     def etcd_request(self, operation: str, seconds: float, outcome: str) -> None:
         self.etcd.labels(operation).observe(seconds)
@@ -129,3 +136,16 @@ class _DriversCollector:
                                 "(the leader aborts them at once; stays above 0 only "
                                 "while etcd or the leader cannot)",
                                 value=sum(1 for r in undecided if r.deadline < now))
+
+
+class _SchedulesCollector:
+    def __init__(self, next_runs: Callable[[], dict[str, float]]) -> None:
+        self.next_runs = next_runs
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("blocktxn_schedule_next_run_timestamp_seconds",
+                                   "next occurrence of each schedule (on the leader only)",
+                                   labels=["schedule"])
+        for name, at in sorted(self.next_runs().items()):
+            family.add_metric([name], at)
+        yield family

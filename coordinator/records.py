@@ -124,6 +124,18 @@ class PruneRecord:
 
 
 @dataclass(frozen=True)
+class ScheduleState:
+    """What the leader did last for a schedule (one key per schedule, rewritten)."""
+
+    name: str
+    last_at: float           # the occurrence handled last (the first one seen: created)
+    outcome: str             # created | started | refused | missed
+    txn_id: str = ""         # started: the transaction of that occurrence
+    error: str = ""          # refused or missed: why
+    handled_at: float = 0.0  # when the leader handled it
+
+
+@dataclass(frozen=True)
 class DecisionRecord:
     """The decision: created once, never changed."""
 

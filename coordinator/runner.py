@@ -30,9 +30,19 @@ from .errors import (
     StoreUnavailableError,
 )
 from .metrics import CoordinatorMetrics
+from .notify import Notifier
 from .pruner import MAX_SETS, Pruner
-from .records import AgentEntry, AgentInventory, BackupSet, DecisionRecord, TxnRecord
+from .records import (
+    AgentEntry,
+    AgentInventory,
+    BackupSet,
+    DecisionRecord,
+    ScheduleState,
+    TxnRecord,
+)
 from .registry import AgentRegistry
+from .schedule import Schedule
+from .scheduler import Scheduler
 from .store import ETCD_MAX_REQUEST, REQUEST_MARGIN, Store, final_write_bound
 from .txn_machine import TxnMachine
 from .txn_messages import OPEN, Begin, CancelRequested, DeadlinePassed, Decision, Resumed, TxnPhase
@@ -56,6 +66,9 @@ class Coordinator:
         self.metrics = metrics or CoordinatorMetrics()
         self.metrics.watch(lambda: self.leads,
                            lambda: [d.record for d in list(self.live.values())])
+        self.notifier = Notifier()
+        self.scheduler = Scheduler(config.schedules, store, self.start_transaction,
+                                   self.election.require, self.metrics, self.notifier)
 
     @property
     def leads(self) -> bool:
@@ -65,8 +78,10 @@ class Coordinator:
         self.election.start()
 
     async def stop(self) -> None:
+        self.scheduler.stop()
         await self.election.stop()
         await self.registry.close()
+        await self.notifier.close()
 
     async def leader_address(self) -> str | None:
         """Raises: StoreUnavailableError, StoreCorruptError."""
@@ -82,6 +97,20 @@ class Coordinator:
         """Raises: StoreUnavailableError, StoreCorruptError."""
         return await self.registry.listing()
 
+    async def schedules(self) -> list[tuple[Schedule, ScheduleState | None, TxnRecord | None]]:
+        """Each configured schedule, what the leader did last for it, and the record of
+        the transaction it started last (None once collected).
+
+        Raises: StoreUnavailableError, StoreCorruptError."""
+        states = {s.name: s for s in await self.store.schedule_states()}
+        out = []
+        for schedule in self.config.schedules:
+            state = states.get(schedule.name)
+            record = await self.store.get_txn(state.txn_id) if state and state.txn_id \
+                else None
+            out.append((schedule, state, record))
+        return out
+
     # ----------------------------------------------------------- drivers
     def _drive(self, record: TxnRecord, machine: TxnMachine) -> TxnDriver:
         driver = TxnDriver(record, machine, self.store, self.registry, self.election.require,
@@ -93,6 +122,7 @@ class Coordinator:
         if driver.machine.phase == TxnPhase.DONE and self.live.get(driver.txn_id) is driver:
             del self.live[driver.txn_id]  # its final record is in etcd
             self.metrics.finished(driver.record)
+            self.scheduler.finished(driver.record)
             # a group's policy runs after each committed backup of it, and after a
             # backup an agent refused for want of space (the next one may then fit)
             record = driver.record
@@ -116,12 +146,14 @@ class Coordinator:
         for record, decision in await recovery.open_transactions(self.store, self.live):
             self._drive(record, recovery.rebuild(record, decision)).start(Resumed())
         await self.pruner.resume()
+        self.scheduler.resume()
 
     def _drop_all(self) -> None:
         for driver in self.live.values():
             driver.stop()
         self.live.clear()
         self.pruner.stop()
+        self.scheduler.stop()
         for task in self._adopting:
             task.cancel()
 

@@ -3,12 +3,13 @@ through the shared guard; calls only the leader can answer go through the proxy.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from blocktxn.errors import BlocktxnError
+from blocktxn.errors import BlocktxnError, InvalidInput
 from blocktxn.server import abort_with, guard, start_server
 from blocktxn.tls import TlsFiles
 from blocktxn.v1 import agent_pb2 as apb
@@ -26,6 +27,7 @@ from blocktxn.wire import (
 from .proxy import LeaderProxy
 from .records import AgentEntry, AgentInventory, BackupSet, DiskEntry, TxnRecord, VmEntry
 from .runner import Coordinator
+from .scheduler import PREFIX as SCHEDULED
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -119,6 +121,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     async def StartTransaction(self, request: pb.StartTransactionRequest, context: Ctx
                                ) -> pb.Transaction:
+        if request.request_id.startswith(SCHEDULED):
+            await abort_with(context, InvalidInput(
+                f"request id {request.request_id!r}: ids starting with {SCHEDULED!r} are "
+                "the scheduler's"))
         forwarded = await self.proxy.forward(
             context, lambda stub, t: stub.StartTransaction(request, timeout=t))
         if forwarded is not None:
@@ -208,6 +214,27 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         return pb.PruneResult(prune_id=prune_id, done=done, sets=[
             pb.SetVerdict(set_id=s.set_id, group=s.group, time=s.time, keep=v.keep,
                           reasons=v.reasons) for s, v in rows])
+
+    async def ListSchedules(self, request: pb.ListSchedulesRequest, context: Ctx
+                            ) -> pb.ListSchedulesResponse:
+        rows = await guard(context, self.c.schedules)
+        out = []
+        for schedule, state, record in rows:
+            last = state.last_at if state and state.outcome != "created" else 0.0
+            info = pb.ScheduleInfo(
+                name=schedule.name, cron=schedule.cron, targets=schedule.targets,
+                mode=schedule.options.mode, quiesce=schedule.options.quiesce,
+                group=schedule.options.group, catch_up=schedule.catch_up,
+                next_at=schedule.next_after(state.last_at if state else time.time()),
+                last_at=last)
+            if state is not None and last:
+                info.last_outcome, info.last_txn_id = state.outcome, state.txn_id
+                info.last_reason = state.error
+            if record is not None and record.decision is not None:
+                info.last_decision = record.decision.value
+                info.last_reason = record.reason
+            out.append(info)
+        return pb.ListSchedulesResponse(schedules=out)
 
     async def Verify(self, request: pb.CoordinatorVerifyRequest, context: Ctx
                      ) -> pb.CoordinatorVerifyResponse:

@@ -65,6 +65,7 @@ from .records import (
     BackupSet,
     DecisionRecord,
     PruneRecord,
+    ScheduleState,
     SetImage,
     TxnRecord,
     VoteRecord,
@@ -564,6 +565,31 @@ class Store:
         """Unfinished prunes. Raises: StoreUnavailableError, StoreCorruptError."""
         return await self._prefix("prune", PruneRecord)
     # --- end prunes
+
+    # ------------------------------------------------------------- schedules
+    async def schedule_states(self) -> list[ScheduleState]:
+        """Raises: StoreUnavailableError."""
+        return await self._prefix("schedule", ScheduleState)
+
+    async def put_schedule_state(self, epoch: int, state: ScheduleState) -> None:
+        """Raises: NotLeaderError, StoreUnavailableError."""
+        await self._fenced("put schedule", epoch,
+                           [self.tx.put(_key("schedule", state.name), _dump(state))])
+
+    async def drop_schedule_states(self, epoch: int, names: list[str]) -> None:
+        """Forget schedules no longer configured. Raises: NotLeaderError,
+        StoreUnavailableError."""
+        if names:
+            await self._fenced("drop schedules", epoch,
+                               [self.tx.delete(_key("schedule", n)) for n in names])
+
+    async def txn_of_request(self, request_id: str) -> str | None:
+        """The transaction a request id started, while its record is kept.
+
+        Raises: StoreUnavailableError, StoreCorruptError."""
+        key = _key("request", request_id)
+        got = await self._call("get request", lambda: self.client.get(key))
+        return None if got is None else _text(got.value, key)
 
 
 async def retry_while_unavailable(call: Callable[[], Awaitable[T]]) -> T:

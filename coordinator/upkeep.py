@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,7 +15,8 @@ from typing import Any
 from grpc_health.v1 import _async as health_aio  # public alias: health.aio
 from grpc_health.v1 import health_pb2
 
-from .errors import ConfigError, NotLeaderError, StoreUnavailableError
+from .config import parse_seconds
+from .errors import NotLeaderError, StoreUnavailableError
 from .store import FULL_HINT, Store
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,6 @@ COLLECT_EVERY = 60.0       # seconds between two passes of the collector (at mos
 COLLECT_LIMIT = 1000       # records read per pass
 SPACE_EVERY = 5.0          # seconds between two looks at etcd's alarms
 REASON_KEY = "blocktxn-reason"  # trailing metadata of a NOT_SERVING health reply
-_UNITS = {"": 1, "s": 1, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([a-z]*)")
 
 
 def parse_keep(text: str) -> float:
@@ -38,14 +36,7 @@ def parse_keep(text: str) -> float:
     Raises:
         ConfigError: anything else.
     """
-    found = _DURATION.fullmatch(str(text).strip().lower())
-    if found is None or found.group(2) not in _UNITS:
-        raise ConfigError(f"--keep-finished {text!r} is not seconds or a duration like "
-                          "12h, 7d (units s, h, d, w)")
-    seconds = float(found.group(1)) * _UNITS[found.group(2)]
-    if not KEEP_MIN <= seconds <= KEEP_MAX:
-        raise ConfigError(f"--keep-finished {text!r} is out of range 1s..3650d")
-    return seconds
+    return parse_seconds(text, "--keep-finished", KEEP_MIN, KEEP_MAX)
 
 
 class Health(health_aio.HealthServicer):  # type: ignore[misc]  # untyped base

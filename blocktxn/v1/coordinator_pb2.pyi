@@ -182,6 +182,105 @@ class AgentEntry(_message.Message):
 Global___AgentEntry: _TypeAlias = AgentEntry  # noqa: Y015
 
 @_typing.final
+class ListSchedulesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesRequest: _TypeAlias = ListSchedulesRequest  # noqa: Y015
+
+@_typing.final
+class ScheduleInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CRON_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    QUIESCE_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    CATCH_UP_FIELD_NUMBER: _builtins.int
+    NEXT_AT_FIELD_NUMBER: _builtins.int
+    LAST_AT_FIELD_NUMBER: _builtins.int
+    LAST_OUTCOME_FIELD_NUMBER: _builtins.int
+    LAST_TXN_ID_FIELD_NUMBER: _builtins.int
+    LAST_DECISION_FIELD_NUMBER: _builtins.int
+    LAST_REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    cron: _builtins.str
+    """croniter syntax, UTC"""
+    mode: _builtins.str
+    quiesce: _builtins.str
+    group: _builtins.str
+    """retention group of the sets it makes"""
+    catch_up: _builtins.float
+    """seconds a missed occurrence may still run late"""
+    next_at: _builtins.float
+    """next occurrence (unix time)"""
+    last_at: _builtins.float
+    """occurrence handled last (0: none yet)"""
+    last_outcome: _builtins.str
+    """created | started | refused | missed"""
+    last_txn_id: _builtins.str
+    last_decision: _builtins.str
+    """commit | abort | "" (running, or record collected)"""
+    last_reason: _builtins.str
+    """the abort reason, or why refused or missed"""
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        cron: _builtins.str = ...,
+        targets: _abc.Iterable[_builtins.str] | None = ...,
+        mode: _builtins.str = ...,
+        quiesce: _builtins.str = ...,
+        group: _builtins.str = ...,
+        catch_up: _builtins.float = ...,
+        next_at: _builtins.float = ...,
+        last_at: _builtins.float = ...,
+        last_outcome: _builtins.str = ...,
+        last_txn_id: _builtins.str = ...,
+        last_decision: _builtins.str = ...,
+        last_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catch_up", b"catch_up", "cron", b"cron", "group", b"group", "last_at", b"last_at", "last_decision", b"last_decision", "last_outcome", b"last_outcome", "last_reason", b"last_reason", "last_txn_id", b"last_txn_id", "mode", b"mode", "name", b"name", "next_at", b"next_at", "quiesce", b"quiesce", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleInfo: _TypeAlias = ScheduleInfo  # noqa: Y015
+
+@_typing.final
+class ListSchedulesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedules(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScheduleInfo]: ...
+    def __init__(
+        self,
+        *,
+        schedules: _abc.Iterable[Global___ScheduleInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedules", b"schedules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesResponse: _TypeAlias = ListSchedulesResponse  # noqa: Y015
+
+@_typing.final
 class ListAgentsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

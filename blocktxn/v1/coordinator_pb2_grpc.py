@@ -105,6 +105,11 @@ class CoordinatorServiceStub:
                 request_serializer=blocktxn_dot_v1_dot_coordinator__pb2.PruneSetsRequest.SerializeToString,
                 response_deserializer=blocktxn_dot_v1_dot_coordinator__pb2.PruneResult.FromString,
                 _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/blocktxn.v1.CoordinatorService/ListSchedules',
+                request_serializer=blocktxn_dot_v1_dot_coordinator__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=blocktxn_dot_v1_dot_coordinator__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -214,6 +219,14 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSchedules(self, request, context):
+        """The configured schedules with their next and last runs (the last one's outcome
+        from its transaction record while etcd keeps it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -286,6 +299,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.PruneSets,
                     request_deserializer=blocktxn_dot_v1_dot_coordinator__pb2.PruneSetsRequest.FromString,
                     response_serializer=blocktxn_dot_v1_dot_coordinator__pb2.PruneResult.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=blocktxn_dot_v1_dot_coordinator__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=blocktxn_dot_v1_dot_coordinator__pb2.ListSchedulesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -666,6 +684,33 @@ class CoordinatorService:
             '/blocktxn.v1.CoordinatorService/PruneSets',
             blocktxn_dot_v1_dot_coordinator__pb2.PruneSetsRequest.SerializeToString,
             blocktxn_dot_v1_dot_coordinator__pb2.PruneResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blocktxn.v1.CoordinatorService/ListSchedules',
+            blocktxn_dot_v1_dot_coordinator__pb2.ListSchedulesRequest.SerializeToString,
+            blocktxn_dot_v1_dot_coordinator__pb2.ListSchedulesResponse.FromString,
             options,
             channel_credentials,
             insecure,

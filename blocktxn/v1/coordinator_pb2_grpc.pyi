@@ -80,6 +80,10 @@ class CoordinatorServiceStub:
     removals run as in ForgetSets unless dry_run. NOT_FOUND for a group with no
     policy.
     """
+    ListSchedules: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListSchedulesRequest, _coordinator_pb2.ListSchedulesResponse]
+    """The configured schedules with their next and last runs (the last one's outcome
+    from its transaction record while etcd keeps it).
+    """
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -122,6 +126,10 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     every set of the group with keep/remove and the rules that keep it; the
     removals run as in ForgetSets unless dry_run. NOT_FOUND for a group with no
     policy.
+    """
+    ListSchedules: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListSchedulesRequest, _coordinator_pb2.ListSchedulesResponse]  # type: ignore[assignment]
+    """The configured schedules with their next and last runs (the last one's outcome
+    from its transaction record while etcd keeps it).
     """
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -246,6 +254,16 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         every set of the group with keep/remove and the rules that keep it; the
         removals run as in ForgetSets unless dry_run. NOT_FOUND for a group with no
         policy.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSchedules(
+        self,
+        request: _coordinator_pb2.ListSchedulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListSchedulesResponse, _abc.Awaitable[_coordinator_pb2.ListSchedulesResponse]]:
+        """The configured schedules with their next and last runs (the last one's outcome
+        from its transaction record while etcd keeps it).
         """
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -34,6 +34,9 @@ def test_documented_coordinator_file_parses() -> None:
     assert defaults.listen == "127.0.0.1:7400" and defaults.etcd is None
     assert not defaults.retention
     assert cfg.metrics_listen == "127.0.0.1:9100" and defaults.metrics_listen is None
+    assert [s.name for s in cfg.schedules] == ["web-nightly", "db-hourly"]
+    assert cfg.schedules[0].catch_up == 7200 and cfg.schedules[0].options.quiesce == "freeze"
+    assert not defaults.schedules
 
 
 @pytest.mark.parametrize("spec,word", [
