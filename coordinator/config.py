@@ -13,6 +13,7 @@ from blocktxn.retention import Policy
 from blocktxn.tls import TlsFiles
 
 from .errors import ConfigError
+from .etcd_client import EtcdAccess
 
 if TYPE_CHECKING:
     from .schedule import Schedule
@@ -34,6 +35,7 @@ class CoordinatorConfig:
     retention: Mapping[str, Policy] = field(default_factory=dict)  # group -> policy
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint (None: off)
     schedules: tuple[Schedule, ...] = ()
+    etcd_access: EtcdAccess = field(default_factory=EtcdAccess)
 
 
 def parse_retention(spec: str) -> tuple[str, Policy]:

@@ -17,6 +17,7 @@ from blocktxn.ids import check_id
 
 from . import upkeep
 from .config import CoordinatorConfig, parse_retention
+from .etcd_client import EtcdAccess
 from .etcd_server import EtcdServer
 from .metrics import CoordinatorMetrics
 from .runner import Coordinator
@@ -32,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(see deploy/coordinator.toml); flags given here override it")
     p.add_argument("--etcd", help="etcd endpoints host:port[,host:port...] "
                    "(default: start a private etcd under --data-dir)")
+    p.add_argument("--etcd-ca", type=Path, help="TLS to etcd: verify its certificate "
+                   "with this CA (with --etcd)")
+    p.add_argument("--etcd-cert", type=Path, help="client certificate for etcd "
+                   "(--client-cert-auth; with --etcd-key)")
+    p.add_argument("--etcd-key", type=Path, help="key of --etcd-cert")
+    p.add_argument("--etcd-user", help="etcd user (etcd auth enabled; with "
+                   "--etcd-password-file)")
+    p.add_argument("--etcd-password-file", type=Path,
+                   help="file holding the etcd user's password (never on the command line)")
     p.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:7400)")
     p.add_argument("--advertise", help="address other replicas dial (default: --listen)")
     p.add_argument("--name", help="replica name (a safe identifier; default coord1)")
@@ -63,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     """Raises: ValueError on a bad value."""
     load_config_file(args, {"data_dir": Path, "tls_cert": Path, "tls_key": Path,
-                            "tls_ca": Path})
+                            "tls_ca": Path, "etcd_ca": Path, "etcd_cert": Path,
+                            "etcd_key": Path, "etcd_password_file": Path})
     args.listen = args.listen or "127.0.0.1:7400"
     args.name = args.name or "coord1"
     args.data_dir = args.data_dir or Path("/var/lib/blocktxn/coordinator")
@@ -72,12 +83,19 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     if args.metrics_listen:
         metrics.parse_listen(args.metrics_listen)
     schedules = parse_schedules(args.schedule)
+    access = EtcdAccess(args.etcd_ca, args.etcd_cert, args.etcd_key, args.etcd_user or "",
+                        args.etcd_password_file)
+    if access != EtcdAccess() and not args.etcd:
+        raise ValueError("--etcd-ca/-cert/-key/-user/-password-file are for an etcd given "
+                         "with --etcd (the private etcd is plaintext on loopback)")
+    access.check()
     return CoordinatorConfig(name=args.name, listen=args.listen,
                              advertise=args.advertise or args.listen, etcd=args.etcd,
                              data_dir=args.data_dir, tls=tls.from_args(args),
                              retention=retention,
                              keep_finished=upkeep.parse_keep(args.keep_finished or "7d"),
-                             metrics_listen=args.metrics_listen, schedules=schedules)
+                             metrics_listen=args.metrics_listen, schedules=schedules,
+                             etcd_access=access)
 
 
 def parse_schedules(given: object) -> tuple[Schedule, ...]:
@@ -113,7 +131,8 @@ async def start(config: CoordinatorConfig) -> daemon.Stops:
         await asyncio.to_thread(etcd.start)
         endpoints = etcd.endpoint
     supervisor = asyncio.create_task(supervise(etcd)) if etcd is not None else None
-    store = Store(endpoints, config.etcd_timeout, observe=replica_metrics.etcd_request)
+    store = Store(endpoints, config.etcd_timeout, observe=replica_metrics.etcd_request,
+                  access=config.etcd_access)
     coordinator = Coordinator(config, store, replica_metrics)
     health = upkeep.Health()
     server = await serve(coordinator, config.listen, config.tls, health)

@@ -54,6 +54,7 @@ from .errors import (
     StoreRejectedError,
     StoreUnavailableError,
 )
+from .etcd_client import EtcdAccess, EtcdClient
 from .planner import txn_id_at
 from .records import (
     MAX_ERROR_TEXT,
@@ -77,6 +78,8 @@ log = logging.getLogger(__name__)
 #: over gRPC's size limit; etcd's NOSPACE has that code too, but is _NOSPACE below).
 _REJECTED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                        grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
+#: what etcd answers to a request whose auth token expired (or was revoked)
+_TOKEN = "invalid auth token"
 #: what etcd answers to a write while its NOSPACE alarm is raised
 _NOSPACE = "database space exceeded"
 FULL_HINT = ("etcd is full (NOSPACE alarm): writes wait until an operator compacts, "
@@ -132,7 +135,8 @@ class Store:
     """A connection to etcd with deadlines on every call."""
 
     def __init__(self, endpoints: str, timeout: float = 5.0, page: int = PAGE,
-                 observe: Callable[[str, float, str], None] | None = None) -> None:
+                 observe: Callable[[str, float, str], None] | None = None,
+                 access: EtcdAccess | None = None) -> None:
         """*observe(what, seconds, outcome)* sees every request (outcome ``ok``,
         ``unavailable``, ``rejected`` or ``full``).
 
@@ -141,8 +145,8 @@ class Store:
         self.timeout = timeout
         self.page = page
         self.observe = observe
-        self.client = aetcd.Client(
-            host=host, port=port, timeout=int(max(1, timeout)),
+        self.client = EtcdClient(
+            host, port, access or EtcdAccess(), timeout=int(max(1, timeout)),
             options={"grpc.keepalive_time_ms": 5000, "grpc.keepalive_timeout_ms": 5000,
                      "grpc.keepalive_permit_without_calls": 1},
         )
@@ -164,6 +168,9 @@ class Store:
             return reply
         except (TimeoutError, aetcd.exceptions.ClientError, grpc.RpcError, OSError) as err:
             rpc = err if isinstance(err, grpc.aio.AioRpcError) else err.__cause__
+            if isinstance(rpc, grpc.aio.AioRpcError) and _TOKEN in (rpc.details() or ""):
+                await self.client.reauthenticate()  # expired: log in again, then retry
+                raise StoreUnavailableError(f"etcd {what}: {rpc.details()}") from err
             if isinstance(rpc, grpc.aio.AioRpcError) and _NOSPACE in (rpc.details() or ""):
                 outcome = "full"
                 raise StoreFullError(f"etcd {what}: {FULL_HINT}: {rpc.details()}") from err

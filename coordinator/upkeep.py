@@ -16,7 +16,7 @@ from grpc_health.v1 import _async as health_aio  # public alias: health.aio
 from grpc_health.v1 import health_pb2
 
 from .config import parse_seconds
-from .errors import NotLeaderError, StoreUnavailableError
+from .errors import NotLeaderError, StoreRejectedError, StoreUnavailableError
 from .store import FULL_HINT, Store
 
 log = logging.getLogger(__name__)
@@ -72,20 +72,27 @@ class Health(health_aio.HealthServicer):  # type: ignore[misc]  # untyped base
 async def watch_space(store: Store, health: Health, every: float = SPACE_EVERY) -> None:
     """Every *every* seconds, ask etcd for its alarms (a status read: no raft round,
     no revision); NOT_SERVING while one is raised, SERVING again once it is cleared.
-    One ERROR line when it is raised; etcd not answering changes nothing here."""
+    One ERROR line when it is raised; etcd not answering changes nothing here. An etcd
+    that refuses the coordinator's requests (wrong credentials, no permission) is
+    NOT_SERVING too, with etcd's reason, until it answers."""
     while True:
         try:
             status = await store.status()
         except StoreUnavailableError as err:
             log.debug("etcd status: %s", err)
+        except StoreRejectedError as err:
+            reason = f"etcd refuses the coordinator's requests: {err}"
+            if health.reason != reason:
+                log.error("health NOT_SERVING: %s", reason)
+                await health.report(reason)
         else:
-            if status.alarms and not health.reason:
+            if status.alarms and not health.reason.startswith(FULL_HINT):
                 reason = (f"{FULL_HINT}; alarm {', '.join(status.alarms)}; database "
                           f"{status.db_size / 2**20:.1f} MiB")
                 log.error("health NOT_SERVING: %s", reason)
                 await health.report(reason)
             elif not status.alarms and health.reason:
-                log.warning("etcd alarm cleared: accepting writes again: health SERVING")
+                log.warning("etcd answers and has no alarm: health SERVING")
                 await health.report("")
         await asyncio.sleep(every)
 

@@ -75,3 +75,25 @@ def test_bad_agent_files_are_one_line_errors(tmp_path: Path, text: str, word: st
     f.write_text(text)
     with pytest.raises(ValueError, match=word):
         agent_config(agent_parser().parse_args(["--config", str(f)]))
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--etcd-cert", "CA"], "go together"),
+    (["--etcd-cert", "CA", "--etcd-key", "CA"], "needs --etcd-ca"),
+    (["--etcd-user", "u"], "go together"),
+    (["--etcd-ca", "MISSING"], "does not exist"),
+    (["--etcd-user", "u", "--etcd-password-file", "EMPTY"], "is empty"),
+    (["--etcd-ca", "CA", "--no-etcd"], "for an etcd given with --etcd"),
+])
+def test_bad_etcd_access_is_refused_with_one_line(tmp_path: Path, flags: list[str],
+                                                  words: str) -> None:
+    (tmp_path / "ca.crt").write_text("x")
+    (tmp_path / "empty").write_text("\n")
+    names = {"CA": str(tmp_path / "ca.crt"), "MISSING": str(tmp_path / "nope"),
+             "EMPTY": str(tmp_path / "empty")}
+    argv = [names.get(f, f) for f in flags if f != "--no-etcd"]
+    if "--no-etcd" not in flags:
+        argv += ["--etcd", "127.0.0.1:2379"]
+    with pytest.raises(ValueError, match="etcd") as err:
+        coordinator_config(coordinator_parser().parse_args(argv))
+    assert words in str(err.value)
