@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blocktxn.access import RoleMap
 from blocktxn.ids import check_id
 from blocktxn.tls import TlsFiles
 
@@ -32,6 +33,7 @@ class AgentConfig:
     in_doubt_after: float = 30.0  # a vote this old with no decision: ask for it
     max_chain: int = 32  # images a restore may open: a longer chain takes a full (auto)
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint (None: off)
+    roles: RoleMap = field(default_factory=RoleMap)  # who may call (role coordinator)
 
 
 def parse_vm(spec: str) -> VmConfig:

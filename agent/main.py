@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from blocktxn import daemon, metrics, tls
+from blocktxn.access import parse_roles
 from blocktxn.configfile import load_config_file
 from blocktxn.ids import check_id
 
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-chain", type=int, default=32,
                    help="most images a disk's backup chain may have; an auto backup that "
                    "would make it longer is a full, 1..1000 (default 32)")
+    p.add_argument("--role", action="append", default=[], metavar="PATTERN=coordinator",
+                   help="only TLS clients whose certificate identity matches PATTERN (role "
+                   "coordinator) may call the agent; repeatable; needs --tls-ca. Without "
+                   "any, every client the TLS CA admits may")
     metrics.add_arguments(p)
     tls.add_arguments(p)
     return p
@@ -67,13 +72,19 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         raise ValueError(f"--max-chain {args.max_chain} is not within 1..1000")
     if args.metrics_listen:
         metrics.parse_listen(args.metrics_listen)
+    roles = parse_roles(args.role)
+    if any(role != "coordinator" for _, role in roles.entries):
+        raise ValueError("--role: an agent only knows the role coordinator")
+    tls_files = tls.from_args(args)
+    if roles.enforced and tls_files.ca is None:
+        raise ValueError("--role needs mutual TLS (--tls-ca, --tls-cert, --tls-key)")
     vms = tuple(parse_vm(v) for v in args.vm)
     if len({v.name for v in vms}) != len(vms):
         raise ValueError("a VM name is given twice")
     return AgentConfig(
         agent_id=args.id, listen=args.listen, repo=args.repo, vms=vms,
         restore_dirs=tuple(args.restore_dir), coordinator=args.coordinator,
-        advertise=args.advertise, qmp_timeout=args.qmp_timeout, tls=tls.from_args(args),
+        advertise=args.advertise, qmp_timeout=args.qmp_timeout, tls=tls_files, roles=roles,
         in_doubt_after=float(args.in_doubt_after),
         max_chain=int(args.max_chain), metrics_listen=args.metrics_listen,
     )

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from blocktxn.access import AccessInterceptor
 from blocktxn.errors import BlocktxnError
 from blocktxn.requests import check_interval, check_reason, check_wait
 from blocktxn.server import Ctx, abort_with, guard, start_server
@@ -158,11 +159,18 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         )
 
 
+SERVICE = "blocktxn.v1.AgentService"
+
+
 async def serve(runner: AgentRunner, listen: str, tls: TlsFiles | None = None
                 ) -> grpc.aio.Server:
     """Start the gRPC server for *runner* on *listen* (host:port), TLS if configured."""
     server = await start_server(
         lambda s: pb_grpc.add_AgentServiceServicer_to_server(AgentServicer(runner), s),
-        pb.DESCRIPTOR.services_by_name["AgentService"].full_name, listen, tls)
+        pb.DESCRIPTOR.services_by_name["AgentService"].full_name, listen, tls,
+        interceptors=[AccessInterceptor(
+            SERVICE, {m: frozenset({"coordinator"}) for m in
+                      pb.DESCRIPTOR.services_by_name["AgentService"].methods_by_name},
+            runner.config.roles)])
     log.info("agent %s serving on %s", runner.config.agent_id, listen)
     return server

@@ -13,6 +13,7 @@ import asyncio
 import importlib
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -97,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ag = sub.add_parser("agents", parents=[common], help="registered agents")
     ag.add_argument("--json", action="store_true")
+    au = sub.add_parser("audit", parents=[common],
+                        help="the audit trail: who backed up, cancelled, restored, pruned")
+    au.add_argument("--since", default="1d", metavar="AGE|UNIXTIME",
+                    help="records newer than this age (s, h, d, w: 12h, 7d) or unix time "
+                    "(default 1d)")
+    au.add_argument("--limit", type=_positive(int, 1000), default=100,
+                    help="1..1000 (default 100)")
+    au.add_argument("--json", action="store_true")
     sc = sub.add_parser("schedules", parents=[common],
                         help="scheduled backups: next run, last run and its outcome")
     sc.add_argument("--json", action="store_true")
@@ -221,6 +230,21 @@ def _space(free: int, capacity: int) -> str:
     return f"{free / 2**30:.1f} of {capacity / 2**30:.1f} GiB free"
 
 
+def _since(text: str) -> float:
+    """``--since``: an age (``90s``, ``12h``, ``7d``, ``2w``) or a unix time.
+
+    Raises: BadRequest."""
+    from blocktxn.client import BadRequest
+
+    units = {"s": 1, "h": 3600, "d": 86400, "w": 7 * 86400}
+    try:
+        if text[-1:] in units:
+            return max(0.0, time.time() - float(text[:-1]) * units[text[-1]])
+        return float(text)
+    except ValueError:
+        raise BadRequest(f"--since {text!r} is not an age (12h, 7d) or a unix time") from None
+
+
 def _when(t: float) -> str:
     import datetime
 
@@ -231,6 +255,7 @@ async def _operator(args: argparse.Namespace) -> int:
     from blocktxn.client import Client
     from blocktxn.shapes import (
         agent_json,
+        audit_json,
         restore_json,
         schedule_json,
         set_json,
@@ -273,6 +298,16 @@ async def _operator(args: argparse.Namespace) -> int:
                          str(sum(len(v.disks) for v in a.inventory.vms)),
                          _space(a.inventory.repo_free, a.inventory.repo_capacity)]
                         for a in agents])
+            return EXIT_OK
+        if args.command == "audit":
+            entries = await client.audit(_since(args.since), args.limit)
+            if args.json:
+                print(json.dumps([audit_json(e) for e in entries]))
+            else:
+                _table("audit", ["when", "who", "role", "call", "outcome", "request"],
+                       [[_when(e.at), e.identity, e.role or "-", e.method,
+                         e.code + (f": {e.detail}" if e.detail else ""), e.request[:120]]
+                        for e in entries])
             return EXIT_OK
         if args.command == "schedules":
             schedules = await client.schedules()

@@ -125,6 +125,11 @@ class Client:
                                                              timeout=self.timeout))
         return list(resp.agents)
 
+    async def audit(self, since: float, limit: int) -> list[cpb.AuditEntry]:
+        resp = await self._call(lambda: self.stub.ListAudit(
+            cpb.ListAuditRequest(since=since, limit=limit), timeout=self.timeout))
+        return list(resp.entries)
+
     async def schedules(self) -> list[cpb.ScheduleInfo]:
         resp = await self._call(lambda: self.stub.ListSchedules(cpb.ListSchedulesRequest(),
                                                                 timeout=self.timeout))

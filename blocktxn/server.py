@@ -3,7 +3,7 @@ address, and one guard that turns the components' errors into gRPC statuses."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -39,7 +39,8 @@ async def guard(context: Ctx, call: Callable[[], Awaitable[T]]) -> T:
 
 async def start_server(register: Callable[[grpc.aio.Server], None], service: str,
                        listen: str, tls: TlsFiles | None,
-                       health_servicer: Any = None) -> grpc.aio.Server:
+                       health_servicer: Any = None,
+                       interceptors: Sequence[Any] = ()) -> grpc.aio.Server:
     """Start a server for *service* (its full proto name) on *listen*.
 
     *register* adds the servicer; health (every service SERVING) and reflection
@@ -49,7 +50,7 @@ async def start_server(register: Callable[[grpc.aio.Server], None], service: str
     Raises:
         OSError: the address cannot be bound.
     """
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=list(interceptors))
     register(server)
     if health_servicer is None:
         health_servicer = health_aio.HealthServicer()

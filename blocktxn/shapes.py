@@ -64,6 +64,11 @@ def prune_json(r: cpb.PruneResult) -> dict[str, Any]:
          "reasons": list(v.reasons)} for v in r.sets]}
 
 
+def audit_json(e: cpb.AuditEntry) -> dict[str, Any]:
+    return {"at": e.at, "identity": e.identity, "role": e.role or None, "method": e.method,
+            "request": e.request, "code": e.code, "detail": e.detail}
+
+
 def schedule_json(s: cpb.ScheduleInfo) -> dict[str, Any]:
     return {
         "name": s.name, "cron": s.cron, "targets": list(s.targets), "mode": s.mode,

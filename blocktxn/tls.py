@@ -52,11 +52,12 @@ class TlsFiles:
                                             private_key=self._read(self.key),
                                             certificate_chain=self._read(self.cert))
 
-    def channel(self, address: str) -> grpc.aio.Channel:
+    def channel(self, address: str, interceptors: Any = None) -> grpc.aio.Channel:
         """An asyncio channel to *address*, TLS when configured."""
         if self.enabled:
-            return grpc.aio.secure_channel(address, self.channel_credentials())
-        return grpc.aio.insecure_channel(address)
+            return grpc.aio.secure_channel(address, self.channel_credentials(),
+                                           interceptors=interceptors)
+        return grpc.aio.insecure_channel(address, interceptors=interceptors)
 
     def add_port(self, server: grpc.aio.Server, listen: str) -> int:
         if self.enabled:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from blocktxn.access import RoleMap
 from blocktxn.ids import check_id
 from blocktxn.retention import Policy
 from blocktxn.tls import TlsFiles
@@ -36,6 +37,8 @@ class CoordinatorConfig:
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint (None: off)
     schedules: tuple[Schedule, ...] = ()
     etcd_access: EtcdAccess = field(default_factory=EtcdAccess)
+    roles: RoleMap = field(default_factory=RoleMap)  # empty: every TLS client may do all
+    keep_audit: float = 90 * 86400.0  # s an audit record stays in etcd
 
 
 def parse_retention(spec: str) -> tuple[str, Policy]:

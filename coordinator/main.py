@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from blocktxn import daemon, metrics, tls
+from blocktxn.access import parse_roles
 from blocktxn.configfile import load_config_file
 from blocktxn.ids import check_id
 
@@ -62,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "catch-up (how late a missed run may still start, 0..366d, default 1h), "
                    "webhook (URL), notify (abort|all); repeatable, or [schedule.NAME] "
                    "tables in --config")
+    p.add_argument("--role", action="append", default=[], metavar="PATTERN=ROLE",
+                   help="the role of the TLS client certificates whose identity (subject "
+                   "CN, else first SAN) matches PATTERN (shell-style; first match wins): "
+                   "reader, operator, agent (registers only as itself) or coordinator (the "
+                   "other replicas); repeatable. Without any, every client the TLS CA "
+                   "admits may do everything. Needs --tls-ca")
+    p.add_argument("--keep-audit", help="how long an audit record stays in etcd (1s..3650d, "
+                   "default 90d; at most the newest 100,000 are kept)")
     p.add_argument("--keep-finished", help="how long a finished transaction's record stays "
                    "in etcd, from its start: seconds or a duration like 12h, 7d (1s..3650d; "
                    "default 7d); backup sets stay")
@@ -89,13 +98,20 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         raise ValueError("--etcd-ca/-cert/-key/-user/-password-file are for an etcd given "
                          "with --etcd (the private etcd is plaintext on loopback)")
     access.check()
+    roles = parse_roles(args.role)
+    tls_files = tls.from_args(args)
+    if roles.enforced and tls_files.ca is None:
+        raise ValueError("--role needs mutual TLS (--tls-ca, --tls-cert, --tls-key): "
+                         "identities come from client certificates")
     return CoordinatorConfig(name=args.name, listen=args.listen,
                              advertise=args.advertise or args.listen, etcd=args.etcd,
-                             data_dir=args.data_dir, tls=tls.from_args(args),
+                             data_dir=args.data_dir, tls=tls_files,
                              retention=retention,
                              keep_finished=upkeep.parse_keep(args.keep_finished or "7d"),
                              metrics_listen=args.metrics_listen, schedules=schedules,
-                             etcd_access=access)
+                             etcd_access=access, roles=roles,
+                             keep_audit=upkeep.parse_keep(args.keep_audit or "90d",
+                                                          "--keep-audit"))
 
 
 def parse_schedules(given: object) -> tuple[Schedule, ...]:
@@ -138,7 +154,7 @@ async def start(config: CoordinatorConfig) -> daemon.Stops:
     server = await serve(coordinator, config.listen, config.tls, health)
     coordinator.start()
     stop_upkeep = upkeep.start(store, health, lambda: coordinator.election.epoch,
-                               config.keep_finished)
+                               config.keep_finished, config.keep_audit)
     logging.getLogger(__name__).info("coordinator %s serving on %s (etcd %s)", config.name,
                                      config.listen, endpoints)
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from blocktxn.access import FORWARDED, OnBehalfOf
 from blocktxn.server import guard
 from blocktxn.v1 import coordinator_pb2 as pb
 from blocktxn.v1 import coordinator_pb2_grpc as pb_grpc
@@ -43,7 +44,7 @@ class LeaderProxy:
         if address is None or address == self.c.config.advertise:
             raise NotLeaderError("no leader elected yet: retry")
         if address not in self._channels:
-            self._channels[address] = self.c.config.tls.channel(address)
+            self._channels[address] = self.c.config.tls.channel(address, [OnBehalfOf()])
         return pb_grpc.CoordinatorServiceStub(self._channels[address])
 
     async def forward(self, context: Ctx, call: Callable[[Stub, float], Awaitable[T]]
@@ -56,6 +57,7 @@ class LeaderProxy:
         stub = await guard(context, self.stub)
         if stub is None:
             return None
+        FORWARDED.set(True)  # the leader audits it, with the caller's identity
         try:
             return await call(stub, context.time_remaining() or 60)
         except grpc.aio.AioRpcError as err:

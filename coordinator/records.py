@@ -124,6 +124,19 @@ class PruneRecord:
 
 
 @dataclass(frozen=True)
+class AuditRecord:
+    """One mutating call: who, what, when, and how it ended."""
+
+    at: float
+    identity: str
+    role: str
+    method: str
+    request: str             # the request as JSON, cut to MAX_AUDIT_TEXT
+    code: str                # gRPC status code name
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class ScheduleState:
     """What the leader did last for a schedule (one key per schedule, rewritten)."""
 

@@ -35,6 +35,7 @@ from .pruner import MAX_SETS, Pruner
 from .records import (
     AgentEntry,
     AgentInventory,
+    AuditRecord,
     BackupSet,
     DecisionRecord,
     ScheduleState,
@@ -96,6 +97,16 @@ class Coordinator:
     async def agents(self) -> tuple[list[AgentEntry], set[str]]:
         """Raises: StoreUnavailableError, StoreCorruptError."""
         return await self.registry.listing()
+
+    async def audit(self, since: float, limit: int) -> list[AuditRecord]:
+        """The audit trail from *since* (unix time), oldest first, at most *limit*
+        (1..1000; 0: 100).
+
+        Raises: RequestError, StoreUnavailableError."""
+        if not 0 <= limit <= 1000 or since < 0:
+            raise RequestError(f"audit: limit {limit} is not within 0..1000, or since "
+                               f"{since} is negative")
+        return await self.store.audit(since, limit or 100)
 
     async def schedules(self) -> list[tuple[Schedule, ScheduleState | None, TxnRecord | None]]:
         """Each configured schedule, what the leader did last for it, and the record of

@@ -24,6 +24,7 @@ from blocktxn.wire import (
     backup_request_from_pb,
 )
 
+from .audit import Auditor
 from .proxy import LeaderProxy
 from .records import AgentEntry, AgentInventory, BackupSet, DiskEntry, TxnRecord, VmEntry
 from .runner import Coordinator
@@ -215,6 +216,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             pb.SetVerdict(set_id=s.set_id, group=s.group, time=s.time, keep=v.keep,
                           reasons=v.reasons) for s, v in rows])
 
+    async def ListAudit(self, request: pb.ListAuditRequest, context: Ctx
+                        ) -> pb.ListAuditResponse:
+        records = await guard(context, lambda: self.c.audit(request.since, request.limit))
+        return pb.ListAuditResponse(entries=[
+            pb.AuditEntry(at=r.at, identity=r.identity, role=r.role, method=r.method,
+                          request=r.request, code=r.code, detail=r.detail) for r in records])
+
     async def ListSchedules(self, request: pb.ListSchedulesRequest, context: Ctx
                             ) -> pb.ListSchedulesResponse:
         rows = await guard(context, self.c.schedules)
@@ -255,4 +263,5 @@ async def serve(coordinator: Coordinator, listen: str, tls: TlsFiles | None = No
     return await start_server(
         lambda s: pb_grpc.add_CoordinatorServiceServicer_to_server(
             CoordinatorServicer(coordinator), s),
-        pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name, listen, tls, health)
+        pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name, listen, tls, health,
+        [Auditor(coordinator.store).interceptor(coordinator.config.roles)])

@@ -30,6 +30,7 @@ import enum
 import functools
 import json
 import logging
+import random
 import time
 import types
 import typing
@@ -63,6 +64,7 @@ from .records import (
     MAX_REASON_TEXT,
     MAX_VOTE_TEXT,
     AgentEntry,
+    AuditRecord,
     BackupSet,
     DecisionRecord,
     PruneRecord,
@@ -572,6 +574,65 @@ class Store:
         """Unfinished prunes. Raises: StoreUnavailableError, StoreCorruptError."""
         return await self._prefix("prune", PruneRecord)
     # --- end prunes
+
+    # ----------------------------------------------------------------- audit
+    async def put_audit(self, record: AuditRecord) -> None:
+        """Any replica writes the calls it served (keys sort by time).
+
+        Raises: StoreUnavailableError, StoreRejectedError."""
+        key = _key("audit", f"{int(record.at * 1e6):020d}-{random.getrandbits(32):08x}")
+        await self._call("put audit", lambda: self.client.put(key, _dump(record)))
+
+    async def audit(self, since: float, limit: int) -> list[AuditRecord]:
+        """At most *limit* records from *since* on, oldest first.
+
+        Raises: StoreUnavailableError."""
+        start = _key("audit", f"{int(max(0.0, since) * 1e6):020d}")
+        end = prefix_range_end(_key("audit") + b"/")
+
+        async def ask() -> Any:
+            await self.client.connect()
+            return await self.client.kvstub.Range(
+                etcd_rpc.RangeRequest(key=start, range_end=end, limit=limit),
+                timeout=self.timeout, metadata=self.client.metadata)
+
+        reply = await self._call("list audit", ask)
+        return [r for _, r in self._records(list(reply.kvs), AuditRecord)]
+
+    async def collect_audit(self, epoch: int, before: float, most: int) -> int:
+        """Delete audit records older than *before*, then the oldest past the newest
+        *most*; return how many went (two or three requests, however many).
+
+        Raises: NotLeaderError, StoreUnavailableError."""
+        start = _key("audit") + b"/"
+        end = prefix_range_end(start)
+        old_end = _key("audit", f"{int(before * 1e6):020d}")
+
+        async def count(until: bytes) -> int:
+            async def ask() -> Any:
+                await self.client.connect()
+                return await self.client.kvstub.Range(
+                    etcd_rpc.RangeRequest(key=start, range_end=until, count_only=True),
+                    timeout=self.timeout, metadata=self.client.metadata)
+            return int((await self._call("count audit", ask)).count)
+
+        gone = await count(old_end)
+        total = await count(end) - gone
+        cut = old_end
+        if total > most:
+            async def oldest() -> Any:
+                await self.client.connect()
+                return await self.client.kvstub.Range(
+                    etcd_rpc.RangeRequest(key=old_end, range_end=end, limit=total - most,
+                                          keys_only=True),
+                    timeout=self.timeout, metadata=self.client.metadata)
+            kvs = list((await self._call("list audit", oldest)).kvs)
+            if kvs:
+                cut = bytes(kvs[-1].key) + b"\0"
+                gone += len(kvs)
+        if gone:
+            await self._fenced("collect audit", epoch, [self.tx.delete(start, range_end=cut)])
+        return gone
 
     # ------------------------------------------------------------- schedules
     async def schedule_states(self) -> list[ScheduleState]:

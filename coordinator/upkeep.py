@@ -29,14 +29,14 @@ SPACE_EVERY = 5.0          # seconds between two looks at etcd's alarms
 REASON_KEY = "blocktxn-reason"  # trailing metadata of a NOT_SERVING health reply
 
 
-def parse_keep(text: str) -> float:
+def parse_keep(text: str, option: str = "--keep-finished") -> float:
     """``--keep-finished``: seconds, or a number with a unit s, h, d or w (``12h``,
     ``7d``), within KEEP_MIN..KEEP_MAX.
 
     Raises:
         ConfigError: anything else.
     """
-    return parse_seconds(text, "--keep-finished", KEEP_MIN, KEEP_MAX)
+    return parse_seconds(text, option, KEEP_MIN, KEEP_MAX)
 
 
 class Health(health_aio.HealthServicer):  # type: ignore[misc]  # untyped base
@@ -98,7 +98,8 @@ async def watch_space(store: Store, health: Health, every: float = SPACE_EVERY) 
 
 
 async def collect_forever(store: Store, epoch_of: Callable[[], int | None], keep: float,
-                          every: float = COLLECT_EVERY) -> None:
+                          every: float = COLLECT_EVERY, keep_audit: float = 90 * 86400.0,
+                          most_audit: int = 100_000) -> None:
     """While this replica leads: every *every* seconds (or half of *keep*, if shorter),
     delete finished transaction records created more than *keep* seconds ago
     (``Store.collect_finished``: fenced, bounded batches; backup sets stay)."""
@@ -116,13 +117,22 @@ async def collect_forever(store: Store, epoch_of: Callable[[], int | None], keep
         if gone:
             log.info("collected %d finished transaction record(s) older than %gs",
                      gone, keep)
+        try:
+            gone = await store.collect_audit(epoch, time.time() - keep_audit, most_audit)
+        except (StoreUnavailableError, NotLeaderError) as err:
+            log.warning("collecting audit records: %s", err)
+            continue
+        if gone:
+            log.info("collected %d audit record(s) (older than %gs, or past the newest %d)",
+                     gone, keep_audit, most_audit)
 
 
-def start(store: Store, health: Health, epoch_of: Callable[[], int | None], keep: float
-          ) -> Callable[[], Awaitable[None]]:
+def start(store: Store, health: Health, epoch_of: Callable[[], int | None], keep: float,
+          keep_audit: float = 90 * 86400.0) -> Callable[[], Awaitable[None]]:
     """Run both loops; return the coroutine function that stops them."""
     tasks = [asyncio.create_task(watch_space(store, health), name="etcd space"),
-             asyncio.create_task(collect_forever(store, epoch_of, keep), name="collector")]
+             asyncio.create_task(collect_forever(store, epoch_of, keep,
+                                                 keep_audit=keep_audit), name="collector")]
 
     async def stop() -> None:
         for task in tasks:

@@ -110,6 +110,11 @@ class CoordinatorServiceStub:
                 request_serializer=blocktxn_dot_v1_dot_coordinator__pb2.ListSchedulesRequest.SerializeToString,
                 response_deserializer=blocktxn_dot_v1_dot_coordinator__pb2.ListSchedulesResponse.FromString,
                 _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/blocktxn.v1.CoordinatorService/ListAudit',
+                request_serializer=blocktxn_dot_v1_dot_coordinator__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=blocktxn_dot_v1_dot_coordinator__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -227,6 +232,15 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAudit(self, request, context):
+        """The audit trail: every mutating call (start, cancel, restore, forget, prune) with
+        who made it (certificate identity), what, when and its outcome; oldest first from
+        `since`. Records older than --keep-audit, or past the newest 100,000, are removed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -304,6 +318,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListSchedules,
                     request_deserializer=blocktxn_dot_v1_dot_coordinator__pb2.ListSchedulesRequest.FromString,
                     response_serializer=blocktxn_dot_v1_dot_coordinator__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=blocktxn_dot_v1_dot_coordinator__pb2.ListAuditRequest.FromString,
+                    response_serializer=blocktxn_dot_v1_dot_coordinator__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -711,6 +730,33 @@ class CoordinatorService:
             '/blocktxn.v1.CoordinatorService/ListSchedules',
             blocktxn_dot_v1_dot_coordinator__pb2.ListSchedulesRequest.SerializeToString,
             blocktxn_dot_v1_dot_coordinator__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blocktxn.v1.CoordinatorService/ListAudit',
+            blocktxn_dot_v1_dot_coordinator__pb2.ListAuditRequest.SerializeToString,
+            blocktxn_dot_v1_dot_coordinator__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

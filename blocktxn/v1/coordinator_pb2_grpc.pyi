@@ -84,6 +84,11 @@ class CoordinatorServiceStub:
     """The configured schedules with their next and last runs (the last one's outcome
     from its transaction record while etcd keeps it).
     """
+    ListAudit: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListAuditRequest, _coordinator_pb2.ListAuditResponse]
+    """The audit trail: every mutating call (start, cancel, restore, forget, prune) with
+    who made it (certificate identity), what, when and its outcome; oldest first from
+    `since`. Records older than --keep-audit, or past the newest 100,000, are removed.
+    """
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -130,6 +135,11 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     ListSchedules: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListSchedulesRequest, _coordinator_pb2.ListSchedulesResponse]  # type: ignore[assignment]
     """The configured schedules with their next and last runs (the last one's outcome
     from its transaction record while etcd keeps it).
+    """
+    ListAudit: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListAuditRequest, _coordinator_pb2.ListAuditResponse]  # type: ignore[assignment]
+    """The audit trail: every mutating call (start, cancel, restore, forget, prune) with
+    who made it (certificate identity), what, when and its outcome; oldest first from
+    `since`. Records older than --keep-audit, or past the newest 100,000, are removed.
     """
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -264,6 +274,17 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_coordinator_pb2.ListSchedulesResponse, _abc.Awaitable[_coordinator_pb2.ListSchedulesResponse]]:
         """The configured schedules with their next and last runs (the last one's outcome
         from its transaction record while etcd keeps it).
+        """
+
+    @_abc_1.abstractmethod
+    def ListAudit(
+        self,
+        request: _coordinator_pb2.ListAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListAuditResponse, _abc.Awaitable[_coordinator_pb2.ListAuditResponse]]:
+        """The audit trail: every mutating call (start, cancel, restore, forget, prune) with
+        who made it (certificate identity), what, when and its outcome; oldest first from
+        `since`. Records older than --keep-audit, or past the newest 100,000, are removed.
         """
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

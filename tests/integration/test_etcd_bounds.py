@@ -22,6 +22,7 @@ from blocktxn.coordinator.etcd_server import EtcdServer
 from blocktxn.coordinator.planner import txn_id_at
 from blocktxn.coordinator.records import (
     AgentInventory,
+    AuditRecord,
     BackupSet,
     DecisionRecord,
     MemberRecord,
@@ -434,6 +435,34 @@ def test_the_final_write_of_1000_disks_on_100_agents_fits_one_etcd_request(
             final, backup_set = worst_final_write(too_wide)
             with pytest.raises(StoreRejectedError):          # what the refusal avoids
                 await store.put_txn(epoch, final, backup_set)
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_audit_records_leave_etcd_by_age_and_by_count(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(0)
+
+    async def scenario() -> None:
+        store, epoch = await leading_store(cluster)
+        try:
+            now = time.time()
+            ages = [now - 3 * 86400 + i for i in range(10)] + [now - 60 + i for i in range(30)]
+            for at in ages:
+                await store.put_audit(AuditRecord(at, "ops", "operator", "StartTransaction",
+                                                  "{}", "OK"))
+            assert len(await store.audit(0, 1000)) == 40
+            # older than a day: the first 10 go; then only the newest 25 of the rest stay
+            assert await store.collect_audit(epoch, now - 86400, 25) == 15
+            kept = await store.audit(0, 1000)
+            assert [r.at for r in kept] == pytest.approx(ages[15:])
+            assert [r.at for r in await store.audit(ages[-10] - 0.5, 1000)] == pytest.approx(
+                ages[-10:])
+            assert len(await store.audit(0, 3)) == 3
+            assert await store.collect_audit(epoch, now - 86400, 25) == 0
         finally:
             await store.close()
 
