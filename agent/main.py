@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "any, every client the TLS CA admits may")
     metrics.add_arguments(p)
     tls.add_arguments(p)
+    tls.add_insecure_argument(p)
     return p
 
 
@@ -76,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     if any(role != "coordinator" for _, role in roles.entries):
         raise ValueError("--role: an agent only knows the role coordinator")
     tls_files = tls.from_args(args)
+    tls.check_listen(args.listen, tls_files, bool(args.insecure))
     if roles.enforced and tls_files.ca is None:
         raise ValueError("--role needs mutual TLS (--tls-ca, --tls-cert, --tls-key)")
     vms = tuple(parse_vm(v) for v in args.vm)

@@ -8,6 +8,7 @@ machine or a trusted lab network only).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,29 @@ def add_arguments(p: argparse.ArgumentParser, env: bool = False,
     p.add_argument("--tls-key", type=Path, help="PEM private key" + hint.format("KEY"), **kw)
     p.add_argument("--tls-ca", type=Path, help="PEM CA bundle: verify peers, and on a "
                    "server require client certificates (mutual TLS)" + hint.format("CA"), **kw)
+
+
+def check_listen(listen: str, files: TlsFiles, insecure: bool) -> None:
+    """Plaintext only on loopback, unless *insecure* says so explicitly.
+
+    Raises: ValueError."""
+    if files.enabled or insecure:
+        return
+    host = listen.rpartition(":")[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"--listen {listen}: without TLS a daemon listens on loopback "
+                         "only; give --tls-cert/--tls-key/--tls-ca, or --insecure for a "
+                         "trusted network")
+
+
+def add_insecure_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plaintext gRPC on an address other than loopback (a trusted "
+                   "lab network only; otherwise give --tls-*)")
 
 
 def from_args(args: argparse.Namespace, env: bool = False) -> TlsFiles:

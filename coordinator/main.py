@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "default 7d); backup sets stay")
     metrics.add_arguments(p)
     tls.add_arguments(p)
+    tls.add_insecure_argument(p)
     return p
 
 
@@ -100,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     access.check()
     roles = parse_roles(args.role)
     tls_files = tls.from_args(args)
+    tls.check_listen(args.listen, tls_files, bool(args.insecure))
     if roles.enforced and tls_files.ca is None:
         raise ValueError("--role needs mutual TLS (--tls-ca, --tls-cert, --tls-key): "
                          "identities come from client certificates")

@@ -286,7 +286,8 @@ class ChaosCluster:
             d.mkdir(parents=True, exist_ok=True)
             p = Proc(c, [*self.net.exec_prefix(c), sys.executable, "-m", "blocktxn.coordinator",
                          "--name", c, "--listen", f"{ip}:7400", "--etcd", self.etcd_endpoints,
-                         "--data-dir", str(d), "--retention", RETENTION], d / "coordinator.log")
+                         "--data-dir", str(d), "--retention", RETENTION, "--insecure"],
+                     d / "coordinator.log")
             p.start()
             self.coords[c] = p
         for h in HOSTS:
@@ -313,7 +314,7 @@ class ChaosCluster:
             host.agent = AgentProcess(
                 h, self.workdir / h / "agent", list(host.vms.values()),
                 {v: g.path for v, g in host.gas.items()},
-                extra=["--coordinator", ",".join(self.coordinator_addresses)],
+                extra=["--coordinator", ",".join(self.coordinator_addresses), "--insecure"],
                 host_ip=self.net.addr(h), prefix=self.net.exec_prefix(h),
                 env={"BLOCKTXN_FAILPOINT_FILE": str(host.failpoints)})
             host.agent.start()

@@ -14,8 +14,19 @@ from blocktxn.coordinator.main import config_from_args as coordinator_config
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
-def test_documented_agent_file_parses_and_flags_override_it() -> None:
-    args = agent_parser().parse_args(["--config", str(DEPLOY / "agent.toml"),
+def documented(name: str, tmp: Path) -> str:
+    """deploy/NAME with its TLS files pointing at stand-ins that exist."""
+    tls = tmp / "tls"
+    tls.mkdir(exist_ok=True)
+    for f in ("coord1.crt", "coord1.key", "host1.crt", "host1.key", "ca.crt"):
+        (tls / f).write_text("x")
+    copy = tmp / name
+    copy.write_text((DEPLOY / name).read_text().replace("/etc/blocktxn/tls", str(tls)))
+    return str(copy)
+
+
+def test_documented_agent_file_parses_and_flags_override_it(tmp_path: Path) -> None:
+    args = agent_parser().parse_args(["--config", documented("agent.toml", tmp_path),
                                       "--listen", "127.0.0.1:9"])
     cfg = agent_config(args)
     assert cfg.agent_id == "host1" and cfg.listen == "127.0.0.1:9"
@@ -25,9 +36,10 @@ def test_documented_agent_file_parses_and_flags_override_it() -> None:
     assert cfg.metrics_listen == "127.0.0.1:9101"
 
 
-def test_documented_coordinator_file_parses() -> None:
+def test_documented_coordinator_file_parses(tmp_path: Path) -> None:
     cfg = coordinator_config(coordinator_parser().parse_args(
-        ["--config", str(DEPLOY / "coordinator.toml")]))
+        ["--config", documented("coordinator.toml", tmp_path)]))
+    assert cfg.listen == "0.0.0.0:7400" and cfg.tls.enabled
     assert cfg.name == "coord1" and cfg.etcd and cfg.etcd.count(",") == 2
     assert cfg.retention["web"].keep_weekly == 4 and cfg.retention["db"].keep_within == 2 * 86400
     defaults = coordinator_config(coordinator_parser().parse_args([]))
@@ -55,19 +67,19 @@ def test_bad_retention_policies_are_refused_at_load(spec: str, word: str) -> Non
 
 def test_vm_spec_takes_a_watchdog_monitor() -> None:
     cfg = agent_config(agent_parser().parse_args([
-        "--id", "a", "--listen", "x:1", "--repo", "/r",
+        "--id", "a", "--listen", "127.0.0.1:1", "--repo", "/r",
         "--vm", "web=/q.sock,ga=/g.sock,watch=/w.sock"]))
     assert (cfg.vms[0].ga, cfg.vms[0].watch) == ("/g.sock", "/w.sock")
     with pytest.raises(ValueError, match="bad option"):
         agent_config(agent_parser().parse_args([
-            "--id", "a", "--listen", "x:1", "--repo", "/r", "--vm", "web=/q.sock,ga=/g,ga=/h"]))
+            "--id", "a", "--listen", "127.0.0.1:1", "--repo", "/r", "--vm", "web=/q.sock,ga=/g,ga=/h"]))
 
 
 @pytest.mark.parametrize("text,word", [
-    ('id = "a"\nlisten = "x:1"\nrepo = "/r"\nbogus = 1\n', "unknown option"),
-    ('id = "a b"\nlisten = "x:1"\nrepo = "/r"\n', "safe identifier"),
-    ('listen = "x:1"\nrepo = "/r"\n', "--id is required"),
-    ('id = "a"\nlisten = "x:1"\nrepo = "/r"\nvm = ["web"]\n', "NAME=QMP"),
+    ('id = "a"\nlisten = "127.0.0.1:1"\nrepo = "/r"\nbogus = 1\n', "unknown option"),
+    ('id = "a b"\nlisten = "127.0.0.1:1"\nrepo = "/r"\n', "safe identifier"),
+    ('listen = "127.0.0.1:1"\nrepo = "/r"\n', "--id is required"),
+    ('id = "a"\nlisten = "127.0.0.1:1"\nrepo = "/r"\nvm = ["web"]\n', "NAME=QMP"),
     ("id = \n", "config file"),
 ])
 def test_bad_agent_files_are_one_line_errors(tmp_path: Path, text: str, word: str) -> None:
@@ -97,3 +109,24 @@ def test_bad_etcd_access_is_refused_with_one_line(tmp_path: Path, flags: list[st
     with pytest.raises(ValueError, match="etcd") as err:
         coordinator_config(coordinator_parser().parse_args(argv))
     assert words in str(err.value)
+
+
+@pytest.mark.parametrize(("listen", "extra", "ok"), [
+    ("127.0.0.1:7400", [], True), ("[::1]:7400", [], True), ("localhost:7400", [], True),
+    ("0.0.0.0:7400", [], False), ("10.0.0.5:7400", [], False),
+    ("10.0.0.5:7400", ["--insecure"], True),
+])
+def test_plaintext_listens_on_loopback_only_unless_insecure(
+    listen: str, extra: list[str], ok: bool,
+) -> None:
+    args = coordinator_parser().parse_args(["--listen", listen, *extra])
+    agent_args = agent_parser().parse_args(["--id", "a", "--listen", listen, "--repo", "/r",
+                                            *extra])
+    if ok:
+        coordinator_config(args)
+        agent_config(agent_args)
+        return
+    for parse, parsed in ((coordinator_config, args), (agent_config, agent_args)):
+        with pytest.raises(ValueError, match="loopback only") as err:
+            parse(parsed)
+        assert "--insecure" in str(err.value)
