@@ -116,6 +116,8 @@ class Cluster:
         raise TimeoutError("agents did not register")
 
     def start(self, targets: list[str], **kw: Any) -> cpb.Transaction:
+        # a retry after a lost reply must be the same request: one request id for all
+        kw.setdefault("request_id", f"test-{os.urandom(8).hex()}")
         req = cpb.StartTransactionRequest(targets=[cpb.Target(target=t) for t in targets], **kw)
         deadline = time.monotonic() + 30
         while True:  # a fresh cluster may not have elected its leader yet

@@ -23,25 +23,9 @@ from blocktxn.v1 import coordinator_pb2 as cpb
 from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
 from tests.integration.cluster import CoordinatorProcess
 from tests.integration.harness import Host, wait_until
-from tests.integration.test_tls import openssl
+from tests.integration.pki import make_certs
 
 READWRITE = 2
-
-
-def pki(d: Path) -> Path:
-    """CA, etcd's server certificate (127.0.0.1), client certificates root and blocktxn."""
-    d.mkdir(parents=True)
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=ca",
-            "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))
-    for name in ("server", "root", "blocktxn"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
-        (d / f"{name}.ext").write_text(
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
-        openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.crt"),
-                "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
-                "-extfile", str(d / f"{name}.ext"), "-out", str(d / f"{name}.crt"))
-    return d
 
 
 class SecureEtcd:
@@ -49,7 +33,7 @@ class SecureEtcd:
     write /blocktxn/ only."""
 
     def __init__(self, workdir: Path) -> None:
-        self.pki = pki(workdir / "pki")
+        self.pki = make_certs(workdir / "pki", ("server", "root", "blocktxn"))
         self.port, peer = free_port(), free_port()
         client, peer_url = f"https://127.0.0.1:{self.port}", f"http://127.0.0.1:{peer}"
         binary = shutil.which("etcd")

@@ -22,24 +22,9 @@ from blocktxn.v1 import coordinator_pb2 as cpb
 from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
 from tests.integration.cluster import Cluster
 from tests.integration.harness import Host, wait_until
-from tests.integration.test_tls import openssl
+from tests.integration.pki import make_certs
 
 NAMES = ("coord", "h1", "h2", "ops", "alice", "mallory")
-
-
-def make_certs(d: Path) -> Path:
-    d.mkdir(parents=True)
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=ca",
-            "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))
-    for name in NAMES:
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
-        (d / f"{name}.ext").write_text(
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
-        openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.crt"),
-                "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
-                "-extfile", str(d / f"{name}.ext"), "-out", str(d / f"{name}.crt"))
-    return d
 
 
 def tls_flags(pki: Path, name: str) -> list[str]:
@@ -87,7 +72,7 @@ def denied(call: Callable[[], Any]) -> str:
 
 
 def test_roles_gate_every_call_and_the_audit_trail_says_who(tmp_path: Path) -> None:
-    pki = make_certs(tmp_path / "pki")
+    pki = make_certs(tmp_path / "pki", NAMES)
     roles = ["--role", "coord=coordinator", "--role", "h*=agent", "--role", "ops=operator",
              "--role", "alice=reader"]
     cluster = Cluster(tmp_path / "cluster", 2, coordinator_args=[*tls_flags(pki, "coord"),

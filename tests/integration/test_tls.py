@@ -15,25 +15,12 @@ from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import agent_pb2_grpc
 from tests.integration.cluster import Cluster
 from tests.integration.harness import Host
-
-
-def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
+from tests.integration.pki import make_certs
 
 
 def make_pki(d: Path) -> dict[str, Path]:
     """A CA, a certificate for the daemons (127.0.0.1) and one for the operator."""
-    d.mkdir()
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=ca",
-            "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))
-    for name in ("node", "operator"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
-        ext = d / f"{name}.ext"
-        ext.write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
-        openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.crt"),
-                "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
-                "-extfile", str(ext), "-out", str(d / f"{name}.crt"))
+    make_certs(d, ("node", "operator"))
     return {"ca": d / "ca.crt", "node_crt": d / "node.crt", "node_key": d / "node.key",
             "op_crt": d / "operator.crt", "op_key": d / "operator.key"}
 

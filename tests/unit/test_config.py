@@ -72,7 +72,8 @@ def test_vm_spec_takes_a_watchdog_monitor() -> None:
     assert (cfg.vms[0].ga, cfg.vms[0].watch) == ("/g.sock", "/w.sock")
     with pytest.raises(ValueError, match="bad option"):
         agent_config(agent_parser().parse_args([
-            "--id", "a", "--listen", "127.0.0.1:1", "--repo", "/r", "--vm", "web=/q.sock,ga=/g,ga=/h"]))
+            "--id", "a", "--listen", "127.0.0.1:1", "--repo", "/r",
+            "--vm", "web=/q.sock,ga=/g,ga=/h"]))
 
 
 @pytest.mark.parametrize("text,word", [
