@@ -36,7 +36,9 @@ def txn_json(t: cpb.Transaction) -> dict[str, Any]:
             "mode": MODE_NAME.get(m.mode) or "auto", "mode_reason": m.mode_reason,
             "job_status": m.job_status, "bytes": m.bytes_done, "bytes_total": m.bytes_total,
             "outcome": m.outcome} for m in t.members],
-        "votes": [{"agent_id": v.agent_id, "yes": v.yes, "reason": v.reason} for v in t.votes],
+        "votes": [{"agent_id": v.agent_id, "yes": v.yes, "reason": v.reason, "at": v.at}
+                  for v in t.votes],
+        "cut_done_at": t.cut_done_at, "decided_at": t.decided_at, "done_at": t.done_at,
         "committed_agents": list(t.committed_agents),
         "errors": list(t.errors),
     }

@@ -110,7 +110,7 @@ class TxnDriver:
 
     def _sync(self) -> None:
         """Copy the machine's view into the record, and wake the watchers."""
-        self.record = self.record.with_machine(self.machine)
+        self.record = self.record.with_machine(self.machine, time.time())
         self.notify()
 
     # ------------------------------------------------------------ the loop
@@ -180,6 +180,7 @@ class TxnDriver:
             mine = DecisionRecord(self.txn_id, cmd.decision, cmd.reason, cmd.committed,
                                   time.time(), self._name)
             durable = await self._retry_store(lambda: self._store.decide(mine, self._fence()))
+            self.record = replace(self.record, decided_at=durable.at)
             return DecisionDurable(durable.decision, durable.reason, durable.committed)
         if isinstance(cmd, (SendCommit, SendAbort)):
             return await self._complete(cmd)
@@ -274,7 +275,8 @@ class TxnDriver:
         """Write the final record, and the backup set when something committed; only
         then do watchers see DONE and the set id (a client that reads them must find the
         set)."""
-        final = self.record.with_machine(self.machine)
+        final = replace(self.record.with_machine(self.machine, time.time()),
+                        done_at=time.time())
         backup_set = final.backup_set(clock.now())
         if backup_set is not None:
             final = replace(final, set_id=backup_set.set_id)

@@ -62,6 +62,7 @@ class VoteRecord:
     agent_id: str
     yes: bool
     reason: str = ""
+    at: float = 0.0          # when the vote reached the coordinator (unix time)
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,9 @@ class TxnRecord:
     leader: str = ""
     images: tuple[SetImage, ...] = ()
     group: str = ""          # retention group of the set it makes
+    cut_done_at: float = 0.0  # every agent answered the cut
+    decided_at: float = 0.0   # the decision was durable
+    done_at: float = 0.0      # the final record was written
 
     @property
     def grouped(self) -> bool:
@@ -241,13 +245,18 @@ class TxnRecord:
     def with_images(self, images: tuple[SetImage, ...]) -> TxnRecord:
         return replace(self, images=(*self.images, *images))
 
-    def with_machine(self, machine: TxnMachine) -> TxnRecord:
-        """The machine's view: phase, decision, votes."""
+    def with_machine(self, machine: TxnMachine, now: float = 0.0) -> TxnRecord:
+        """The machine's view: phase, decision, votes (a vote new since the last view,
+        and the end of the cut, are stamped *now*)."""
+        seen = {v.agent_id: v.at for v in self.votes}
+        cut_done = self.cut_done_at or (now if machine.phase != TxnPhase.CUTTING else 0.0)
         return replace(
             self, phase=machine.phase, decision=machine.decision,
             reason=cut_text(machine.reason, MAX_REASON_TEXT), committed=machine.committed,
-            votes=tuple(VoteRecord(p.agent_id, p.vote, cut_text(p.reason, MAX_VOTE_TEXT))
-                        for p in machine.parts.values() if p.vote is not None))
+            votes=tuple(VoteRecord(p.agent_id, p.vote, cut_text(p.reason, MAX_VOTE_TEXT),
+                                   seen.get(p.agent_id) or now)
+                        for p in machine.parts.values() if p.vote is not None),
+            cut_done_at=cut_done)
 
     def with_decision(self, decision: DecisionRecord) -> TxnRecord:
         return replace(self, decision=decision.decision, reason=decision.reason)

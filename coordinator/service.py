@@ -45,10 +45,12 @@ def txn_to_pb(r: TxnRecord) -> pb.Transaction:
             mode=MODE_PB.get(m.chosen or m.mode, apb.BACKUP_MODE_UNSPECIFIED),
             mode_reason=m.mode_reason, job_status=m.status, bytes_done=m.done,
             bytes_total=m.total, outcome=m.outcome) for m in r.members],
-        votes=[pb.Vote(agent_id=v.agent_id, yes=v.yes, reason=v.reason) for v in r.votes],
+        votes=[pb.Vote(agent_id=v.agent_id, yes=v.yes, reason=v.reason, at=v.at)
+               for v in r.votes],
         created_at=r.created_at, deadline=r.deadline, frozen_from=r.frozen_from,
         thawed_at=r.thawed_at, set_id=r.set_id, errors=r.errors,
-        committed_agents=r.committed, group=r.group,
+        committed_agents=r.committed, group=r.group, cut_done_at=r.cut_done_at,
+        decided_at=r.decided_at, done_at=r.done_at,
     )
 
 

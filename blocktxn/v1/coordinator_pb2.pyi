@@ -527,19 +527,23 @@ class Vote(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     YES_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     yes: _builtins.bool
     reason: _builtins.str
+    at: _builtins.float
+    """when the coordinator heard it (unix time)"""
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         yes: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "reason", b"reason", "yes", b"yes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "at", b"at", "reason", b"reason", "yes", b"yes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -566,6 +570,9 @@ class Transaction(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     COMMITTED_AGENTS_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
+    CUT_DONE_AT_FIELD_NUMBER: _builtins.int
+    DECIDED_AT_FIELD_NUMBER: _builtins.int
+    DONE_AT_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.str
     request_id: _builtins.str
     phase: Global___TxnPhase.ValueType
@@ -584,6 +591,12 @@ class Transaction(_message.Message):
     """the backup set, when committed"""
     group: _builtins.str
     """retention group of the set it makes"""
+    cut_done_at: _builtins.float
+    """every agent answered the cut (0: not yet)"""
+    decided_at: _builtins.float
+    """the decision was durable (0: not yet)"""
+    done_at: _builtins.float
+    """finished (0: not yet)"""
     @_builtins.property
     def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemberStatus]: ...
     @_builtins.property
@@ -614,10 +627,13 @@ class Transaction(_message.Message):
         errors: _abc.Iterable[_builtins.str] | None = ...,
         committed_agents: _abc.Iterable[_builtins.str] | None = ...,
         group: _builtins.str = ...,
+        cut_done_at: _builtins.float = ...,
+        decided_at: _builtins.float = ...,
+        done_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_agents", b"committed_agents", "completion", b"completion", "created_at", b"created_at", "deadline", b"deadline", "decision", b"decision", "errors", b"errors", "frozen_from", b"frozen_from", "group", b"group", "members", b"members", "phase", b"phase", "quiesce", b"quiesce", "reason", b"reason", "request_id", b"request_id", "set_id", b"set_id", "thawed_at", b"thawed_at", "txn_id", b"txn_id", "votes", b"votes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_agents", b"committed_agents", "completion", b"completion", "created_at", b"created_at", "cut_done_at", b"cut_done_at", "deadline", b"deadline", "decided_at", b"decided_at", "decision", b"decision", "done_at", b"done_at", "errors", b"errors", "frozen_from", b"frozen_from", "group", b"group", "members", b"members", "phase", b"phase", "quiesce", b"quiesce", "reason", b"reason", "request_id", b"request_id", "set_id", b"set_id", "thawed_at", b"thawed_at", "txn_id", b"txn_id", "votes", b"votes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -65,6 +65,9 @@ def test_cli_covers_the_daily_work_with_exit_codes(make_cluster: Callable[..., C
     one = json.loads(cli(None, "txn", "show", set_id, "--json", *here).stdout)
     assert one == next(t for t in txns if t["txn_id"] == set_id) == {**result, **one}
     assert one["state"] == "committed" and one["decision"] == "commit"
+    # where its time went: cut, each vote, decision, done, in that order
+    assert 0 < one["created_at"] <= one["cut_done_at"] <= min(v["at"] for v in one["votes"])
+    assert max(v["at"] for v in one["votes"]) <= one["decided_at"] <= one["done_at"]
     listed = json.loads(cli(None, "sets", "list", "--json", *here).stdout)
     assert next(s for s in listed if s["set_id"] == set_id) == shown
     assert {i["target"] for i in shown["images"]} == {m["target"] for m in result["members"]}
