@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aetcd
 import grpc
@@ -98,6 +99,22 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no types
             self.maintenancestub = etcd_rpc.MaintenanceStub(channel)
             self._connected.set()
             self._ready = True
+
+    async def refresh_lease(self, lease_id: int) -> Any:
+        """One keepalive: open the LeaseKeepAlive stream, read its reply, cancel it
+        (aetcd leaves it open, and grpc's request-consuming task then dies pending).
+
+        Raises: grpc.RpcError, OSError."""
+        await self.connect()
+        call = self.leasestub.LeaseKeepAlive(
+            iter([etcd_rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=self._timeout,
+            metadata=self.metadata)
+        try:
+            async for reply in call:
+                return reply
+            return None
+        finally:
+            call.cancel()
 
     async def reauthenticate(self) -> None:
         """The token expired: the next request opens a fresh channel and logs in."""
