@@ -8,7 +8,7 @@ call changes nothing. The same interceptor reports each finished call of chosen 
 
 A replica that forwards a call to the leader passes the caller's identity along
 (metadata ``blocktxn-on-behalf-of``); the leader takes it only from a caller whose own
-role is ``coordinator``, or when no roles are configured.
+role is ``coordinator``; without roles it records ``CLAIMED via CALLER``.
 """
 
 from __future__ import annotations
@@ -111,9 +111,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         identity = identity_of(context)
         role = self.roles.role(identity)
         behalf = dict(context.invocation_metadata() or ()).get(ON_BEHALF)
-        if behalf and (role == "coordinator" or not self.roles.enforced):
+        if behalf and role == "coordinator":
             identity = str(behalf)
             role = self.roles.role(identity)
+        elif behalf:  # no roles: anyone may claim it, so say who claimed it
+            identity = f"{behalf} via {identity}"
         CALLER.set(identity)
         if not self.roles.enforced:
             return identity, role, ""

@@ -301,6 +301,9 @@ async def _operator(args: argparse.Namespace) -> int:
             return EXIT_OK
         if args.command == "audit":
             entries = await client.audit(_since(args.since), args.limit)
+            if len(entries) == args.limit:
+                print(f"blocktxn: the oldest {args.limit} records since {args.since}; "
+                      "more with a later --since or a larger --limit", file=sys.stderr)
             if args.json:
                 print(json.dumps([audit_json(e) for e in entries]))
             else:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from blocktxn.errors import InvalidInput
 
-_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_ID = 64
+_SAFE_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_ID - 1}}}")
 
 
 class IdentifierError(InvalidInput, ValueError):

@@ -34,6 +34,8 @@ AUDITED = frozenset(OPERATE)
 MAX_AUDIT_TEXT = 1024
 DEFAULT_KEEP = 90 * 86400.0
 MAX_RECORDS = 100_000
+DENIED_PER_MINUTE = 10   # denied calls recorded per identity and minute
+MAX_IDENTITIES = 1000    # identities whose denied calls are counted
 
 
 def allowed() -> dict[str, frozenset[str]]:
@@ -54,9 +56,27 @@ def _own_id(method: str, identity: str, request: Any) -> str:
 class Auditor:
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._denied: dict[str, tuple[float, int]] = {}  # identity -> (minute, count)
+
+    def _quiet(self, identity: str) -> bool:
+        """True past DENIED_PER_MINUTE denied calls of *identity* in this minute (a
+        client looping on a refused call must not fill etcd)."""
+        minute = time.time() // 60
+        start, count = self._denied.get(identity, (minute, 0))
+        count = count + 1 if start == minute else 1
+        self._denied.pop(identity, None)
+        self._denied[identity] = (minute, count)
+        while len(self._denied) > MAX_IDENTITIES:
+            self._denied.pop(next(iter(self._denied)))
+        if count == DENIED_PER_MINUTE + 1:
+            log.warning("audit: more than %d denied calls by %s this minute: the rest of "
+                        "this minute is not recorded", DENIED_PER_MINUTE, identity)
+        return count > DENIED_PER_MINUTE
 
     async def record(self, method: str, identity: str, role: str, request: Any,
                      code: grpc.StatusCode, detail: str) -> None:
+        if code == grpc.StatusCode.PERMISSION_DENIED and self._quiet(identity):
+            return
         text = json_format.MessageToJson(request, indent=None, sort_keys=True)
         entry = AuditRecord(time.time(), identity, role, method,
                             cut_text(text, MAX_AUDIT_TEXT), code.name,

@@ -180,7 +180,7 @@ class TxnDriver:
             mine = DecisionRecord(self.txn_id, cmd.decision, cmd.reason, cmd.committed,
                                   time.time(), self._name)
             durable = await self._retry_store(lambda: self._store.decide(mine, self._fence()))
-            self.record = replace(self.record, decided_at=durable.at)
+            self.record = replace(self.record, decided_at=time.time())
             return DecisionDurable(durable.decision, durable.reason, durable.committed)
         if isinstance(cmd, (SendCommit, SendAbort)):
             return await self._complete(cmd)

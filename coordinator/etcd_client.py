@@ -116,13 +116,15 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no types
         finally:
             call.cancel()
 
-    async def reauthenticate(self) -> None:
-        """The token expired: the next request opens a fresh channel and logs in."""
+    async def reauthenticate(self, failed: Any) -> None:
+        """The token of channel *failed* expired: the next request opens a fresh channel
+        and logs in (unless a concurrent failure did so already)."""
         async with self._lock:
-            old, self._ready = self.channel, False
+            if failed is None or failed is not self.channel:
+                return
+            self._ready = False
             self._connected.clear()
-            if old is not None:
-                await old.close(None)
+            await failed.close(None)
 
     async def close(self) -> None:
         self._ready = False

@@ -93,6 +93,12 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     if args.metrics_listen:
         metrics.parse_listen(args.metrics_listen)
     schedules = parse_schedules(args.schedule)
+    keep_finished = upkeep.parse_keep(args.keep_finished or "7d")
+    late = [s for s in schedules if s.catch_up > keep_finished]
+    if late:
+        raise ValueError(f"schedule {late[0].name!r}: catch-up {late[0].catch_up:g}s is longer "
+                         f"than --keep-finished {keep_finished:g}s (a run's request id must "
+                         "outlive its catch-up, or a late leader could start it again)")
     access = EtcdAccess(args.etcd_ca, args.etcd_cert, args.etcd_key, args.etcd_user or "",
                         args.etcd_password_file)
     if access != EtcdAccess() and not args.etcd:
@@ -109,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
                              advertise=args.advertise or args.listen, etcd=args.etcd,
                              data_dir=args.data_dir, tls=tls_files,
                              retention=retention,
-                             keep_finished=upkeep.parse_keep(args.keep_finished or "7d"),
+                             keep_finished=keep_finished,
                              metrics_listen=args.metrics_listen, schedules=schedules,
                              etcd_access=access, roles=roles,
                              keep_audit=upkeep.parse_keep(args.keep_audit or "90d",

@@ -6,6 +6,7 @@ when a webhook stays down."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
 import urllib.error
@@ -23,6 +24,10 @@ MAX_PENDING = 100   # notifications retrying at once; past it the oldest is drop
 
 class WebhookError(Exception):
     """A POST that did not get a 2xx answer."""
+
+
+#: what a POST can fail with: no answer, a bad answer, a URL http.client refuses
+_FAILURES = (WebhookError, OSError, http.client.HTTPException, ValueError)
 
 
 class Notifier:
@@ -45,10 +50,10 @@ class Notifier:
             async for attempt in AsyncRetrying(
                     stop=stop_after_attempt(self.attempts),
                     wait=wait_exponential(multiplier=self.first_wait, max=60),
-                    retry=retry_if_exception_type((WebhookError, OSError)), reraise=True):
+                    retry=retry_if_exception_type(_FAILURES), reraise=True):
                 with attempt:
                     await asyncio.to_thread(_post, url, data)
-        except (WebhookError, OSError) as err:
+        except _FAILURES as err:
             log.error("webhook %s: gave up after %d attempts: %s", url, self.attempts, err)
 
     async def close(self) -> None:

@@ -192,7 +192,7 @@ class TxnRecord:
     leader: str = ""
     images: tuple[SetImage, ...] = ()
     group: str = ""          # retention group of the set it makes
-    cut_done_at: float = 0.0  # every agent answered the cut
+    cut_done_at: float = 0.0  # the cut ended: every agent answered, or it was abandoned
     decided_at: float = 0.0   # the decision was durable
     done_at: float = 0.0      # the final record was written
 

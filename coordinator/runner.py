@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -103,7 +104,7 @@ class Coordinator:
         (1..1000; 0: 100).
 
         Raises: RequestError, StoreUnavailableError."""
-        if not 0 <= limit <= 1000 or since < 0:
+        if not 0 <= limit <= 1000 or not math.isfinite(since) or since < 0:
             raise RequestError(f"audit: limit {limit} is not within 0..1000, or since "
                                f"{since} is negative")
         return await self.store.audit(since, limit or 100)

@@ -4,14 +4,17 @@ start), and the pure rule for which occurrence is due.
 Cron expressions have croniter's syntax: five fields (minute hour day month weekday),
 or six with a seconds field last; evaluated in UTC. Catch-up policy: after a downtime
 (no leader, or the leader deposed) only the latest missed occurrence runs, and only if
-it is at most ``catch-up`` old (default 1 h; 0: never run late); earlier missed ones are
-skipped, and a latest one older than that is recorded as missed. A run's request id is
-derived from the schedule's name and the occurrence's time, so however leaders change
-at that moment, an occurrence starts at most one transaction.
+it is at most ``catch-up`` old (default 1 h; handled within ``ON_TIME`` it is on time
+whatever its catch-up); earlier missed ones are skipped, and a latest one older than
+that is recorded as missed. A run's request id is derived from the schedule's name and
+the occurrence's time, so however leaders change at that moment, an occurrence starts
+at most one transaction.
 """
 
 from __future__ import annotations
 
+import time
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,7 +22,7 @@ from datetime import UTC, datetime
 from croniter import croniter
 
 from blocktxn.errors import InvalidInput
-from blocktxn.ids import check_id
+from blocktxn.ids import MAX_ID, check_id
 from blocktxn.requests import BackupOptions, BackupRequest, Target
 
 from .config import parse_seconds
@@ -30,6 +33,9 @@ KEYS = ("cron", "targets", "mode", "quiesce", "freeze-timeout", "completion", "g
         "catch-up", "webhook", "notify")
 NOTIFY = ("abort", "all")
 CATCH_UP_MAX = 366 * 86400.0
+#: s: an occurrence handled this late is on time whatever its catch-up (the leader's loop
+#: wakes a little after the occurrence, and a busy one later still)
+ON_TIME = 60.0
 MAX_SCHEDULES = 1000
 
 
@@ -68,7 +74,7 @@ class Schedule:
         if self.next_after(last) > now:
             return None, None
         latest = self.latest_until(now)
-        if now - latest <= self.catch_up:
+        if now - latest <= max(self.catch_up, ON_TIME):
             return latest, None
         return None, latest
 
@@ -111,6 +117,13 @@ def parse_schedule(name: str, items: Mapping[str, object]) -> Schedule:
         if not cron or not croniter.is_valid(cron):
             raise ValueError(f"cron {cron!r} is not a valid cron expression (5 fields, or 6 "
                              "with seconds last)")
+        try:  # valid, yet it may never fire (30 February)
+            croniter(cron, _utc(time.time())).get_next(float)
+        except Exception as err:  # croniter's CroniterBadDateError, or worse
+            raise ValueError(f"cron {cron!r} never fires ({err})") from err
+        if len(f"sched-{name}-{int(time.time()) * 10}") > MAX_ID:  # room for 11 digits
+            raise ValueError(f"name too long: its run ids sched-NAME-TIME must fit in "
+                             f"{MAX_ID} characters")
         raw = get.get("targets", ())
         listed = raw.split(",") if isinstance(raw, str) else raw
         if not isinstance(listed, (list, tuple)):
@@ -128,7 +141,9 @@ def parse_schedule(name: str, items: Mapping[str, object]) -> Schedule:
         options.check()
         seconds = parse_seconds(str(get.get("catch-up", "1h")), "catch-up", 0, CATCH_UP_MAX)
         webhook = str(get.get("webhook", ""))
-        if webhook and not webhook.startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(webhook)
+        if webhook and (parts.scheme not in ("http", "https") or not parts.hostname
+                        or any(c.isspace() for c in webhook)):
             raise ValueError(f"webhook {webhook!r} is not an http(s) URL")
         notify = str(get.get("notify", "abort"))
         if notify not in NOTIFY:

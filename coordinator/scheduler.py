@@ -28,6 +28,10 @@ from .txn_messages import Decision
 log = logging.getLogger(__name__)
 
 MAX_SLEEP = 30.0  # s: look again at least this often (the wall clock may jump)
+RETRY_AFTER = 5.0  # s after a pass that failed unexpectedly
+#: a schedule no longer configured keeps its state this long (a replica with an older
+#: configuration during a rolling change must not make the others forget it)
+FORGET_AFTER = 30 * 86400.0
 PREFIX = "sched-"
 
 
@@ -53,6 +57,7 @@ class Scheduler:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        self.states = {}  # a deposed replica exports no next runs
 
     def next_runs(self) -> dict[str, float]:
         """Schedule name -> its next occurrence (from what this leader knows)."""
@@ -61,15 +66,25 @@ class Scheduler:
                 if n in states}
 
     async def _run(self) -> None:
+        loaded = False
         try:
-            await self._load()
             while True:
                 try:
+                    if not loaded:
+                        await self._load()
+                        loaded = True
                     for schedule in self.schedules.values():
                         await self._tick(schedule, time.time())
                 except StoreUnavailableError as err:
                     log.warning("scheduler: %s; trying again", err)
                     await asyncio.sleep(1.0)
+                    continue
+                except NotLeaderError:
+                    raise
+                except Exception:  # e.g. etcd refusing a write: never stop scheduling
+                    log.exception("scheduler: this pass failed; trying again in %gs",
+                                  RETRY_AFTER)
+                    await asyncio.sleep(RETRY_AFTER)
                     continue
                 wake = min(self.next_runs().values()) - time.time()
                 await asyncio.sleep(min(max(wake, 0.01), MAX_SLEEP))
@@ -81,7 +96,8 @@ class Scheduler:
 
     async def _load(self) -> None:
         stored = {s.name: s for s in await retry_while_unavailable(self.store.schedule_states)}
-        gone = sorted(n for n in stored if n not in self.schedules)
+        gone = sorted(n for n, s in stored.items() if n not in self.schedules
+                      and s.handled_at < time.time() - FORGET_AFTER)
         await retry_while_unavailable(lambda: self.store.drop_schedule_states(
             self.epoch(), gone))
         now = time.time()

@@ -80,8 +80,9 @@ log = logging.getLogger(__name__)
 #: over gRPC's size limit; etcd's NOSPACE has that code too, but is _NOSPACE below).
 _REJECTED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                        grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
-#: what etcd answers to a request whose auth token expired (or was revoked)
-_TOKEN = "invalid auth token"
+#: what etcd answers to a request whose auth token expired, or was issued before a user
+#: or role changed: log in again and retry
+_TOKEN = ("invalid auth token", "revision of auth store is old")
 #: what etcd answers to a write while its NOSPACE alarm is raised
 _NOSPACE = "database space exceeded"
 FULL_HINT = ("etcd is full (NOSPACE alarm): writes wait until an operator compacts, "
@@ -164,14 +165,17 @@ class Store:
             StoreUnavailableError: anything else: etcd may answer a retry.
         """
         start, outcome = time.monotonic(), "cancelled"
+        channel = self.client.channel
         try:
             reply = await asyncio.wait_for(make(), self.timeout)
             outcome = "ok"
             return reply
         except (TimeoutError, aetcd.exceptions.ClientError, grpc.RpcError, OSError) as err:
             rpc = err if isinstance(err, grpc.aio.AioRpcError) else err.__cause__
-            if isinstance(rpc, grpc.aio.AioRpcError) and _TOKEN in (rpc.details() or ""):
-                await self.client.reauthenticate()  # expired: log in again, then retry
+            if isinstance(rpc, grpc.aio.AioRpcError) and any(
+                    t in (rpc.details() or "") for t in _TOKEN):
+                outcome = "unavailable"
+                await self.client.reauthenticate(channel)  # log in again, then retry
                 raise StoreUnavailableError(f"etcd {what}: {rpc.details()}") from err
             if isinstance(rpc, grpc.aio.AioRpcError) and _NOSPACE in (rpc.details() or ""):
                 outcome = "full"

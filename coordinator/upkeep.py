@@ -114,6 +114,9 @@ async def collect_forever(store: Store, epoch_of: Callable[[], int | None], keep
         except (StoreUnavailableError, NotLeaderError) as err:
             log.warning("collecting finished transactions: %s", err)
             continue
+        except Exception:  # never stop collecting: etcd would grow without bound
+            log.exception("collecting finished transactions failed; trying again later")
+            continue
         if gone:
             log.info("collected %d finished transaction record(s) older than %gs",
                      gone, keep)
@@ -121,6 +124,9 @@ async def collect_forever(store: Store, epoch_of: Callable[[], int | None], keep
             gone = await store.collect_audit(epoch, time.time() - keep_audit, most_audit)
         except (StoreUnavailableError, NotLeaderError) as err:
             log.warning("collecting audit records: %s", err)
+            continue
+        except Exception:
+            log.exception("collecting audit records failed; trying again later")
             continue
         if gone:
             log.info("collected %d audit record(s) (older than %gs, or past the newest %d)",

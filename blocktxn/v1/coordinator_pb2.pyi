@@ -592,7 +592,7 @@ class Transaction(_message.Message):
     group: _builtins.str
     """retention group of the set it makes"""
     cut_done_at: _builtins.float
-    """every agent answered the cut (0: not yet)"""
+    """the cut ended: all answered, or abandoned (0: not yet)"""
     decided_at: _builtins.float
     """the decision was durable (0: not yet)"""
     done_at: _builtins.float

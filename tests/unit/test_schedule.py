@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from blocktxn.coordinator.main import build_parser, config_from_args
-from blocktxn.coordinator.schedule import Schedule, parse_schedule_spec
+from blocktxn.coordinator.schedule import ON_TIME, Schedule, parse_schedule_spec
 from blocktxn.coordinator.scheduler import schedule_of
 
 DAY = 86400.0
@@ -44,9 +44,11 @@ def test_after_downtime_only_the_latest_missed_runs_within_catch_up() -> None:
     assert s.due(three - 3 * DAY, three + 5400) == (three, None)
     # back 3 h after it: too late, recorded as missed (no backup at an odd hour)
     assert s.due(three - 3 * DAY, three + 3 * 3600) == (None, three)
+    # catch-up 0: on time means within ON_TIME (the loop wakes a little late)
     never = nightly("0")
-    assert never.due(three - DAY, three) == (three, None)    # on the dot still runs
-    assert never.due(three - DAY, three + 1) == (None, three)
+    assert never.due(three - DAY, three) == (three, None)
+    assert never.due(three - DAY, three + 0.5) == (three, None)
+    assert never.due(three - DAY, three + ON_TIME + 1) == (None, three)
 
 
 def test_seconds_field_for_short_periods() -> None:
@@ -75,11 +77,20 @@ def test_request_id_names_schedule_and_occurrence() -> None:
     ("x=cron=* * * * *;targets=h1/w;webhook=ftp://a", "webhook"),
     ("x=cron=* * * * *;targets=h1/w;notify=never", "notify"),
     ("bad name=cron=* * * * *;targets=h1/w", "schedule name"),
+    ("feb30=cron=0 0 30 2 *;targets=h1/w", "never fires"),
+    (f"{'n' * 50}=cron=* * * * *;targets=h1/w", "too long"),
 ])
 def test_bad_schedules_are_refused_with_one_line(spec: str, words: str) -> None:
     with pytest.raises(ValueError, match="schedule") as err:
         config_from_args(build_parser().parse_args(["--schedule", spec]))
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_catch_up_longer_than_records_are_kept_is_refused() -> None:
+    spec = "x=cron=0 3 * * *;targets=h1/w;catch-up=3d"
+    with pytest.raises(ValueError, match="keep-finished"):
+        config_from_args(build_parser().parse_args(["--schedule", spec,
+                                                    "--keep-finished", "1d"]))
 
 
 def test_a_schedule_named_twice_is_refused() -> None:
