@@ -99,10 +99,12 @@ class Client:
     async def wait(self, txn_id: str) -> cpb.Transaction:
         """Block until the transaction is done; return its final state."""
         last: cpb.Transaction | None = None
-        async for txn in self.watch(txn_id):
-            last = txn
-        if last is None or last.phase != cpb.TXN_PHASE_DONE:
-            return await self.get(txn_id)
+        while last is None or last.phase != cpb.TXN_PHASE_DONE:
+            async for txn in self.watch(txn_id):  # (a stream cut by a leader change
+                last = txn                        # is watched again)
+            if last is None or last.phase != cpb.TXN_PHASE_DONE:
+                await asyncio.sleep(0.2)
+                last = await self.get(txn_id)
         return last
 
     async def get(self, txn_id: str) -> cpb.Transaction:

@@ -341,8 +341,8 @@ class Coordinator:
                 return
             waiter = driver.changed
             yield driver.record
-            if driver.machine.phase == TxnPhase.DONE:
-                return
+            if driver.record.phase == TxnPhase.DONE:  # the final record, not the machine:
+                return                                # DONE is shown once it is durable
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter.wait(), 1.0)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import re
 import subprocess
 import sys
 
 import pytest
+
+from tests.chaos.__main__ import LOCK
 
 pytestmark = pytest.mark.chaos
 
@@ -23,8 +26,11 @@ def test_seeded_chaos_run_violates_no_invariant() -> None:
     assert total >= 8 and committed > 0 and aborted > 0
     kinds = set(re.findall(r"^  (\w+)\s+@", out, re.M)) - {"none"}
     assert len(kinds) >= 5, kinds
-    # the lab is gone: no namespace, no route left behind
-    assert "btxlab-" not in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                           text=True).stdout
-    assert "10.213.77." not in subprocess.run(["ip", "route"], capture_output=True,
-                                              text=True).stdout
+    # the lab is gone: no namespace, no route left behind (checked holding the lab lock:
+    # another checkout's chaos run may have built its own lab since)
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert "btxlab-" not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                               text=True).stdout
+        assert "10.213.77." not in subprocess.run(["ip", "route"], capture_output=True,
+                                                  text=True).stdout

@@ -66,3 +66,47 @@ def test_done_and_the_set_id_are_shown_only_after_the_final_write() -> None:
     seen, after, writes = asyncio.run(_seen_while_the_final_write_waits())
     assert all(phase != TxnPhase.DONE and not set_id for phase, set_id in seen), seen
     assert after == [(TxnPhase.DONE, "tx-1")] and writes == 1
+
+
+async def _watched_while_the_final_write_waits() -> list[tuple[TxnPhase, str]]:
+    """What a WatchTransaction stream yields while the final write is in flight."""
+    from pathlib import Path
+
+    from blocktxn.coordinator.config import CoordinatorConfig
+    from blocktxn.coordinator.runner import Coordinator
+    from blocktxn.coordinator.store import Store
+
+    coordinator = Coordinator(CoordinatorConfig("c1", "127.0.0.1:1", "127.0.0.1:1", None,
+                                                Path("/nonexistent")), Store("127.0.0.1:1"))
+    store = SlowStore()
+    machine = decided_machine()
+    driver = TxnDriver(decided_record().with_machine(machine), machine,
+                       store, None, lambda: 1, "c1",  # type: ignore[arg-type]
+                       coordinator._finished)
+    coordinator.live["tx-1"] = driver
+
+    async def stored(txn_id: str) -> TxnRecord:  # the final record, as etcd has it
+        return store.written[-1][0]
+
+    coordinator.get = stored  # type: ignore[method-assign]
+    seen: list[tuple[TxnPhase, str]] = []
+
+    async def watch() -> None:
+        async for record in coordinator.watch("tx-1"):
+            seen.append((record.phase, record.set_id))
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.05)
+    driver.start(Acked("h1"))  # the machine is DONE now; the final write still waits
+    await asyncio.sleep(1.5)   # longer than the watch's 1 s wait for a change
+    store.release.set()
+    await asyncio.wait_for(watcher, 5)
+    return seen
+
+
+def test_a_watch_ends_with_the_final_record_not_before_it() -> None:
+    """Found by CI: `backup --wait --json` printed "committed" without a set id. The
+    watch ended as soon as the machine said DONE, while the final record (with the set
+    id) was still being written, so its last record was the one before."""
+    seen = asyncio.run(_watched_while_the_final_write_waits())
+    assert seen[-1] == (TxnPhase.DONE, "tx-1"), seen
