@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import tempfile
@@ -17,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from blocktxn.demo.lab import qmp_call
 from tests.guest.image import AGENT_PORT_NAME, FAILED_MARKER, READY_MARKER, GuestImage
 
 QEMU = "qemu-system-x86_64"
@@ -191,28 +190,9 @@ class GuestVm:
                 raise TimeoutError(f"guest not ready after {timeout:.0f} s{self._diagnostics()}")
             time.sleep(0.1)
 
-    def qmp(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
-        """One QMP command over a fresh connection; its ``return`` value."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(self.qmp_socket))
-            f = s.makefile("rwb")
-            f.readline()  # greeting
-            reply: dict[str, Any] = {}
-            for msg in ({"execute": "qmp_capabilities"},
-                        {"execute": cmd, **({"arguments": args} if args else {})}):
-                f.write(json.dumps(msg).encode() + b"\n")
-                f.flush()
-                while True:
-                    line = f.readline()
-                    if not line:
-                        raise ConnectionError("QMP connection closed")
-                    reply = json.loads(line)
-                    if "event" not in reply:
-                        break
-                if "error" in reply:
-                    raise RuntimeError(f"QMP {msg['execute']}: {reply['error']}")
-            return reply.get("return")
+    def qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        """One QMP command over a fresh connection (10 s deadline); its return value."""
+        return qmp_call(self.qmp_socket, cmd, args)
 
     def accelerator(self) -> str:
         """``kvm`` or ``tcg``: what QEMU actually runs the guest with."""
@@ -223,7 +203,7 @@ class GuestVm:
         proc = self.proc
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(OSError, RuntimeError, ValueError):
-                self.qmp("quit", timeout=5.0)
+                self.qmp("quit")
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
