@@ -22,6 +22,7 @@ from .agent_client import ImageCheck, RestoreResult
 from .config import CoordinatorConfig
 from .driver import TxnDriver
 from .election import Election
+from .encoding import final_write_bound
 from .errors import (
     AgentCallError,
     NotFoundError,
@@ -45,7 +46,7 @@ from .records import (
 from .registry import AgentRegistry
 from .schedule import Schedule
 from .scheduler import Scheduler
-from .store import ETCD_MAX_REQUEST, REQUEST_MARGIN, Store, final_write_bound
+from .store import ETCD_MAX_REQUEST, REQUEST_MARGIN, Store
 from .txn_machine import TxnMachine
 from .txn_messages import OPEN, Begin, CancelRequested, DeadlinePassed, Decision, Resumed, TxnPhase
 

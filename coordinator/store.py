@@ -26,16 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import functools
-import json
 import logging
 import random
 import time
-import types
-import typing
 from collections.abc import Awaitable, Callable
-from dataclasses import MISSING
 from typing import Any, TypeVar
 
 import aetcd
@@ -46,6 +41,9 @@ from aetcd.utils import prefix_range_end
 
 from blocktxn import failpoints
 
+from .encoding import decode as _decode
+from .encoding import dump as _dump
+from .encoding import text as _text
 from .errors import (
     ConfigError,
     NotFoundError,
@@ -58,22 +56,15 @@ from .errors import (
 from .etcd_client import EtcdAccess, EtcdClient
 from .planner import txn_id_at
 from .records import (
-    MAX_ERROR_TEXT,
-    MAX_ERRORS,
-    MAX_MEMBER_TEXT,
-    MAX_REASON_TEXT,
-    MAX_VOTE_TEXT,
     AgentEntry,
     AuditRecord,
     BackupSet,
     DecisionRecord,
     PruneRecord,
     ScheduleState,
-    SetImage,
     TxnRecord,
-    VoteRecord,
 )
-from .txn_messages import Decision, TxnPhase
+from .txn_messages import TxnPhase
 
 log = logging.getLogger(__name__)
 #: gRPC codes of an etcd request that a retry cannot fix (RESOURCE_EXHAUSTED: a message
@@ -93,7 +84,6 @@ PAGE = 500
 #: finished records deleted per fenced etcd transaction (3 deletes each; etcd's
 #: --max-txn-ops is 128 by default)
 COLLECT_BATCH = 32
-SCHEMA = 1
 #: etcd's default --max-request-bytes (1.5 MiB): a larger request is refused for good
 ETCD_MAX_REQUEST = 1536 << 10
 #: room left for the keys, the fence compare and gRPC's framing of the final write
@@ -697,120 +687,3 @@ async def leader_name(endpoints: str) -> str | None:
     finally:
         await store.close()
     return None if got is None else got[0].partition("@")[0]
-
-
-# ------------------------------------------------------------------ encoding
-# A record is a JSON object whose keys are its field names (as earlier versions
-# wrote them): enums by value, no decision as "", the (agent, address) pairs of a
-# transaction as an object, tuples as lists. A missing key takes the field's default.
-_PAIRS = tuple[tuple[str, str], ...]
-
-
-def final_write_bound(record: TxnRecord) -> int:
-    """Bytes of the largest etcd request this transaction can make: its final record and
-    its backup set in one write, every free text at its bound, every number at its
-    widest. A transaction is refused up front when this exceeds what etcd takes: it
-    could never be decided."""
-    final, backup_set = worst_final_write(record)
-    return len(_dump(final)) + len(_dump(backup_set))
-
-
-def worst_final_write(record: TxnRecord) -> tuple[TxnRecord, BackupSet]:
-    """*record* as its largest final write could hold it (see final_write_bound)."""
-    big, when = 2 ** 63 - 1, 1.0e9 + 0.123456789
-
-    def image(m: Any) -> SetImage:
-        path = f"images/{m.vm}/{m.disk}/{record.txn_id}.qcow2"
-        return SetImage(m.agent_id, m.vm, m.disk, path, path, "incremental", big, big,
-                        "0" * 64, when, f"blocktxn:{record.txn_id}")
-
-    images = tuple(image(m) for m in record.members)
-    final = dataclasses.replace(
-        record, phase=TxnPhase.DONE, decision=Decision.COMMIT,
-        reason="x" * MAX_REASON_TEXT, committed=record.agent_ids,
-        votes=tuple(VoteRecord(a, True, "x" * MAX_VOTE_TEXT) for a in record.agent_ids),
-        errors=("x" * MAX_ERROR_TEXT,) * MAX_ERRORS, frozen_from=when, thawed_at=when,
-        set_id=record.txn_id, images=images,
-        members=tuple(dataclasses.replace(
-            m, chosen="incremental", mode_reason="x" * MAX_MEMBER_TEXT, status="prepared",
-            done=big, total=big, outcome="committed") for m in record.members))
-    return final, BackupSet.of(record.txn_id, images, record.group, when)
-
-
-def _dump(record: object) -> bytes:
-    return json.dumps({"schema": SCHEMA, **_json_of(record)}, separators=(",", ":")).encode()
-
-
-def _json_of(value: Any, hint: Any = None) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        hints = _hints(type(value))
-        return {f.name: _json_of(getattr(value, f.name), hints[f.name])
-                for f in dataclasses.fields(value)}
-    if isinstance(value, enum.Enum):
-        return value.value
-    if value is None:
-        return ""
-    if isinstance(value, tuple):
-        if hint == _PAIRS:
-            return dict(value)
-        return [_json_of(v) for v in value]
-    return value
-
-
-def _text(raw: bytes, where: object) -> str:
-    try:
-        return raw.decode()
-    except UnicodeDecodeError as err:
-        raise StoreCorruptError(f"{where!r}: not UTF-8") from err
-
-
-def _decode(raw: bytes, key: object, kind: type[R]) -> R:
-    """Raises: StoreCorruptError for anything but a *kind* record of this schema."""
-    try:
-        value = json.loads(raw)
-        if not isinstance(value, dict) or value.get("schema") != SCHEMA:
-            raise ValueError(f"not a record of schema {SCHEMA}")
-        record: R = _read(kind, value)
-        return record
-    except (ValueError, TypeError, KeyError) as err:
-        raise StoreCorruptError(f"malformed value at {key!r}: {err}") from err
-
-
-@functools.cache
-def _hints(kind: type) -> dict[str, Any]:
-    return typing.get_type_hints(kind)
-
-
-def _read(hint: Any, value: Any) -> Any:
-    """*value* (decoded JSON) as an instance of the type *hint*.
-
-    Raises:
-        ValueError, TypeError, KeyError: it is not one.
-    """
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise TypeError(f"{hint.__name__}: {value!r} is not an object")
-        hints = _hints(hint)
-        return hint(**{f.name: _read(hints[f.name], value[f.name])
-                       for f in dataclasses.fields(hint) if f.name in value
-                       or (f.default is MISSING and f.default_factory is MISSING)})
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType):  # an optional enum: "" is None
-        return None if value in ("", None) else _read(args[0], value)
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return hint(value)
-    if typing.get_origin(hint) is tuple:
-        if hint == _PAIRS:
-            if not isinstance(value, dict):
-                raise TypeError(f"{value!r} is not an object")
-            return tuple(sorted((str(k), _read(str, v)) for k, v in value.items()))
-        if not isinstance(value, list):
-            raise TypeError(f"{value!r} is not a list")
-        return tuple(_read(args[0], v) for v in value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, str) and value.isdigit():
-        return int(value)  # proto JSON writes uint64 as a string
-    if type(value) is not hint:
-        raise TypeError(f"{value!r} is not a {hint.__name__}")
-    return value

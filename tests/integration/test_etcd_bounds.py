@@ -17,6 +17,7 @@ import pytest
 from aetcd.utils import prefix_range_end
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from blocktxn.coordinator.encoding import dump as _dump
 from blocktxn.coordinator.errors import NotLeaderError, StoreFullError
 from blocktxn.coordinator.etcd_server import EtcdServer
 from blocktxn.coordinator.planner import txn_id_at
@@ -30,7 +31,7 @@ from blocktxn.coordinator.records import (
     TxnRecord,
 )
 from blocktxn.coordinator.registry import FREE_SLACK, same_inventory
-from blocktxn.coordinator.store import PREFIX, Store, _dump
+from blocktxn.coordinator.store import PREFIX, Store
 from blocktxn.coordinator.txn_messages import Decision, TxnPhase
 from blocktxn.coordinator.upkeep import REASON_KEY, parse_keep
 from blocktxn.v1 import agent_pb2 as apb
@@ -410,13 +411,9 @@ def test_the_final_write_of_1000_disks_on_100_agents_fits_one_etcd_request(
     """A transaction of 1,000 disks on 100 agents (the scale issue's lab) can always be
     decided: its largest final write, every free text at its bound, is one request that
     etcd takes; one that could never fit is refused before it starts."""
+    from blocktxn.coordinator.encoding import final_write_bound, worst_final_write
     from blocktxn.coordinator.errors import StoreRejectedError
-    from blocktxn.coordinator.store import (
-        ETCD_MAX_REQUEST,
-        REQUEST_MARGIN,
-        final_write_bound,
-        worst_final_write,
-    )
+    from blocktxn.coordinator.store import ETCD_MAX_REQUEST, REQUEST_MARGIN
 
     wide = _wide_record(100, 10)
     assert final_write_bound(wide) <= ETCD_MAX_REQUEST - REQUEST_MARGIN

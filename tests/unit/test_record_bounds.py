@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+from blocktxn.coordinator.encoding import dump as _dump
+from blocktxn.coordinator.encoding import final_write_bound
 from blocktxn.coordinator.records import (
     MAX_ERRORS,
     MemberRecord,
     SetImage,
     TxnRecord,
 )
-from blocktxn.coordinator.store import _dump, final_write_bound
 from blocktxn.coordinator.txn_machine import TxnMachine
 from blocktxn.coordinator.txn_messages import Decision, TxnPhase
 from blocktxn.requests import MAX_REASON, cut_text
