@@ -10,11 +10,14 @@ lookup and one environment lookup):
 
 Actions: ``exit`` ends the process at once (like SIGKILL: no cleanup, no flush);
 ``fail`` raises :class:`FailpointError` (a Conflict: FAILED_PRECONDITION on the
-wire, a non-retryable refusal) every time the point is reached while armed.
+wire, a non-retryable refusal) every time the point is reached while armed;
+``delay`` makes an asynchronous step wait ``DELAY`` seconds (``await pause(NAME)``:
+a step made slow without blocking the daemon).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -24,12 +27,13 @@ log = logging.getLogger(__name__)
 
 POINTS = (
     # coordinator
-    "before_cut", "after_cut", "after_thaw", "after_decision", "after_commit_sent",
+    "before_stage", "before_cut", "after_cut", "after_thaw", "after_decision", "after_commit_sent",
     "lose_create_reply", "schedule_started",
     # agent
-    "agent_commit", "agent_after_rebase", "agent_after_delete",
+    "agent_commit", "agent_after_rebase", "agent_after_delete", "agent_create_image",
 )
-ACTIONS = ("exit", "fail")
+ACTIONS = ("exit", "fail", "delay")
+DELAY = 1.5  # seconds
 
 
 class FailpointError(Conflict):
@@ -79,7 +83,7 @@ def hit(name: str) -> None:
     Raises:
         FailpointError: the point is armed with ``fail``.
     """
-    action = ACTIVE.get(name) or (_from_file().get(name) if _FILE else None)
+    action = _action(name)
     if action == "exit":
         log.warning("failpoint %s: exiting now", name)
         logging.shutdown()
@@ -87,3 +91,14 @@ def hit(name: str) -> None:
     if action == "fail":
         log.warning("failpoint %s: failing", name)
         raise FailpointError(f"failpoint {name}")
+
+
+async def pause(name: str) -> None:
+    """Wait ``DELAY`` seconds if failpoint *name* is armed with ``delay``."""
+    if _action(name) == "delay":
+        log.warning("failpoint %s: waiting %gs", name, DELAY)
+        await asyncio.sleep(DELAY)
+
+
+def _action(name: str) -> str | None:
+    return ACTIVE.get(name) or (_from_file().get(name) if _FILE else None)
