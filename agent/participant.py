@@ -23,6 +23,7 @@ from .participant_messages import (
     CutDone,
     CutFailed,
     CutPlanned,
+    CutRequested,
     DeadlinePassed,
     DeclineVote,
     Event,
@@ -36,6 +37,8 @@ from .participant_messages import (
     Publish,
     Recovered,
     Rollback,
+    StageCut,
+    Staged,
     StartCut,
     StateError,
     Thawed,
@@ -65,6 +68,8 @@ class TxnState:
     failed: dict[tuple[str, str], str] = field(default_factory=dict)  # individual, per disk
     abort_reason: str = ""
     preparing: bool = False  # a barrier is running (not journaled: it dies with the process)
+    staged: bool = False     # the cut's targets are ready (not journaled either)
+    cut_wanted: bool = False  # the freeze and start were asked for
 
     @property
     def members(self) -> tuple[MemberPlan, ...]:
@@ -146,7 +151,7 @@ class ParticipantMachine:
                 if m.key in busy:
                     raise StateError(txn_id, None, event)
             self.txns[txn_id] = TxnState(txn_id, Phase.CUTTING, plan=event.plan)
-            return [StartCut(txn_id, event.plan)]
+            return [StageCut(txn_id, event.plan)]
         if isinstance(event, AbortRequested):
             # Presumed abort of a transaction this host never cut: remember it,
             # so that a late Cut with the same id is refused.
@@ -181,11 +186,20 @@ class ParticipantMachine:
             if st.plan is not None and st.plan.same_request(event.plan):
                 return []  # a retried Cut: answered from the state
             raise StateError(st.txn_id, st.phase, event)
-        if isinstance(event, (ThawRequested, DeadlinePassed)):
-            return []
+        if isinstance(event, (ThawRequested, DeadlinePassed, CutRequested)):
+            return []  # a Cut after the cut: answered from the state
         return None
 
     def _on_cutting(self, st: TxnState, event: Event) -> list[Command]:
+        assert st.plan is not None
+        if isinstance(event, Staged) and not st.staged:
+            st.staged = True
+            return [StartCut(st.txn_id, st.plan)] if st.cut_wanted else []
+        if isinstance(event, CutRequested):
+            if st.cut_wanted:
+                return []  # a retried Cut waits for the one running
+            st.cut_wanted = True
+            return [StartCut(st.txn_id, st.plan)] if st.staged else []
         if isinstance(event, CutDone):
             st.frozen_at, st.cut_at = event.frozen_at, event.cut_at
             st.freeze_deadline = event.freeze_deadline
@@ -270,14 +284,16 @@ class ParticipantMachine:
     def _on_committed(self, st: TxnState, event: Event) -> list[Command]:
         if isinstance(event, (CommitRequested, Committed, PrepareRequested, Recovered)):
             return []
-        if isinstance(event, (MemberFailed, ThawRequested, DeadlinePassed, Thawed)):
+        if isinstance(event, (MemberFailed, ThawRequested, DeadlinePassed, Thawed,
+                              CutRequested)):
             return []
         if isinstance(event, CutPlanned) and st.plan and st.plan.same_request(event.plan):
             return []
         raise StateError(st.txn_id, st.phase, event)
 
     def _on_aborted(self, st: TxnState, event: Event) -> list[Command]:
-        if isinstance(event, (AbortRequested, Aborted, PrepareRequested, Recovered)):
+        if isinstance(event, (AbortRequested, Aborted, PrepareRequested, Recovered,
+                              CutRequested)):
             return []
         # A barrier that was running when the abort came reports late: nothing to do,
         # the rollback already cancelled its jobs and deleted its images.

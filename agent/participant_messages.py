@@ -177,6 +177,17 @@ class Aborted(Event):
 
 
 @dataclass(frozen=True)
+class Staged(Event):
+    """The targets are created and open, the freeze safety net ready (not journaled:
+    a restart rolls a cut back whatever it had staged)."""
+
+
+@dataclass(frozen=True)
+class CutRequested(Event):
+    """The Cut that freezes and starts (after a stage, or a Cut without one)."""
+
+
+@dataclass(frozen=True)
 class ThawRequested(Event):
     at: float = 0.0  # when the coordinator's thaw arrived (unix time)
 
@@ -215,8 +226,17 @@ class Command:
 
 
 @dataclass(frozen=True)
+class StageCut(Command):
+    """Create and open the targets, ready the freeze safety net; feed Staged or
+    CutFailed."""
+
+    plan: TxnPlan
+
+
+@dataclass(frozen=True)
 class StartCut(Command):
-    """Quiesce, then one QMP transaction per VM; feed CutDone or CutFailed."""
+    """Quiesce, then one QMP transaction per VM (the targets staged); feed CutDone or
+    CutFailed."""
 
     plan: TxnPlan
 

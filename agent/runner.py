@@ -34,6 +34,7 @@ from .participant_messages import (
     CommitRequested,
     Committed,
     CutPlanned,
+    CutRequested,
     DeadlinePassed,
     DeclineVote,
     Event,
@@ -43,6 +44,7 @@ from .participant_messages import (
     Publish,
     Recovered,
     Rollback,
+    StageCut,
     StartCut,
     StateError,
     Thawed,
@@ -87,6 +89,7 @@ class AgentRunner:
         self._barriers: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self.removals = Removals(self.repo, self.machine.busy_disks, self.spawn)
+
         self.started = False
         self.metrics = metrics or AgentMetrics()
         self.metrics.watch(self.repo, lambda: {n: b.connected for n, b in self.backends.items()})
@@ -177,6 +180,8 @@ class AgentRunner:
             self._barriers.pop(cmd.txn_id, None)
 
     async def _execute(self, cmd: Command) -> Event | None:
+        if isinstance(cmd, StageCut):
+            return await self.steps.stage(cmd.plan)
         if isinstance(cmd, StartCut):
             return await self.steps.cut(cmd.plan)
         if isinstance(cmd, ArmAutoThaw):
@@ -230,8 +235,11 @@ class AgentRunner:
                                      self.freeze.frozen_by())
 
     async def cut(self, txn_id: str, disks: Sequence[DiskRequest], quiesce: str = "none",
-                  freeze_timeout: float = 0.0, individual: bool = False) -> TxnState:
-        """Quiesce and start every member's backup job; see the proto.
+                  freeze_timeout: float = 0.0, individual: bool = False,
+                  stage_only: bool = False) -> TxnState:
+        """Quiesce and start every member's backup job; with *stage_only*, only what
+        comes before the freeze (the next Cut of the same members does the rest); see
+        the proto.
 
         Raises:
             InvalidInput, UnknownError, ConflictError (nothing changed), or
@@ -246,10 +254,10 @@ class AgentRunner:
             if missing:
                 raise ConflictError(f"quiesce freeze needs a guest agent; none for {missing}")
         return await self._to_the_end(
-            self._cut(txn_id, disks, quiesce, freeze_timeout, individual))
+            self._cut(txn_id, disks, quiesce, freeze_timeout, individual, stage_only))
 
     async def _cut(self, txn_id: str, disks: Sequence[DiskRequest], quiesce: str,
-                   freeze_timeout: float, individual: bool) -> TxnState:
+                   freeze_timeout: float, individual: bool, stage_only: bool) -> TxnState:
         async with self.lock(txn_id):
             known = self.machine.txns.get(txn_id)
             if known is not None:
@@ -264,6 +272,8 @@ class AgentRunner:
                                             await self._facts(disks, quiesce), individual)
                     commands = self._record(txn_id, CutPlanned(plan))
                 await self._run(commands)
+            if not stage_only:
+                await self.apply(txn_id, CutRequested())
             st = self.machine.txns[txn_id]
             if st.phase == Phase.ABORTED:
                 raise ConflictError(f"cut of {txn_id} failed and was rolled back: "

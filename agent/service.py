@@ -89,7 +89,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             return await self.runner.cut(
                 request.txn_id, disk_requests_from_pb(list(request.members)),
                 name_of(QUIESCE_NAME, request.quiesce, "quiesce"), request.freeze_timeout_s,
-                request.individual)
+                request.individual, request.stage_only)
 
         return cut_to_pb(await guard(context, call))
 

@@ -26,6 +26,7 @@ from .participant_messages import (
     MemberPlan,
     Prepared,
     Rollback,
+    Staged,
     TxnPlan,
     VotedNo,
 )
@@ -50,9 +51,9 @@ class Steps:
         self.repo = repo
         self.freeze = freeze
 
-    async def cut(self, plan: TxnPlan) -> Event:
-        """Prepare targets outside the freeze, then per VM: quiesce and start every job
-        in one atomic step, all within the freeze timeout. CutDone or CutFailed."""
+    async def stage(self, plan: TxnPlan) -> Event:
+        """Everything before the freeze: create and open the targets, start and ready
+        the freeze safety net (its start-up is not in the window). Staged or CutFailed."""
         members = by_vm(plan.members)
         try:
             if plan.quiesce != "none":  # started now, armed just before each freeze
@@ -62,8 +63,18 @@ class Steps:
                   for m in plan.members))
             await gather_all(*(self.backends[vm].attach_targets(ms, self.repo.path)
                                for vm, ms in members.items()))
-            if plan.quiesce != "none":  # the watchdogs' start-up is not in the window
+            if plan.quiesce != "none":
                 await self.freeze.ready(list(members))
+        except AgentError as err:
+            log.warning("txn %s: cut failed while staging: %s", plan.txn_id, err)
+            return CutFailed(str(err))
+        return Staged()
+
+    async def cut(self, plan: TxnPlan) -> Event:
+        """The freeze window (the targets are staged): per VM, quiesce and start every
+        job in one atomic step, all within the freeze timeout. CutDone or CutFailed."""
+        members = by_vm(plan.members)
+        try:
             frozen_at = time.time()
             deadline = frozen_at + plan.freeze_timeout
 

@@ -129,8 +129,10 @@ class AgentClient:
         raise AssertionError("unreachable")
 
     async def cut(self, txn_id: str, disks: list[DiskRequest], quiesce: str,
-                  freeze_timeout: float, individual: bool = False) -> CutResult:
-        """Quiesce, add the checkpoints and start the jobs (retried for 5 s).
+                  freeze_timeout: float, individual: bool = False,
+                  stage_only: bool = False) -> CutResult:
+        """Quiesce, add the checkpoints and start the jobs; with *stage_only*, only
+        stage them (retried for 5 s).
 
         Raises:
             InvalidInput: a value the agent would refuse (nothing is sent).
@@ -139,7 +141,7 @@ class AgentClient:
         check_cut(txn_id, disks, quiesce, freeze_timeout)
         req = apb.CutRequest(txn_id=txn_id, quiesce=QUIESCE_PB[quiesce],
                              freeze_timeout_s=freeze_timeout, individual=individual,
-                             members=disk_requests_to_pb(disks))
+                             members=disk_requests_to_pb(disks), stage_only=stage_only)
         resp = await self._call("Cut", lambda t: self.stub.Cut(req, timeout=t), retry_for=5)
         return CutResult(tuple(ChosenMode(m.vm, m.disk, MODE_NAME.get(m.mode, ""),
                                           m.mode_reason, m.bytes_total) for m in resp.members),

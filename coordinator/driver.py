@@ -35,7 +35,9 @@ from .txn_messages import (
     SendCommit,
     SendCut,
     SendPrepare,
+    SendStage,
     SendThaw,
+    StageReplied,
     ThawReplied,
     TxnCommand,
     TxnEvent,
@@ -166,6 +168,8 @@ class TxnDriver:
         self.post(event)
 
     async def _run(self, cmd: TxnCommand) -> TxnEvent:
+        if isinstance(cmd, SendStage):
+            return await self._cut(cmd.agent_id, stage_only=True)
         if isinstance(cmd, SendCut):
             return await self._cut(cmd.agent_id)
         if isinstance(cmd, SendThaw):
@@ -193,19 +197,23 @@ class TxnDriver:
     async def _retry_store(self, write: Callable[[], Awaitable[T]]) -> T:
         return await retry_while_unavailable(write)
 
-    async def _cut(self, agent_id: str) -> TxnEvent:
+    async def _cut(self, agent_id: str, stage_only: bool = False) -> TxnEvent:
+        """The stage round (*stage_only*) or the cut round, at one agent."""
+        reply = StageReplied if stage_only else CutReplied
         r = self.record
         disks = [DiskRequest(m.vm, m.disk, m.mode, r.speed) for m in r.members_of(agent_id)]
         try:
             cut = await self._client(agent_id).cut(self.txn_id, disks, r.quiesce,
-                                                   r.freeze_timeout, not r.grouped)
+                                                   r.freeze_timeout, not r.grouped, stage_only)
         except AgentCallError as err:
-            return CutReplied(agent_id, False, err.details or err.code.name)
+            return reply(agent_id, False, err.details or err.code.name)
         except InvalidInput as err:  # nothing was sent
-            return CutReplied(agent_id, False, str(err))
+            return reply(agent_id, False, str(err))
         chosen = _by_disk(cut.disks, lambda m, c: m.cut_as(c.mode, c.reason, c.bytes_total))
-        self.record = self.record.with_members(agent_id, chosen).with_frozen_at(cut.frozen_at)
-        return CutReplied(agent_id, True)
+        self.record = self.record.with_members(agent_id, chosen)
+        if not stage_only:
+            self.record = self.record.with_frozen_at(cut.frozen_at)
+        return reply(agent_id, True)
 
     async def _thaw(self, agent_id: str) -> TxnEvent:
         try:
@@ -290,7 +298,8 @@ class TxnDriver:
 def _failpoints(commands: list[TxnCommand]) -> None:
     """Crash here if a failpoint names the step these commands begin."""
     kinds = {type(c) for c in commands}
-    for kind, point in ((SendCut, "before_cut"), (SendThaw, "after_cut"),
+    for kind, point in ((SendStage, "before_stage"), (SendCut, "before_cut"),
+                        (SendThaw, "after_cut"),
                         (PersistRunning, "after_thaw"), (SendCommit, "after_decision"),
                         (SendAbort, "after_decision")):
         if kind in kinds:

@@ -35,7 +35,7 @@ def rebuild(record: TxnRecord, decision: DecisionRecord | None) -> TxnMachine:
     Raises:
         TxnStateError: the durable records contradict each other.
     """
-    machine = TxnMachine(record.txn_id, record.agent_ids, record.grouped)
+    machine = TxnMachine(record.txn_id, record.agent_ids, record.grouped, record.quiesce)
     for event in history(record, decision):
         machine.handle(event)  # replay: the commands were executed by an earlier leader
         machine.validate()

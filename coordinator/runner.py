@@ -254,7 +254,7 @@ class Coordinator:
         if self.election.epoch != epoch:  # deposed meanwhile: the next leader takes it
             raise NotLeaderError(f"transaction {record.txn_id} recorded, but this replica "
                                  "no longer leads: the next leader aborts it; retry")
-        machine = TxnMachine(record.txn_id, record.agent_ids, record.grouped)
+        machine = TxnMachine(record.txn_id, record.agent_ids, record.grouped, record.quiesce)
         self._drive(record, machine).start(Begin())
         return record
 

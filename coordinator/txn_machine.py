@@ -44,7 +44,9 @@ from .txn_messages import (
     SendCommit,
     SendCut,
     SendPrepare,
+    SendStage,
     SendThaw,
+    StageReplied,
     ThawReplied,
     TxnCommand,
     TxnEvent,
@@ -57,6 +59,7 @@ from .txn_messages import (
 class Step(enum.Enum):
     """A fan-out the machine has asked for (replies to it may come)."""
 
+    STAGE = "stage"
     CUT = "cut"
     THAW = "thaw"
     PERSIST = "persist"
@@ -66,6 +69,7 @@ class Step(enum.Enum):
 @dataclass
 class AgentPart:
     agent_id: str
+    staged: bool | None = None
     cut: bool | None = None
     thawed: bool | None = None
     vote: bool | None = None
@@ -80,6 +84,7 @@ class TxnMachine:
     txn_id: str
     agents: tuple[str, ...]
     grouped: bool = True
+    quiesce: str = "freeze"  # none: no stage round and no thaw round (nothing frozen)
     phase: TxnPhase = TxnPhase.CUTTING
     parts: dict[str, AgentPart] = field(default_factory=dict)
     decision: Decision | None = None
@@ -94,6 +99,12 @@ class TxnMachine:
     def __post_init__(self) -> None:
         if not self.parts:
             self.parts = {a: AgentPart(a) for a in self.agents}
+
+    @property
+    def quiesced(self) -> bool:
+        """The guests are frozen or paused in the cut: stage every agent first (so
+        that the freeze window holds no preparation), and thaw them after."""
+        return self.quiesce != "none"
 
     # ----------------------------------------------------------------- API
     def handle(self, event: TxnEvent) -> list[TxnCommand]:
@@ -125,6 +136,8 @@ class TxnMachine:
             assert self.decision is not None
         if self.phase == TxnPhase.DONE:
             assert all(p.acked for p in self.parts.values())
+        if Step.CUT in self.asked and self.quiesced:
+            assert all(p.staged for p in self.parts.values())
         if self.phase in (TxnPhase.THAWING, TxnPhase.RUNNING):
             assert all(p.cut for p in self.parts.values())
         if self.phase == TxnPhase.RUNNING:
@@ -178,6 +191,9 @@ class TxnMachine:
         if self.started:
             raise self._refuse(event, "already started")
         self.started = True
+        if self.quiesced:
+            self.asked.add(Step.STAGE)
+            return [SendStage(a) for a in self.agents]
         self.asked.add(Step.CUT)
         return [SendCut(a) for a in self.agents]
 
@@ -191,8 +207,25 @@ class TxnMachine:
         if self.phase != TxnPhase.CUTTING or self.decision is not None:
             raise self._refuse(event, "the running marker comes before the decision")
         for p in self.parts.values():
-            p.cut = p.thawed = True
+            p.staged = p.cut = p.thawed = True
         self.phase, self.persisted = TxnPhase.RUNNING, True
+        return []
+
+    def _on_stage(self, event: StageReplied) -> list[TxnCommand]:
+        part = self._part(event, event.agent_id, Step.STAGE)
+        if part.staged is not None:
+            if part.staged != event.ok:
+                raise self._refuse(event, f"{event.agent_id} answered the stage already")
+            return []
+        part.staged = event.ok
+        if self._moved_on():
+            return []
+        if not event.ok:
+            return self._decide(Decision.ABORT,
+                                f"cut failed on {event.agent_id}: {event.error}")
+        if all(p.staged for p in self.parts.values()):
+            self.asked.add(Step.CUT)  # every agent ready: the freeze round is short
+            return [SendCut(a) for a in self.agents]
         return []
 
     def _on_cut(self, event: CutReplied) -> list[TxnCommand]:
@@ -208,11 +241,16 @@ class TxnMachine:
             return []  # e.g. another agent's cut failed first
         if not event.ok:
             return self._decide(Decision.ABORT, f"cut failed on {event.agent_id}: {event.error}")
-        if all(p.cut for p in self.parts.values()):
-            self.phase = TxnPhase.THAWING  # every VM frozen at once: the cut is consistent
-            self.asked.add(Step.THAW)
-            return [SendThaw(a) for a in self.agents]
-        return []
+        if not all(p.cut for p in self.parts.values()):
+            return []
+        if not self.quiesced:  # nothing frozen: nothing to thaw
+            for p in self.parts.values():
+                p.thawed = True
+            self.asked.add(Step.PERSIST)
+            return [PersistRunning()]
+        self.phase = TxnPhase.THAWING  # every VM frozen at once: the cut is consistent
+        self.asked.add(Step.THAW)
+        return [SendThaw(a) for a in self.agents]
 
     def _on_thaw(self, event: ThawReplied) -> list[TxnCommand]:
         part = self._part(event, event.agent_id, Step.THAW)
@@ -318,6 +356,7 @@ _HANDLERS: dict[type[TxnEvent], Callable[[TxnMachine, Any], list[TxnCommand]]] =
     Begin: TxnMachine._on_begin,
     RecordLoaded: TxnMachine._on_record_loaded,
     MarkedRunning: TxnMachine._on_marked_running,
+    StageReplied: TxnMachine._on_stage,
     CutReplied: TxnMachine._on_cut,
     ThawReplied: TxnMachine._on_thaw,
     Persisted: TxnMachine._on_persisted,

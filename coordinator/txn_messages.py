@@ -36,6 +36,15 @@ class Begin(TxnEvent):
 
 
 @dataclass(frozen=True)
+class StageReplied(TxnEvent):
+    """An agent staged its part of the cut (targets ready, nothing frozen)."""
+
+    agent_id: str
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class CutReplied(TxnEvent):
     agent_id: str
     ok: bool
@@ -105,6 +114,11 @@ class Resumed(TxnEvent):
 @dataclass(frozen=True)
 class TxnCommand:
     pass
+
+
+@dataclass(frozen=True)
+class SendStage(TxnCommand):
+    agent_id: str
 
 
 @dataclass(frozen=True)

@@ -336,6 +336,7 @@ class CutRequest(_message.Message):
     QUIESCE_FIELD_NUMBER: _builtins.int
     FREEZE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     INDIVIDUAL_FIELD_NUMBER: _builtins.int
+    STAGE_ONLY_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.str
     """[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"""
     quiesce: Global___Quiesce.ValueType
@@ -343,6 +344,10 @@ class CutRequest(_message.Message):
     """auto-thaw after this long; 0 = 10 s; 0..3600"""
     individual: _builtins.bool
     """per-disk completion: a disk that fails is left out"""
+    stage_only: _builtins.bool
+    """(rolled back at once), the others still prepare
+    stage now, freeze and start at the next Cut
+    """
     @_builtins.property
     def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___CutMember]: ...
     def __init__(
@@ -353,10 +358,11 @@ class CutRequest(_message.Message):
         quiesce: Global___Quiesce.ValueType = ...,
         freeze_timeout_s: _builtins.float = ...,
         individual: _builtins.bool = ...,
+        stage_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["freeze_timeout_s", b"freeze_timeout_s", "individual", b"individual", "members", b"members", "quiesce", b"quiesce", "txn_id", b"txn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["freeze_timeout_s", b"freeze_timeout_s", "individual", b"individual", "members", b"members", "quiesce", b"quiesce", "stage_only", b"stage_only", "txn_id", b"txn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

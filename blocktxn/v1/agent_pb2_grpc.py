@@ -105,7 +105,10 @@ class AgentServiceServicer:
         """Phase 1a: quiesce the member VMs as asked, then in ONE QMP transaction per
         VM add each disk's new checkpoint bitmap and start its backup job
         (auto-finalize and auto-dismiss off). Arms a local auto-thaw at the freeze
-        deadline that needs no coordinator.
+        deadline that needs no coordinator. With stage_only, only the work before the
+        freeze (plan, create and open the targets, start the freeze safety net); a
+        later Cut of the same transaction and members then does only the freeze and
+        the start, so the freeze window holds no preparation of any agent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

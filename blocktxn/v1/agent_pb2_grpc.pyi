@@ -46,7 +46,10 @@ class AgentServiceStub:
     """Phase 1a: quiesce the member VMs as asked, then in ONE QMP transaction per
     VM add each disk's new checkpoint bitmap and start its backup job
     (auto-finalize and auto-dismiss off). Arms a local auto-thaw at the freeze
-    deadline that needs no coordinator.
+    deadline that needs no coordinator. With stage_only, only the work before the
+    freeze (plan, create and open the targets, start the freeze safety net); a
+    later Cut of the same transaction and members then does only the freeze and
+    the start, so the freeze window holds no preparation of any agent.
     """
     Thaw: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ThawRequest, _agent_pb2.ThawResponse]
     """Phase 1b: end the freeze. Reports whether the agent had already thawed on
@@ -92,7 +95,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Phase 1a: quiesce the member VMs as asked, then in ONE QMP transaction per
     VM add each disk's new checkpoint bitmap and start its backup job
     (auto-finalize and auto-dismiss off). Arms a local auto-thaw at the freeze
-    deadline that needs no coordinator.
+    deadline that needs no coordinator. With stage_only, only the work before the
+    freeze (plan, create and open the targets, start the freeze safety net); a
+    later Cut of the same transaction and members then does only the freeze and
+    the start, so the freeze window holds no preparation of any agent.
     """
     Thaw: _aio.UnaryUnaryMultiCallable[_agent_pb2.ThawRequest, _agent_pb2.ThawResponse]  # type: ignore[assignment]
     """Phase 1b: end the freeze. Reports whether the agent had already thawed on
@@ -147,7 +153,10 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Phase 1a: quiesce the member VMs as asked, then in ONE QMP transaction per
         VM add each disk's new checkpoint bitmap and start its backup job
         (auto-finalize and auto-dismiss off). Arms a local auto-thaw at the freeze
-        deadline that needs no coordinator.
+        deadline that needs no coordinator. With stage_only, only the work before the
+        freeze (plan, create and open the targets, start the freeze safety net); a
+        later Cut of the same transaction and members then does only the freeze and
+        the start, so the freeze window holds no preparation of any agent.
         """
 
     @_abc_1.abstractmethod

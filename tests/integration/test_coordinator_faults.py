@@ -251,7 +251,8 @@ def test_etcd_restarted_mid_transaction_loses_nothing(make_cluster: Callable[...
 
 
 @pytest.mark.parametrize("point,decision", [
-    ("before_cut", cpb.DECISION_ABORT), ("after_cut", cpb.DECISION_ABORT),
+    ("before_stage", cpb.DECISION_ABORT), ("before_cut", cpb.DECISION_ABORT),
+    ("after_cut", cpb.DECISION_ABORT),
     ("after_thaw", cpb.DECISION_ABORT), ("after_decision", cpb.DECISION_COMMIT),
     ("after_commit_sent", cpb.DECISION_COMMIT),
 ])
@@ -279,6 +280,10 @@ def test_leader_crash_at_each_step_is_finished_by_the_next_leader(
         else:
             assert not any(txn.txn_id in b for b in bitmaps)
             assert host.jobs(vm) == []
+            # staged targets (before_cut: every agent had staged) are gone too
+            nodes = host.qmp(vm, "query-named-block-nodes", {"flat": True})
+            assert not [n["node-name"] for n in nodes if n["node-name"].startswith("btx")]
+            assert not list((host.agent.repo / "images").rglob(f"{txn.txn_id}*"))
 
 
 def test_a_commit_one_agent_cannot_apply_yet_is_redelivered_and_the_set_waits_for_it(
@@ -383,7 +388,10 @@ def test_an_agent_in_doubt_asks_for_the_decision_itself(
     h2 = cluster.hosts["h2"]
     h2.kill_agent()
     h2.agent.port = free_port()                  # the record still names the old address
-    h2.agent.extra = [*h2.agent.extra, "--in-doubt-after", "2"]
+    # and it registers one nobody listens on: the COMMIT cannot reach it (else the
+    # restarted leader may deliver it first, through the registry, under load)
+    h2.agent.extra = [*h2.agent.extra, "--in-doubt-after", "2",
+                      "--advertise", f"127.0.0.1:{free_port()}"]
     h2.start_agent()
     first.env = {}
     first.start()                                # h1 gets its COMMIT; h2's goes nowhere

@@ -17,6 +17,7 @@ from blocktxn.coordinator.txn_messages import (
     Persisted,
     RecordLoaded,
     Resumed,
+    StageReplied,
     ThawReplied,
     TxnEvent,
     VoteReplied,
@@ -24,7 +25,8 @@ from blocktxn.coordinator.txn_messages import (
 )
 
 AGENTS = ("a", "b")
-CUT = [Begin(), CutReplied("a", True), CutReplied("b", True)]
+STAGED = [Begin(), StageReplied("a", True), StageReplied("b", True)]
+CUT = [*STAGED, CutReplied("a", True), CutReplied("b", True)]
 RUN = [*CUT, ThawReplied("a", True), ThawReplied("b", True), Persisted()]
 
 
@@ -37,7 +39,8 @@ def decided(events: list[TxnEvent], grouped: bool = True) -> str:
 
 
 @pytest.mark.parametrize(("events", "grouped", "expected"), [
-    ([Begin(), CutReplied("a", False, "no such disk")], True, "cut_failed"),
+    ([Begin(), StageReplied("a", False, "no such disk")], True, "cut_failed"),
+    ([*STAGED, CutReplied("a", False, "guest agent gone")], True, "cut_failed"),
     ([*CUT, ThawReplied("a", False, "guest agent gone")], True, "thaw_failed"),
     ([*RUN, VoteReplied("a", False, "read error")], True, "voted_no"),
     ([*RUN, VoteReplied("a", False, "x"), VoteReplied("b", False, "y")], False, "voted_no"),

@@ -19,6 +19,7 @@ from blocktxn.agent.participant_messages import (
     CutDone,
     CutFailed,
     CutPlanned,
+    CutRequested,
     DeadlinePassed,
     DeclineVote,
     Event,
@@ -32,6 +33,8 @@ from blocktxn.agent.participant_messages import (
     Publish,
     Recovered,
     Rollback,
+    StageCut,
+    Staged,
     StartCut,
     StateError,
     Thawed,
@@ -67,9 +70,14 @@ def run(m: ParticipantMachine, txn: str, *events: Event) -> list[object]:
 
 def test_happy_path_exact_commands() -> None:
     m, p = ParticipantMachine(), plan()
-    assert m.handle("t", CutPlanned(p)) == [StartCut("t", p)]
+    assert m.handle("t", CutPlanned(p)) == [StageCut("t", p)]
     assert m.busy_disks() == {("vm1", "d0"): "t", ("vm1", "d1"): "t"}
+    assert m.quiesce_holders() == {"vm1": "t"}              # staged: no other freeze
+    assert m.handle("t", Staged()) == []                    # a stage-only Cut ends here
+    assert m.handle("t", CutRequested()) == [StartCut("t", p)]
+    assert m.handle("t", CutRequested()) == []              # a retried Cut: no second start
     assert m.handle("t", CutDone(1.0, 2.0, 6.0)) == [ArmAutoThaw("t", 6.0)]
+    assert m.handle("t", CutRequested()) == []              # ... nor after the cut
     assert m.phase("t") == Phase.FROZEN
     assert m.handle("t", ThawRequested(5.9)) == [ThawGuests("t", ("vm1",), "freeze",
                                                            on_own=False)]
@@ -84,6 +92,22 @@ def test_happy_path_exact_commands() -> None:
     assert m.phase("t") == Phase.COMMITTED and m.busy_disks() == {}
     with pytest.raises(StateError):
         m.handle("t", AbortRequested("late"))               # single decision
+
+
+def test_a_cut_asked_while_staging_starts_once_staged() -> None:
+    m, p = ParticipantMachine(), plan()
+    m.handle("t", CutPlanned(p))
+    assert m.handle("t", CutRequested()) == []
+    assert m.handle("t", Staged()) == [StartCut("t", p)]
+
+
+def test_a_staged_cut_is_rolled_back_on_abort_and_after_a_restart() -> None:
+    for event in (AbortRequested("x"), Recovered()):
+        m, p = ParticipantMachine(), plan()
+        run(m, "t", CutPlanned(p), Staged())
+        (cmd,) = m.handle("t", event)
+        assert isinstance(cmd, Rollback) and cmd.members == p.members
+        assert cmd.thaw_vms == ("vm1",)  # releases what the stage prepared for the freeze
 
 
 def test_no_quiesce_goes_straight_to_running() -> None:

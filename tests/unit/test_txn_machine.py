@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from blocktxn.coordinator.errors import TxnStateError
 from blocktxn.coordinator.records import DecisionRecord, MemberRecord, TxnRecord
 from blocktxn.coordinator.recovery import history, rebuild
-from blocktxn.coordinator.txn_machine import TxnMachine
+from blocktxn.coordinator.txn_machine import Step, TxnMachine
 from blocktxn.coordinator.txn_messages import (
     Acked,
     Begin,
@@ -31,7 +31,9 @@ from blocktxn.coordinator.txn_messages import (
     SendCommit,
     SendCut,
     SendPrepare,
+    SendStage,
     SendThaw,
+    StageReplied,
     ThawReplied,
     TxnCommand,
     TxnEvent,
@@ -43,9 +45,13 @@ from blocktxn.coordinator.txn_messages import (
 AGENTS = ("a", "b", "c")
 
 
-def record(phase: TxnPhase = TxnPhase.CUTTING, grouped: bool = True) -> TxnRecord:
+STAGED = [Begin(), *[StageReplied(a, True) for a in AGENTS]]
+
+
+def record(phase: TxnPhase = TxnPhase.CUTTING, grouped: bool = True,
+           quiesce: str = "none") -> TxnRecord:
     """A durable transaction record over AGENTS, as a new leader reads it."""
-    return TxnRecord("t", "r", "grouped" if grouped else "individual", "none", 10.0, 0.0, 0,
+    return TxnRecord("t", "r", "grouped" if grouped else "individual", quiesce, 10.0, 0.0, 0,
                      0.0, members=tuple(MemberRecord(a, "vm", "d0", "auto") for a in AGENTS),
                      agents=tuple((a, f"{a}:1") for a in AGENTS), phase=phase)
 
@@ -53,7 +59,7 @@ def record(phase: TxnPhase = TxnPhase.CUTTING, grouped: bool = True) -> TxnRecor
 def running(grouped: bool = True) -> TxnMachine:
     """A machine whose every agent cut and thawed, with Prepare sent to all."""
     m = TxnMachine("t", AGENTS, grouped=grouped)
-    for e in [Begin(), *[CutReplied(a, True) for a in AGENTS],
+    for e in [*STAGED, *[CutReplied(a, True) for a in AGENTS],
               *[ThawReplied(a, True) for a in AGENTS], Persisted()]:
         m.handle(e)
     return m
@@ -61,7 +67,10 @@ def running(grouped: bool = True) -> TxnMachine:
 
 def test_happy_path_exact_commands() -> None:
     m = TxnMachine("t", AGENTS)
-    assert m.handle(Begin()) == [SendCut(a) for a in AGENTS]
+    assert m.handle(Begin()) == [SendStage(a) for a in AGENTS]
+    assert m.handle(StageReplied("a", True)) == [] and m.handle(StageReplied("b", True)) == []
+    assert m.handle(StageReplied("c", True)) == [SendCut(a) for a in AGENTS]
+    assert m.handle(StageReplied("c", True)) == []         # a repeated reply: harmless
     assert m.handle(CutReplied("a", True)) == []
     m.handle(CutReplied("b", True))
     assert m.handle(CutReplied("c", True)) == [SendThaw(a) for a in AGENTS]
@@ -79,6 +88,28 @@ def test_happy_path_exact_commands() -> None:
     m.handle(Acked("b"))
     assert m.handle(Acked("c")) == [Finish()]
     assert m.phase == TxnPhase.DONE
+
+
+def test_without_quiesce_there_is_no_stage_and_no_thaw_round() -> None:
+    m = TxnMachine("t", AGENTS, quiesce="none")
+    assert m.handle(Begin()) == [SendCut(a) for a in AGENTS]
+    m.handle(CutReplied("a", True))
+    m.handle(CutReplied("b", True))
+    assert m.handle(CutReplied("c", True)) == [PersistRunning()]
+    assert m.handle(Persisted()) == [SendPrepare(a) for a in AGENTS]
+    m.validate()
+    with pytest.raises(TxnStateError):
+        m.handle(ThawReplied("a", True))                   # no thaw was sent
+
+
+def test_a_failed_stage_aborts_before_anything_is_frozen() -> None:
+    m = TxnMachine("t", AGENTS)
+    m.handle(Begin())
+    m.handle(StageReplied("a", True))
+    assert m.handle(StageReplied("b", False, "no space")) == [
+        WriteDecision(Decision.ABORT, "cut failed on b: no space", ())]
+    assert m.handle(StageReplied("c", True)) == []         # late: no cut is sent
+    assert Step.CUT not in m.asked
 
 
 def test_no_vote_aborts_at_once_in_grouped_mode() -> None:
@@ -99,11 +130,12 @@ def test_individual_mode_commits_the_yes_voters() -> None:
 
 def test_thawed_on_own_or_failed_cut_aborts() -> None:
     m = TxnMachine("t", AGENTS)
-    m.handle(Begin())
+    for e in STAGED:
+        m.handle(e)
     out = m.handle(CutReplied("a", False, "no guest agent"))
     assert out == [WriteDecision(Decision.ABORT, "cut failed on a: no guest agent", ())]
     t = TxnMachine("t", AGENTS)
-    for e in [Begin(), *[CutReplied(a, True) for a in AGENTS]]:
+    for e in [*STAGED, *[CutReplied(a, True) for a in AGENTS]]:
         t.handle(e)
     assert t.handle(ThawReplied("b", True, on_own=True)) == [WriteDecision(
         Decision.ABORT, "thaw on b: thawed on its own: freeze deadline passed", ())]
@@ -136,7 +168,8 @@ def test_recovery_is_replay_of_the_durable_records() -> None:
 
 def test_late_replies_are_accepted_and_change_nothing() -> None:
     m = TxnMachine("t", AGENTS)
-    m.handle(Begin())
+    for e in STAGED:
+        m.handle(e)
     m.handle(CutReplied("a", False, "x"))
     assert m.handle(CutReplied("b", True)) == []                  # while deciding
     assert m.handle(CancelRequested("c")) == [] and m.handle(DeadlinePassed()) == []
@@ -161,7 +194,9 @@ def test_late_replies_are_accepted_and_change_nothing() -> None:
     ([], Resumed()),                                              # not replaying
     ([], MarkedRunning()),
     ([], CutReplied("z", True)),                                  # not a member
-    ([CutReplied("a", True)], CutReplied("a", False)),            # contradicts its reply
+    ([], CutReplied("a", True)),                                  # no cut was sent yet
+    ([StageReplied("a", True)], StageReplied("a", False)),        # contradicts its reply
+    ([*STAGED[1:], CutReplied("a", True)], CutReplied("a", False)),
 ])
 def test_impossible_events_are_refused_and_change_nothing(events: list[TxnEvent],
                                                           wrong: TxnEvent) -> None:
@@ -186,11 +221,11 @@ class World:
     in any order, each command answered at most once; a crash loses the in-flight
     commands and replaces the machine by the replay of the durable records."""
 
-    def __init__(self, grouped: bool) -> None:
-        self.grouped = grouped
+    def __init__(self, grouped: bool, quiesce: str) -> None:
+        self.grouped, self.quiesce = grouped, quiesce
         self.marked_running = False
         self.durable: DecisionDurable | None = None
-        self.machine = TxnMachine("t", AGENTS, grouped=grouped)
+        self.machine = TxnMachine("t", AGENTS, grouped=grouped, quiesce=quiesce)
         self.pending: list[TxnCommand] = []
         self.sent: list[TxnCommand] = []
         self.finished = False
@@ -218,6 +253,8 @@ class World:
         return self.durable
 
     def answer(self, cmd: TxnCommand, ok: bool, pick: int) -> TxnEvent:
+        if isinstance(cmd, SendStage):
+            return StageReplied(cmd.agent_id, ok, "" if ok else "ENOSPC")
         if isinstance(cmd, SendCut):
             return CutReplied(cmd.agent_id, ok, "" if ok else "boom")
         if isinstance(cmd, SendThaw):
@@ -253,7 +290,7 @@ class World:
             d = self.durable
             self.machine = rebuild(
                 record(TxnPhase.RUNNING if self.marked_running else TxnPhase.CUTTING,
-                       self.grouped),
+                       self.grouped, self.quiesce),
                 None if d is None else DecisionRecord("t", d.decision, d.reason, d.committed))
             self.pending = []
             out = self.feed(Resumed())
@@ -277,15 +314,15 @@ ACTIONS = st.lists(st.tuples(
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.booleans(), ACTIONS)
+@given(st.booleans(), st.sampled_from(("freeze", "none")), ACTIONS)
 def test_any_interleaving_keeps_single_decision_and_atomicity(
-    grouped: bool, actions: list[tuple[str, int, bool]]
+    grouped: bool, quiesce: str, actions: list[tuple[str, int, bool]]
 ) -> None:
     """Replies in any order, cancels, deadlines, a presumed abort by another replica,
     leader crashes replayed from etcd: every event is accepted, one decision, never
     changed; grouped COMMIT only with every YES; commit only sent to YES voters; every
     agent hears the durable decision only; and the transaction always finishes."""
-    world = World(grouped)
+    world = World(grouped, quiesce)
     for kind, pick, ok in actions:
         if world.finished:
             break
@@ -301,6 +338,7 @@ def test_any_interleaving_keeps_single_decision_and_atomicity(
 
 
 EVENTS = st.one_of(
+    st.builds(StageReplied, st.sampled_from(AGENTS), st.booleans()),
     st.builds(CutReplied, st.sampled_from(AGENTS), st.booleans()),
     st.builds(ThawReplied, st.sampled_from(AGENTS), st.booleans()),
     st.just(Persisted()),
@@ -315,13 +353,13 @@ EVENTS = st.one_of(
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.booleans(), st.lists(EVENTS, max_size=40))
+@given(st.booleans(), st.sampled_from(("freeze", "none")), st.lists(EVENTS, max_size=40))
 def test_any_event_is_accepted_or_refused_without_harm(
-    grouped: bool, events: list[TxnEvent]
+    grouped: bool, quiesce: str, events: list[TxnEvent]
 ) -> None:
     """Even impossible events (duplicates, replies never asked for) never corrupt the
     machine: it either accepts them or raises TxnStateError and stays as it was."""
-    m = TxnMachine("t", AGENTS, grouped=grouped)
+    m = TxnMachine("t", AGENTS, grouped=grouped, quiesce=quiesce)
     m.handle(Begin())
     for event in events:
         before = copy.deepcopy(m)
