@@ -4,7 +4,6 @@ qemu-ga socket, with a watchdog process that thaws the guest at its deadline."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ class QemuVm(VmBackend):
         self.guest_agent = GuestAgentClient(ga_socket) if ga_socket else None
         self.watchdog: asyncio.subprocess.Process | None = None
         self._ready: asyncio.subprocess.Process | None = None  # the watchdog said ready
+        self._watching = ""  # the watchdog's kind: --ga (freeze) or --qmp (pause)
         self._reaping: set[asyncio.Task[int]] = set()
 
     async def _lost(self, _: VmConnection) -> None:
@@ -55,9 +55,7 @@ class QemuVm(VmBackend):
     async def stop(self) -> None:
         """Disconnect. An armed watchdog is left running: it still owes a guest whose
         thaw failed its thaw at the deadline (it exits by itself after)."""
-        proc = self.watchdog
-        if proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.close()  # an unarmed watchdog exits at the end of its input
+        self._stop_watchdog()
         await self.conn.stop()
 
     async def wait_connected(self, timeout: float) -> bool:
@@ -87,19 +85,24 @@ class QemuVm(VmBackend):
 
     # -------------------------------------------------------------- quiesce
     async def freeze_prepare(self, quiesce: str) -> None:
-        """Start the watchdog (see watchdog.py) now, so that its start-up costs
+        """Have a watchdog (see watchdog.py) for this kind of quiesce: the one kept
+        from an earlier freeze, or a new one started now, so that its start-up costs
         nothing inside the freeze; it is armed with the deadline just before it."""
+        flag = "--ga" if quiesce == "freeze" else "--qmp"
+        proc = self.watchdog
+        if proc is not None and proc.returncode is None and self._watching == flag:
+            return
         self._stop_watchdog()
-        flag, sock = ("--ga", self.ga_socket) if quiesce == "freeze" else (
-            "--qmp", self.watch_socket)
+        sock = self.ga_socket if quiesce == "freeze" else self.watch_socket
         assert sock is not None
         self.watchdog = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "blocktxn.agent.qemu.watchdog", flag, sock,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             start_new_session=True)
+        self._watching = flag
 
     async def freeze_abandon(self) -> None:
-        self._stop_watchdog()
+        """Nothing to undo: the watchdog stays, unarmed, for the next freeze."""
 
     async def freeze(self, quiesce: str, deadline: float) -> None:
         if quiesce == "freeze":
@@ -111,14 +114,14 @@ class QemuVm(VmBackend):
             await blockjobs.pause(self.conn)
 
     async def thaw(self, quiesce: str) -> None:
-        """Thaw; only a thaw that worked stops the watchdog (a failed one leaves the
+        """Thaw; only a thaw that worked disarms the watchdog (a failed one leaves the
         guest to the watchdog's thaw at the deadline)."""
         if quiesce == "freeze":
             assert self.guest_agent is not None
             await self.guest_agent.thaw()
         elif quiesce == "pause":
             await blockjobs.resume(self.conn)
-        self._stop_watchdog()
+        await self._tell_watchdog(watchdog.DISARM)
 
     async def freeze_ready(self) -> None:
         """Wait (outside the freeze window) until the watchdog says it can act.
@@ -149,17 +152,28 @@ class QemuVm(VmBackend):
                 or proc.returncode is not None):
             raise QemuError(f"VM {self.name}: freeze watchdog is not running; not freezing")
         await self.freeze_ready()
+        if not await self._tell_watchdog(watchdog.arm_line(deadline)):
+            raise QemuError(f"VM {self.name}: freeze watchdog is gone; not freezing")
+
+    async def _tell_watchdog(self, line: bytes) -> bool:
+        """Write one command to the watchdog; False if it is gone."""
+        proc = self.watchdog
+        if proc is None or proc.stdin is None or proc.stdin.is_closing():
+            return False
         try:
-            proc.stdin.write(f"{deadline!r}\n".encode())
+            proc.stdin.write(line)
             await proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError) as err:
-            raise QemuError(f"VM {self.name}: freeze watchdog is gone; not freezing") from err
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        return True
 
     def _stop_watchdog(self) -> None:
+        """Retire the watchdog: the end of its input makes an unarmed one exit, and an
+        armed one (a thaw failed) still ends that quiesce at its deadline first."""
         proc, self.watchdog = self.watchdog, None
         if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.close()
             task = asyncio.ensure_future(proc.wait())
             self._reaping.add(task)
             task.add_done_callback(self._reaping.discard)

@@ -1,23 +1,28 @@
 """The freeze watchdog: a separate process that ends a guest's quiesce at its deadline.
 
-The agent starts one per guest it is about to quiesce (``python -m
-blocktxn.agent.qemu.watchdog``), early, so that its start-up costs nothing inside the
-freeze window. With ``--ga SOCKET`` it thaws a filesystem freeze through the guest
-agent; with ``--qmp SOCKET`` (a monitor of the VM kept for the watchdog alone: QEMU
-serves one client per monitor, and the agent holds its own) it resumes a paused VM
-with ``cont``, over a connection it opens before the freeze. It writes ``ready`` on
-stdout once it can act; the agent quiesces only after reading that. Then the agent
-writes the deadline (unix time) as one line on stdin, and kills the watchdog once it
-has ended the quiesce itself. End of input before a deadline means no quiesce
-happened: the watchdog exits. If the agent is stopped, hung or killed after the
-quiesce, the watchdog still ends it at the deadline — the bounded-freeze invariant
-must not depend on the agent being scheduled.
+The agent keeps one per guest it quiesces (``python -m blocktxn.agent.qemu.watchdog``),
+started before the first freeze and then kept for the next ones, so that neither its
+start-up nor a process per transaction costs anything in a cut. With ``--ga SOCKET``
+it thaws a filesystem freeze through the guest agent; with ``--qmp SOCKET`` (a monitor
+of the VM kept for the watchdog alone: QEMU serves one client per monitor, and the
+agent holds its own) it resumes a paused VM with ``cont``, over a connection it opens
+at its start. It writes ``ready`` on stdout once it can act; the agent quiesces only
+after reading that.
+
+Its input is one command per line: ``arm DEADLINE`` (unix time) just before a quiesce
+— from then on it ends the quiesce at the deadline by itself — and ``disarm`` once the
+agent has ended the quiesce itself (a thaw that failed leaves it armed). End of input
+means the agent is gone: an armed watchdog still ends the quiesce at its deadline, then
+exits; an unarmed one exits at once. If the agent is stopped, hung or killed after the
+quiesce, the watchdog still ends it at the deadline — the bounded-freeze invariant must
+not depend on the agent being scheduled.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -33,7 +38,16 @@ READY = "ready"
 TRIES = 3
 
 
-async def _end_at(deadline: float, what: str, end: Callable[[], Awaitable[object]]) -> None:
+def arm_line(deadline: float) -> bytes:
+    return f"arm {deadline!r}\n".encode()
+
+
+DISARM = b"disarm\n"
+
+End = Callable[[], Awaitable[object]]
+
+
+async def _end_at(deadline: float, what: str, end: End) -> None:
     """Sleep until *deadline*, then *end* the quiesce (retried a few times)."""
     await asyncio.sleep(max(0.0, deadline - time.time()))
     for _ in range(TRIES):
@@ -46,33 +60,35 @@ async def _end_at(deadline: float, what: str, end: Callable[[], Awaitable[object
             await asyncio.sleep(0.5)
 
 
-async def _deadline() -> float | None:
-    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    return float(line) if line.strip() else None
-
-
-def _ready() -> None:
+async def serve(what: str, end: End) -> None:
+    """Say ready, then follow the agent's commands until the end of its input."""
+    loop = asyncio.get_running_loop()
     sys.stdout.write(READY + "\n")
     sys.stdout.flush()
+    armed: asyncio.Task[None] | None = None
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        word, _, arg = line.strip().partition(" ")
+        if armed is not None:
+            armed.cancel()
+            armed = None
+        if word == "arm":
+            armed = asyncio.create_task(_end_at(float(arg), what, end))
+        elif word != "disarm":
+            logging.error("watchdog: unknown command %r", line.strip())
+    if armed is not None:  # the agent is gone: the armed deadline still holds
+        with contextlib.suppress(asyncio.CancelledError):
+            await armed
 
 
 async def watch_guest_agent(ga_socket: str) -> None:
-    _ready()
-    deadline = await _deadline()
-    if deadline is not None:
-        client = GuestAgentClient(ga_socket, timeout=5.0)
-        await _end_at(deadline, ga_socket, client.thaw)
+    await serve(ga_socket, GuestAgentClient(ga_socket, timeout=5.0).thaw)
 
 
 async def watch_pause(qmp_socket: str) -> None:
     qmp = QMPClient("blocktxn-watchdog")
     await asyncio.wait_for(qmp.connect(qmp_socket), 5.0)
     try:
-        _ready()
-        deadline = await _deadline()
-        if deadline is not None:
-            await _end_at(deadline, qmp_socket,
-                          lambda: asyncio.wait_for(qmp.execute("cont"), 5.0))
+        await serve(qmp_socket, lambda: asyncio.wait_for(qmp.execute("cont"), 5.0))
     finally:
         await qmp.disconnect()
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -268,11 +270,46 @@ def test_a_failed_cut_waits_for_every_step_in_flight_before_rolling_back(
     assert not list((host.agent.repo / "images").glob("*/*/t1.qcow2"))
     assert host.jobs("vm1") == [] and not host.gas["vm1"].is_frozen
     assert all(host.bitmaps("vm1", d) == {} for d in disks)
-    assert host.agent.proc is not None  # and no freeze watchdog is left waiting
-    watchdogs = subprocess.run(["pgrep", "-P", str(host.agent.proc.pid), "-f",
-                                "blocktxn.agent.qemu.watchdog"],
-                               capture_output=True, text=True).stdout.split()
-    assert watchdogs == []
+    # and no freeze watchdog is left armed: without the agent, an unarmed one exits at once
+    watchdogs = watchdog_pids(host)
+    host.kill_agent()
+    wait_until(lambda: not any(alive(p) for p in watchdogs), timeout=3,
+               what="the unarmed watchdog's exit")
+
+
+def test_one_watchdog_serves_every_freeze_and_a_dead_one_is_replaced(
+    make_host: Callable[..., Host],
+) -> None:
+    """The watchdog is kept from one freeze to the next (no process start per
+    transaction); one that died is replaced at the next cut, which still freezes."""
+    host = make_host()
+    ga = host.gas["vm1"]
+    assert host.backup("t1", DISKS).yes
+    first = watchdog_pids(host)
+    assert len(first) == 1
+    assert host.backup("t2", DISKS).yes
+    assert watchdog_pids(host) == first
+    os.kill(first[0], signal.SIGKILL)
+    wait_until(lambda: watchdog_pids(host) == [], timeout=5, what="the watchdog's death")
+    assert host.backup("t3", DISKS).yes
+    assert len(ga.cuts) == 3 and not ga.is_frozen
+    assert len(watchdog_pids(host)) == 1 and watchdog_pids(host) != first
+
+
+def watchdog_pids(host: Host) -> list[int]:
+    """The agent's freeze watchdog processes."""
+    assert host.agent.proc is not None
+    out = subprocess.run(["pgrep", "-P", str(host.agent.proc.pid), "-f",
+                          "blocktxn.agent.qemu.watchdog"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
 
 
 def test_a_stopped_agent_cannot_keep_a_guest_frozen(make_host: Callable[..., Host]) -> None:
