@@ -22,13 +22,13 @@ class Host:
 
     def __init__(self, workdir: Path, vms: dict[str, list[str]], *,
                  read_error: tuple[str, ...] = (), agent_id: str = "host1",
-                 system: bool = False) -> None:
+                 system: bool = False, disk_size: int = 32 << 20) -> None:
         self.workdir = workdir
         self.vms: dict[str, LabVm] = {}
         self.workloads: dict[str, Workload] = {}
         self.gas: dict[str, StandInGuestAgent] = {}
         for name, disks in vms.items():
-            vm = LabVm.create(name, workdir / name, disks,
+            vm = LabVm.create(name, workdir / name, disks, size=disk_size,
                               read_error_disks=tuple(d for d in disks if d in read_error),
                               system=system)
             vm.start()
