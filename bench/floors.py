@@ -6,8 +6,9 @@ qemu-storage-daemon and in the same run as what it bounds.
   every job concluded and dismissed. What one QEMU process needs to run a group of
   backup jobs at all.
 - ``durable``: the durable work of one zero-dirty incremental, as the agent does it,
-  without the agent: ``qemu-img create -u -b PREVIOUS`` of a real qcow2 target per disk
-  (all at once, by the agent's own tool runner), ``blockdev-add`` of each, ONE
+  without the agent: an empty qcow2 target per disk with the previous image as backing
+  (written in-process, as the agent writes it: what ``qemu-img create -u -b PREVIOUS``
+  writes), ``blockdev-add`` of each, ONE
   ``transaction`` adding a new persistent checkpoint bitmap and starting
   ``blockdev-backup sync=bitmap bitmap=OLD bitmap-mode=never`` with ``auto-finalize:
   false``, every job ``pending``, then ``job-finalize`` → ``job-dismiss`` →
@@ -30,6 +31,7 @@ from typing import Any, cast
 
 from qemu.qmp import EventListener, QMPClient
 
+from blocktxn.agent import qcow2
 from blocktxn.agent.jsonl import fsync_dir
 from blocktxn.agent.repository import run_tool
 from blocktxn.demo.lab import LabVm
@@ -153,11 +155,8 @@ class Floors:
         nodes = {d: f"bench-t{self.reps}-{d}" for d in self.disks}
         jobs = {d: f"bench-{tag}-{d}" for d in self.disks}
         t0 = time.perf_counter()
-        # every target at once, each by its own qemu-img (the agent's own helper)
-        await asyncio.gather(*(run_tool(
-            "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", self.previous[d].name,
-            "-F", "qcow2", str(images[d]), str(self.size[d]), timeout=TOOL_TIMEOUT)
-            for d in self.disks))
+        for d in self.disks:  # the agent's own in-process writer
+            qcow2.create(images[d], self.size[d], self.previous[d].name)
         await asyncio.gather(*(self.q.run("blockdev-add", {
             "driver": "qcow2", "node-name": nodes[d], "backing": None,
             "file": {"driver": "file", "filename": str(images[d])}}) for d in self.disks))
