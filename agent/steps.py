@@ -87,11 +87,10 @@ class Steps:
             await asyncio.wait_for(gather_all(*(cut_vm(vm, ms) for vm, ms in members.items())),
                                    plan.freeze_timeout)
             cut_at = time.time()
-            totals = []
-            for vm, ms in members.items():
-                jobs = await self.backends[vm].progress()
-                totals += [(vm, m.disk, jobs[m.job_id].total if m.job_id in jobs else 0)
-                           for m in ms]
+            progress = await gather_all(*(self.backends[vm].progress() for vm in members))
+            totals = [(vm, m.disk, jobs[m.job_id].total if m.job_id in jobs else 0)
+                      for (vm, ms), jobs in zip(members.items(), progress, strict=True)
+                      for m in ms]
             return CutDone(0.0 if plan.quiesce == "none" else frozen_at, cut_at, deadline,
                            tuple(totals))
         except TimeoutError:
