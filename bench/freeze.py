@@ -152,7 +152,10 @@ def run(work: Path, quick: bool) -> list[Row]:
             try:
                 for _ in range(n):
                     forget_cuts(hosts)
-                    _, done = coordinator_txn(cluster, targets, quiesce=apb.QUIESCE_FREEZE)
+                    # auto: an incremental, or a full once a chain reaches the agent's
+                    # --max-chain (32), as a schedule runs; the copy is after the thaw
+                    _, done = coordinator_txn(cluster, targets, apb.BACKUP_MODE_AUTO,
+                                              quiesce=apb.QUIESCE_FREEZE)
                     if not done.frozen_from or done.thawed_at < done.frozen_from:
                         raise RuntimeError(f"{done.txn_id}: no freeze window in its record")
                     record.append((done.thawed_at - done.frozen_from) * 1000)
