@@ -9,7 +9,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 
 from .aio import gather_all
 from .backend import VmBackend
@@ -148,13 +147,13 @@ class Steps:
                                        for vm, ms in groups.items())):
             copied.update(part)
         await self.repo.make_durable([m.image for m in members])
-        # the checksum of each closed image, now: a Commit must do no O(disk) work
-        sums = await gather_all(*(self.repo.sha256(m.image) for m in members))
+        # no checksum here: it re-reads the image (Repository.fill_checksums takes it
+        # after the commit)
         return [ImageRecord(
             vm=m.vm, disk=m.disk, set_id=txn_id,
             image=m.image, backing=m.backing, mode=m.mode, bytes=copied[m.key], size=m.size,
-            cut_at=cut_at, checkpoint=m.new_bitmap, sha256=sha)
-            for m, sha in zip(members, sums, strict=True)]
+            cut_at=cut_at, checkpoint=m.new_bitmap)
+            for m in members]
 
     @staticmethod
     def _yes(txn_id: str, images: list[ImageRecord],
@@ -165,19 +164,14 @@ class Steps:
 
     async def publish(self, txn_id: str, members: tuple[MemberPlan, ...],
                       images: tuple[ImageRecord, ...]) -> Event:
-        """Drop the previous checkpoints, catalog the images. Committed. (Checksums
-        come from the barrier; only a vote journaled by an older version lacks them.)"""
-        removing = self._drop({vm: [(m.disk, b) for m in ms for b in m.stale_bitmaps]
-                               for vm, ms in by_vm(members).items()})
-        checksums = asyncio.ensure_future(gather_all(*(
-            self.repo.sha256(i.image) for i in images if not i.sha256)))
-        await gather_all(checksums, removing)
-        missing = iter(checksums.result())
-        done = tuple(i if i.sha256 else replace(i, sha256=next(missing)) for i in images)
-        self.repo.record(list(done))
+        """Drop the previous checkpoints, catalog the images. Committed. (Their
+        checksums are taken after, in the background: Repository.fill_checksums.)"""
+        await self._drop({vm: [(m.disk, b) for m in ms for b in m.stale_bitmaps]
+                          for vm, ms in by_vm(members).items()})
+        self.repo.record(list(images))
         log.info("txn %s: committed: %d images catalogued, previous checkpoints dropped",
-                 txn_id, len(done))
-        return Committed(done)
+                 txn_id, len(images))
+        return Committed(images)
 
     async def rollback(self, cmd: Rollback) -> Event:
         """Thaw, cancel the jobs, drop the new checkpoints, delete the images. Aborted."""

@@ -628,8 +628,11 @@ class MemberImage(_message.Message):
     size: _builtins.int
     """virtual size of the disk"""
     sha256: _builtins.str
-    """of the image file, set once committed"""
+    """of the image file: taken after the commit, in the"""
     cut_at: _builtins.float
+    """background (empty until then, and in a backup set's
+    record; ListImages and Verify have it)
+    """
     checkpoint: _builtins.str
     agent_id: _builtins.str
     """set by the coordinator in backup sets"""

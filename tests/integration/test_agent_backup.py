@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from blocktxn.demo.lab import CLUSTER, images_equal, top_layer_clusters
 from blocktxn.v1 import agent_pb2 as pb
-from tests.integration.harness import Host, restore
+from tests.integration.harness import Host, restore, wait_until
 
 DISKS = [("vm1", "d0"), ("vm1", "d1")]
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def test_full_then_two_incrementals_restore_exactly_the_cut(
@@ -31,11 +38,14 @@ def test_full_then_two_incrementals_restore_exactly_the_cut(
         assert not ga.is_frozen
         vote = host.prepare(txn)
         assert vote.yes, vote.reason
-        # the checksums are taken at the barrier, so a Commit does no O(disk size) work
-        assert all(len(i.sha256) == 64 for i in vote.images)
+        # no image is re-read on the transaction's path: the checksums come after it
+        assert not any(i.sha256 for i in vote.images)
         committed = host.commit(txn)
         assert {(i.vm, i.disk) for i in committed.images} == set(DISKS)
-        assert [i.sha256 for i in committed.images] == [i.sha256 for i in vote.images]
+        wait_until(lambda: all(i.sha256 == file_sha256(host.image(i.image))
+                               for i in host.stub.ListImages(pb.ListImagesRequest(),
+                                                             timeout=10).images),
+                   what="every catalogued image's checksum, of its file")
     time.sleep(0.2)
     wl.stop_background()
     assert len(ga.cuts) == 3 and wl.writes_while_frozen == 0

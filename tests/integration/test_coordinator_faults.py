@@ -318,7 +318,9 @@ def test_a_commit_one_agent_cannot_apply_yet_is_redelivered_and_the_set_waits_fo
                                            timeout=10)
     assert {(i.agent_id, i.vm, i.disk) for i in bset.images} == {
         (h.agent.agent_id, vm, d) for h, vm, d in all_disks(cluster)}
-    assert all(i.sha256 for i in bset.images)
+    for host in cluster.hosts.values():  # each image's checksum follows the commit
+        wait_until(lambda h=host: all(i.sha256 for i in h.stub.ListImages(
+            apb.ListImagesRequest(), timeout=10).images), what="the catalog's checksums")
 
 
 def test_a_corrupt_record_is_quarantined_not_fatal_to_leadership(

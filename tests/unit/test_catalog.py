@@ -1,9 +1,11 @@
-"""The agent's catalog: its history (add, rebase, remove) replays to the same images,
+"""The agent's catalog: its history (add, checksum, rebase, remove) replays to the same images,
 compaction keeps the file bounded, and a failed write changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,26 @@ def test_history_replays_to_the_same_catalog(tmp_path: Path) -> None:
     assert again.images() == repo.images() == [image("s1"), rebased]
     assert again.last_image("vm1", "d0") == rebased
     assert again.chain_length("vm1", "d0") == 2
+
+
+def test_checksums_are_taken_after_the_commit_and_replayed(tmp_path: Path) -> None:
+    """Images are catalogued without a checksum (none on the transaction's path);
+    fill_checksums reads each once, records it, and the history replays to it; an
+    image removed before its turn is skipped."""
+    repo = Repository(tmp_path, [])
+    bare = [dataclasses.replace(image(s, b), sha256="") for s, b in
+            (("s1", ""), ("s2", "s1"), ("s3", "s2"))]
+    for i in bare:
+        (tmp_path / i.image).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / i.image).write_bytes(i.set_id.encode() * 1000)
+    repo.record(bare)
+    repo._append([{"op": "remove", "image": bare[1].image}], [bare[0], bare[2]])
+    assert asyncio.run(repo.fill_checksums()) == 2
+    want = {i.image: hashlib.sha256(i.set_id.encode() * 1000).hexdigest()
+            for i in (bare[0], bare[2])}
+    assert {i.image: i.sha256 for i in repo.images()} == want
+    assert Repository(tmp_path, []).images() == repo.images()
+    assert asyncio.run(repo.fill_checksums()) == 0      # nothing left to do
 
 
 def test_compaction_keeps_the_file_bounded(tmp_path: Path,
