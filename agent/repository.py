@@ -35,6 +35,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -51,6 +52,7 @@ from .errors import BadRequestError, ConflictError, JournalError, QemuError, Unk
 from .jsonl import JsonLines, fsync_dir
 from .participant_messages import ImageRecord
 
+log = logging.getLogger(__name__)
 COMPACT_SLACK = 1000  # catalog lines beyond twice the live images before a rewrite
 
 
@@ -183,19 +185,21 @@ class Repository:
 
     async def fill_checksums(self) -> int:
         """Checksum every catalogued image that has none yet (oldest first), each under
-        its disk's lock (a removal or rebase of it waits); return how many.
-
-        Raises:
-            QemuError: an image cannot be read (the rest wait for the next call).
-        """
-        done = 0
-        while todo := [i for i in self._catalog if not i.sha256]:
+        its disk's lock (a removal or rebase of it waits); return how many. An image
+        that cannot be read is logged and left for the next call (verify reports it)."""
+        done, unreadable = 0, set()
+        while todo := [i for i in self._catalog if not i.sha256 and i.image not in unreadable]:
             img = todo[0]
             async with self.lock(img.vm, img.disk):
                 now = next((i for i in self._catalog if i.image == img.image), None)
                 if now is None or now.sha256:
                     continue  # removed, or rebased (which records its own checksum)
-                sha = await self.sha256(img.image)
+                try:
+                    sha = await self.sha256(img.image)
+                except QemuError as err:
+                    log.warning("no checksum for %s: %s", img.image, err)
+                    unreadable.add(img.image)
+                    continue
                 self._append([{"op": "sum", "image": img.image, "sha256": sha}],
                              [dataclasses.replace(i, sha256=sha) if i.image == img.image
                               else i for i in self._catalog])

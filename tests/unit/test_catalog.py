@@ -56,6 +56,12 @@ def test_checksums_are_taken_after_the_commit_and_replayed(tmp_path: Path) -> No
     assert {i.image: i.sha256 for i in repo.images()} == want
     assert Repository(tmp_path, []).images() == repo.images()
     assert asyncio.run(repo.fill_checksums()) == 0      # nothing left to do
+    missing = dataclasses.replace(image("s4", "s3"), sha256="")
+    later = dataclasses.replace(image("s5", "s4"), sha256="")
+    (tmp_path / later.image).write_bytes(b"x")
+    repo.record([missing, later])                       # s4's file is gone: s5 still gets one
+    assert asyncio.run(repo.fill_checksums()) == 1
+    assert [i.sha256 for i in repo.images()][-2:] == ["", hashlib.sha256(b"x").hexdigest()]
 
 
 def test_compaction_keeps_the_file_bounded(tmp_path: Path,
