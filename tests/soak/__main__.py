@@ -16,7 +16,8 @@ Writes ``soak.csv`` and ``soak.png`` (the curves against the transaction count) 
 ``--out``, prints a summary and exits 0 only if every check passed and every curve
 plateaus (``--plateau report``: the verdicts are printed but not enforced).
 The soak compresses time, so the daemons' time-based upkeep is scaled down with it:
-``--keep-finished`` (default 120s), etcd's auto-compaction window (default 1m;
+``--keep-finished`` and ``--keep-audit`` (default 120s each: the audit trail of every
+StartTransaction is kept 90 days in the product), etcd's auto-compaction window (default 1m;
 ``--etcd-compaction product`` keeps the product's hour). etcd's --snapshot-count is
 the product's 10000 (about 1,000 transactions) unless ``--etcd-snapshot-count N``.
 """
@@ -52,6 +53,8 @@ def parse(argv: list[str]) -> Options:
                    help="seconds between two writes of each VM's writer")
     p.add_argument("--keep-finished", default=d.keep_finished,
                    help="the coordinator's --keep-finished (if it has one)")
+    p.add_argument("--keep-audit", default=d.keep_audit,
+                   help="the coordinator's --keep-audit (if it has one)")
     p.add_argument("--etcd-compaction", default=d.etcd_compaction,
                    help="etcd periodic auto-compaction window, or 'product'")
     p.add_argument("--etcd-snapshot-count", default=d.etcd_snapshot_count,
@@ -76,7 +79,8 @@ def parse(argv: list[str]) -> Options:
     return Options(transactions=a.transactions, every=a.every, out=a.out, seed=a.seed,
                    hours=a.hours, fault_rate=a.fault_rate, agents=a.agents, vms=a.vms,
                    disks=a.disks, disk_mib=a.disk_mib, write_interval=a.write_interval,
-                   keep_finished=a.keep_finished, etcd_compaction=a.etcd_compaction,
+                   keep_finished=a.keep_finished, keep_audit=a.keep_audit,
+                   etcd_compaction=a.etcd_compaction,
                    etcd_snapshot_count=a.etcd_snapshot_count,
                    plateau=a.plateau, prune_gap=a.prune_gap,
                    workdir=a.workdir, keep_files=a.keep_files)

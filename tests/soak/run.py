@@ -81,6 +81,7 @@ class Options:
     disk_mib: int = 4
     write_interval: float = 0.02
     keep_finished: str = "120s"
+    keep_audit: str = "120s"
     etcd_compaction: str = "1m"
     etcd_snapshot_count: str = "product"
     plateau: str = "enforce"  # or "report": verdicts printed, not part of PASS
@@ -166,6 +167,10 @@ class Soak:
         else:
             self.notes.append("coordinator has no --keep-finished: finished transaction "
                               "records are never collected")
+        if "--keep-audit" in helptext:
+            args += ["--keep-audit", self.o.keep_audit]
+            self.notes.append(f"coordinator --keep-audit {self.o.keep_audit} (the soak "
+                              "compresses time: default 90d scaled down)")
         self.scale_etcd()
         self.cluster = Cluster(self.workdir / "cluster", 1, coordinator_args=args,
                                env={"BLOCKTXN_CLOCK_FILE": str(self.clock)})
