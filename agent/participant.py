@@ -194,11 +194,17 @@ class ParticipantMachine:
         assert st.plan is not None
         if isinstance(event, Staged) and not st.staged:
             st.staged = True
+            if st.cut_wanted and st.failure:
+                return [Rollback(st.txn_id, st.members, st.plan.vms, st.plan.quiesce,
+                                 st.failure)]
             return [StartCut(st.txn_id, st.plan)] if st.cut_wanted else []
         if isinstance(event, CutRequested):
             if st.cut_wanted:
                 return []  # a retried Cut waits for the one running
             st.cut_wanted = True
+            if st.failure:  # e.g. a VM lost since the stage: freeze nothing, roll back
+                return [Rollback(st.txn_id, st.members, st.plan.vms, st.plan.quiesce,
+                                 st.failure)]
             return [StartCut(st.txn_id, st.plan)] if st.staged else []
         if isinstance(event, CutDone):
             st.frozen_at, st.cut_at = event.frozen_at, event.cut_at

@@ -95,3 +95,20 @@ def create(path: Path, size: int, backing: str = "") -> None:
         path.unlink(missing_ok=True)
         raise
     os.close(fd)
+
+
+def backing_name(path: Path) -> str:
+    """The backing file name an image's header names ("" for none).
+
+    Raises:
+        OSError: unreadable. ValueError: not a qcow2 image.
+    """
+    with open(path, "rb") as f:
+        header = f.read(20)
+        if len(header) < 20 or header[:4] != b"QFI\xfb":
+            raise ValueError(f"{path.name} is not a qcow2 image")
+        offset, size = struct.unpack(">QI", header[8:20])
+        if not offset:
+            return ""
+        f.seek(offset)
+        return f.read(size).decode(errors="replace")

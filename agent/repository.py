@@ -48,6 +48,7 @@ from blocktxn import failpoints
 from blocktxn.ids import IdentifierError, confine
 
 from . import qcow2
+from .aio import gather_all
 from .errors import BadRequestError, ConflictError, JournalError, QemuError, UnknownError
 from .jsonl import JsonLines, fsync_dir
 from .participant_messages import ImageRecord
@@ -184,22 +185,32 @@ class Repository:
         self._append([dataclasses.asdict(i) for i in new], [*self._catalog, *new])
 
     async def fill_checksums(self) -> int:
-        """Checksum every catalogued image that has none yet (oldest first), each under
-        its disk's lock (a removal or rebase of it waits); return how many. An image
-        that cannot be read is logged and left for the next call (verify reports it)."""
-        done, unreadable = 0, set()
-        while todo := [i for i in self._catalog if not i.sha256 and i.image not in unreadable]:
+        """Checksum every catalogued image that has none yet (oldest first); return how
+        many. The image is read without the disk's lock (a backup of the disk must not
+        wait for it); the sum is recorded under the lock only if the image is still
+        catalogued without one and with the same backing (a rebase meanwhile records
+        its own), and never for an image whose header names another backing than the
+        catalog (a rebase cut short by a crash, which its removal redoes). An image that
+        cannot be read is logged and left for the next call (verify reports it)."""
+        done, skipped = 0, set()
+        while todo := [i for i in self._catalog if not i.sha256 and i.image not in skipped]:
             img = todo[0]
+            skipped.add(img.image)  # once per call, whatever happens
+            try:
+                named = qcow2.backing_name(self.path(img.image))
+                sha = await self.sha256(img.image)
+            except (QemuError, OSError, ValueError) as err:
+                log.warning("no checksum for %s: %s", img.image, err)
+                continue
+            if named != (Path(img.backing).name if img.backing else ""):
+                log.warning("no checksum for %s: its header names backing %r, the catalog "
+                            "%r (a rebase cut short; its removal redoes it)", img.image,
+                            named, img.backing)
+                continue
             async with self.lock(img.vm, img.disk):
                 now = next((i for i in self._catalog if i.image == img.image), None)
-                if now is None or now.sha256:
-                    continue  # removed, or rebased (which records its own checksum)
-                try:
-                    sha = await self.sha256(img.image)
-                except QemuError as err:
-                    log.warning("no checksum for %s: %s", img.image, err)
-                    unreadable.add(img.image)
-                    continue
+                if now is None or now.sha256 or now.backing != img.backing:
+                    continue  # removed or rebased meanwhile
                 self._append([{"op": "sum", "image": img.image, "sha256": sha}],
                              [dataclasses.replace(i, sha256=sha) if i.image == img.image
                               else i for i in self._catalog])
@@ -344,9 +355,12 @@ class Repository:
             finally:
                 os.close(fd)
 
-        await asyncio.gather(*(asyncio.to_thread(sync, self.path(r)) for r in rels))
-        await asyncio.gather(*(asyncio.to_thread(fsync_dir, d)
+        try:  # gather_all: a failure waits for the fsyncs still running
+            await gather_all(*(asyncio.to_thread(sync, self.path(r)) for r in rels))
+            await gather_all(*(asyncio.to_thread(fsync_dir, d)
                                for d in {self.path(r).parent for r in rels}))
+        except OSError as err:
+            raise QemuError(f"repository: cannot make the images durable: {err}") from err
 
     async def sha256(self, rel: str) -> str:
         """The image's checksum, read in a worker thread (no time limit: its size has

@@ -34,13 +34,17 @@ class QemuVm(VmBackend):
         self.watchdog: asyncio.subprocess.Process | None = None
         self._ready: asyncio.subprocess.Process | None = None  # the watchdog said ready
         self._watching = ""  # the watchdog's kind: --ga (freeze) or --qmp (pause)
+        self._armed = False  # told a deadline, not yet disarmed
+        self._stale = False  # retire it once disarmed (its own connection may be dead)
         self._reaping: set[asyncio.Task[int]] = set()
 
     async def _lost(self, _: VmConnection) -> None:
+        self._renew_watchdog()
         if self.on_lost:
             await self.on_lost(self)
 
     async def _connected(self, _: VmConnection) -> None:
+        self._renew_watchdog()
         if self.on_connected:
             await self.on_connected(self)
 
@@ -121,7 +125,10 @@ class QemuVm(VmBackend):
             await self.guest_agent.thaw()
         elif quiesce == "pause":
             await blockjobs.resume(self.conn)
-        await self._tell_watchdog(watchdog.DISARM)
+        if await self._tell_watchdog(watchdog.DISARM):
+            self._armed = False
+        if self._stale and not self._armed:
+            self._stop_watchdog()
 
     async def freeze_ready(self) -> None:
         """Wait (outside the freeze window) until the watchdog says it can act.
@@ -154,6 +161,16 @@ class QemuVm(VmBackend):
         await self.freeze_ready()
         if not await self._tell_watchdog(watchdog.arm_line(deadline)):
             raise QemuError(f"VM {self.name}: freeze watchdog is gone; not freezing")
+        self._armed = True
+
+    def _renew_watchdog(self) -> None:
+        """The VM connection was lost or made again (QEMU may have restarted, and a pause
+        watchdog's own monitor connection with it): the next freeze gets a new watchdog.
+        An armed one is left armed until the agent's thaw disarms it."""
+        if self._armed:
+            self._stale = True
+        else:
+            self._stop_watchdog()
 
     async def _tell_watchdog(self, line: bytes) -> bool:
         """Write one command to the watchdog; False if it is gone."""
@@ -171,6 +188,7 @@ class QemuVm(VmBackend):
         """Retire the watchdog: the end of its input makes an unarmed one exit, and an
         armed one (a thaw failed) still ends that quiesce at its deadline first."""
         proc, self.watchdog = self.watchdog, None
+        self._armed = self._stale = False
         if proc is not None and proc.returncode is None:
             if proc.stdin is not None and not proc.stdin.is_closing():
                 proc.stdin.close()

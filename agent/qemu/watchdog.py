@@ -68,13 +68,18 @@ async def serve(what: str, end: End) -> None:
     armed: asyncio.Task[None] | None = None
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         word, _, arg = line.strip().partition(" ")
+        try:
+            deadline = float(arg) if word == "arm" else None
+        except ValueError:
+            word = "?"
+        if word not in ("arm", "disarm"):  # never disarms by mistake
+            logging.error("watchdog: unknown command %r ignored", line.strip())
+            continue
         if armed is not None:
             armed.cancel()
             armed = None
-        if word == "arm":
-            armed = asyncio.create_task(_end_at(float(arg), what, end))
-        elif word != "disarm":
-            logging.error("watchdog: unknown command %r", line.strip())
+        if deadline is not None:
+            armed = asyncio.create_task(_end_at(deadline, what, end))
     if armed is not None:  # the agent is gone: the armed deadline still holds
         with contextlib.suppress(asyncio.CancelledError):
             await armed
@@ -85,7 +90,11 @@ async def watch_guest_agent(ga_socket: str) -> None:
 
 
 async def watch_pause(qmp_socket: str) -> None:
+    """Resume over a connection opened now. It lives as long as the watchdog: the agent
+    retires its watchdogs whenever its own connection to the VM is lost or made again
+    (a restarted QEMU), so the next freeze gets a watchdog with a fresh connection."""
     qmp = QMPClient("blocktxn-watchdog")
+    qmp.events.event_filter = lambda event: False  # keeps no event: it lives long
     await asyncio.wait_for(qmp.connect(qmp_socket), 5.0)
     try:
         await serve(qmp_socket, lambda: asyncio.wait_for(qmp.execute("cont"), 5.0))

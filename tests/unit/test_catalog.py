@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from blocktxn.agent import repository
+from blocktxn.agent import qcow2, repository
 from blocktxn.agent.errors import JournalError
 from blocktxn.agent.participant_messages import ImageRecord
 from blocktxn.agent.repository import Repository
@@ -41,27 +41,35 @@ def test_history_replays_to_the_same_catalog(tmp_path: Path) -> None:
 def test_checksums_are_taken_after_the_commit_and_replayed(tmp_path: Path) -> None:
     """Images are catalogued without a checksum (none on the transaction's path);
     fill_checksums reads each once, records it, and the history replays to it; an
-    image removed before its turn is skipped."""
+    image removed before its turn is skipped, and so are an unreadable image and one
+    whose header names another backing than the catalog (a rebase cut short)."""
     repo = Repository(tmp_path, [])
-    bare = [dataclasses.replace(image(s, b), sha256="") for s, b in
-            (("s1", ""), ("s2", "s1"), ("s3", "s2"))]
-    for i in bare:
+
+    def bare(set_id: str, backing: str = "", header_backing: str | None = None
+             ) -> ImageRecord:
+        i = dataclasses.replace(image(set_id, backing), sha256="")
         (tmp_path / i.image).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / i.image).write_bytes(i.set_id.encode() * 1000)
-    repo.record(bare)
-    repo._append([{"op": "remove", "image": bare[1].image}], [bare[0], bare[2]])
+        named = header_backing if header_backing is not None else (
+            f"{backing}.qcow2" if backing else "")
+        qcow2.create(tmp_path / i.image, 1 << 20, named)
+        return i
+
+    def digest(i: ImageRecord) -> str:
+        return hashlib.sha256((tmp_path / i.image).read_bytes()).hexdigest()
+
+    s1, s2, s3 = bare("s1"), bare("s2", "s1"), bare("s3", "s2")
+    repo.record([s1, s2, s3])
+    repo._append([{"op": "remove", "image": s2.image}], [s1, s3])
     assert asyncio.run(repo.fill_checksums()) == 2
-    want = {i.image: hashlib.sha256(i.set_id.encode() * 1000).hexdigest()
-            for i in (bare[0], bare[2])}
-    assert {i.image: i.sha256 for i in repo.images()} == want
+    assert {i.image: i.sha256 for i in repo.images()} == {s1.image: digest(s1),
+                                                          s3.image: digest(s3)}
     assert Repository(tmp_path, []).images() == repo.images()
     assert asyncio.run(repo.fill_checksums()) == 0      # nothing left to do
-    missing = dataclasses.replace(image("s4", "s3"), sha256="")
-    later = dataclasses.replace(image("s5", "s4"), sha256="")
-    (tmp_path / later.image).write_bytes(b"x")
-    repo.record([missing, later])                       # s4's file is gone: s5 still gets one
-    assert asyncio.run(repo.fill_checksums()) == 1
-    assert [i.sha256 for i in repo.images()][-2:] == ["", hashlib.sha256(b"x").hexdigest()]
+    gone, torn, later = bare("s4", "s3"), bare("s5", "s4", "s1.qcow2"), bare("s6", "s5")
+    (tmp_path / gone.image).unlink()
+    repo.record([gone, torn, later])
+    assert asyncio.run(repo.fill_checksums()) == 1      # s4 unreadable, s5 torn: s6 still
+    assert [i.sha256 for i in repo.images()][-3:] == ["", "", digest(later)]
 
 
 def test_compaction_keeps_the_file_bounded(tmp_path: Path,

@@ -101,6 +101,13 @@ def test_a_cut_asked_while_staging_starts_once_staged() -> None:
     assert m.handle("t", Staged()) == [StartCut("t", p)]
 
 
+def test_a_member_lost_after_the_stage_freezes_nothing() -> None:
+    m, p = ParticipantMachine(), plan()
+    run(m, "t", CutPlanned(p), Staged(), MemberFailed("vm1", "", "QMP connection lost"))
+    (cmd,) = m.handle("t", CutRequested())
+    assert isinstance(cmd, Rollback) and "QMP connection lost" in cmd.reason
+
+
 def test_a_staged_cut_is_rolled_back_on_abort_and_after_a_restart() -> None:
     for event in (AbortRequested("x"), Recovered()):
         m, p = ParticipantMachine(), plan()
