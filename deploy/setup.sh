@@ -5,8 +5,8 @@
 #   bash deploy/setup.sh install          install only
 # Installs (only what is missing): Debian qemu-utils, qemu-system-common (qemu-storage-daemon),
 # qemu-system-x86, etcd-server, nftables, prometheus (the metrics tests' server and
-# promtool); a virtualenv in .venv with blocktxn and its dev tools, at the exact versions
-# of constraints.txt.
+# promtool), restic (what the benchmark compares an incremental with); a virtualenv in
+# .venv with blocktxn and its dev tools, at the exact versions of constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +18,7 @@ command -v etcd >/dev/null || need+=(etcd-server)
 command -v nft >/dev/null || need+=(nftables)
 command -v stdbuf >/dev/null || need+=(coreutils)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)  # metrics tests
+command -v restic >/dev/null || need+=(restic)  # the benchmark's incremental comparison
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
