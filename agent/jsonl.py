@@ -20,6 +20,15 @@ from .errors import JournalError
 log = logging.getLogger(__name__)
 
 
+def fsync_file(path: Path) -> None:
+    """Make a file's data durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a directory entry (a created, renamed or deleted file) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -50,7 +50,7 @@ from blocktxn.ids import IdentifierError, confine
 from . import qcow2
 from .aio import gather_all
 from .errors import BadRequestError, ConflictError, JournalError, QemuError, UnknownError
-from .jsonl import JsonLines, fsync_dir
+from .jsonl import JsonLines, fsync_dir, fsync_file
 from .participant_messages import ImageRecord
 
 log = logging.getLogger(__name__)
@@ -347,16 +347,8 @@ class Repository:
     async def make_durable(self, rels: list[str]) -> None:
         """fsync every image, then its directory; the files at once (worker threads:
         concurrent fsyncs share the file system's journal commits)."""
-
-        def sync(p: Path) -> None:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
         try:  # gather_all: a failure waits for the fsyncs still running
-            await gather_all(*(asyncio.to_thread(sync, self.path(r)) for r in rels))
+            await gather_all(*(asyncio.to_thread(fsync_file, self.path(r)) for r in rels))
             await gather_all(*(asyncio.to_thread(fsync_dir, d)
                                for d in {self.path(r).parent for r in rels}))
         except OSError as err:

@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blocktxn.agent.jsonl import fsync_dir
+from blocktxn.agent.jsonl import fsync_dir, fsync_file
 from blocktxn.agent.repository import file_sha256
 from blocktxn.demo.lab import CLUSTER
 from blocktxn.v1 import agent_pb2 as apb
 from tests.integration.harness import Host, iter_files
 
-from .floors import fsync_file
 from .report import Row, median, ratio
 
 MiB = 1 << 20

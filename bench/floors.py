@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any, cast
 from qemu.qmp import EventListener, QMPClient
 
 from blocktxn.agent import qcow2
-from blocktxn.agent.jsonl import fsync_dir
+from blocktxn.agent.jsonl import fsync_dir, fsync_file
 from blocktxn.agent.repository import run_tool
 from blocktxn.demo.lab import LabVm
 
@@ -96,14 +95,6 @@ async def add_null_targets(q: Qmp, vm: LabVm, disks: Sequence[str], tag: str) ->
                                                   "size": size[d]})
                            for d, t in zip(disks, targets, strict=True)))
     return targets
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Floors:
