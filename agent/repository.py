@@ -13,7 +13,7 @@ name, so a repository can be moved). Image data is only ever read by QEMU
 tools, and by the checksum (a worker thread reading the file in 1 MiB chunks:
 OpenSSL's SHA-256 through hashlib, several times as fast here as coreutils'
 sha256sum, and no child process). The checksum of a new image is taken after the
-commit, in the background (``fill_checksums``), not on the transaction's path: it
+commit, in the background (``checksums.py``), not on the transaction's path: it
 re-reads the whole image, which for a full backup cost a quarter to two fifths of the
 barrier again. Until it is recorded, verify checks the image with ``qemu-img check``
 alone.
@@ -34,12 +34,10 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,7 @@ from blocktxn.ids import IdentifierError, confine
 
 from . import qcow2
 from .aio import gather_all
+from .checksums import file_sha256
 from .errors import BadRequestError, ConflictError, JournalError, QemuError, UnknownError
 from .jsonl import JsonLines, fsync_dir, fsync_file
 from .participant_messages import ImageRecord
@@ -80,36 +79,6 @@ async def run_tool(*argv: str, timeout: float | None = 600.0) -> str:
         msg = err.decode(errors="replace").strip().splitlines()
         raise QemuError(f"{argv[0]} failed: {msg[-1] if msg else proc.returncode}")
     return out.decode()
-
-
-HASH_CHUNK = 1 << 20
-
-
-async def file_sha256(path: Path) -> str:
-    """SHA-256 of a file in a worker thread (hashlib releases the GIL while it hashes);
-    a cancelled caller stops the thread at its next chunk.
-
-    Raises:
-        QemuError: the file cannot be read.
-    """
-    stop = threading.Event()
-
-    def work() -> str:
-        digest, buf = hashlib.sha256(), bytearray(HASH_CHUNK)
-        view = memoryview(buf)
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                if stop.is_set():
-                    return ""
-                digest.update(view[:n])
-        return digest.hexdigest()
-
-    try:
-        return await asyncio.get_running_loop().run_in_executor(None, work)
-    except OSError as err:
-        raise QemuError(f"checksum of {path.name}: {err}") from err
-    finally:
-        stop.set()
 
 
 class Repository:
@@ -184,38 +153,17 @@ class Repository:
             return
         self._append([dataclasses.asdict(i) for i in new], [*self._catalog, *new])
 
-    async def fill_checksums(self) -> int:
-        """Checksum every catalogued image that has none yet (oldest first); return how
-        many. The image is read without the disk's lock (a backup of the disk must not
-        wait for it); the sum is recorded under the lock only if the image is still
-        catalogued without one and with the same backing (a rebase meanwhile records
-        its own), and never for an image whose header names another backing than the
-        catalog (a rebase cut short by a crash, which its removal redoes). An image that
-        cannot be read is logged and left for the next call (verify reports it)."""
-        done, skipped = 0, set()
-        while todo := [i for i in self._catalog if not i.sha256 and i.image not in skipped]:
-            img = todo[0]
-            skipped.add(img.image)  # once per call, whatever happens
-            try:
-                named = qcow2.backing_name(self.path(img.image))
-                sha = await self.sha256(img.image)
-            except (QemuError, OSError, ValueError) as err:
-                log.warning("no checksum for %s: %s", img.image, err)
-                continue
-            if named != (Path(img.backing).name if img.backing else ""):
-                log.warning("no checksum for %s: its header names backing %r, the catalog "
-                            "%r (a rebase cut short; its removal redoes it)", img.image,
-                            named, img.backing)
-                continue
-            async with self.lock(img.vm, img.disk):
-                now = next((i for i in self._catalog if i.image == img.image), None)
-                if now is None or now.sha256 or now.backing != img.backing:
-                    continue  # removed or rebased meanwhile
-                self._append([{"op": "sum", "image": img.image, "sha256": sha}],
-                             [dataclasses.replace(i, sha256=sha) if i.image == img.image
-                              else i for i in self._catalog])
-            done += 1
-        return done
+    async def record_sum(self, img: ImageRecord, sha: str) -> bool:
+        """Record *img*'s checksum (read without the lock) if the image is still
+        catalogued without one and with the same backing; return whether it was."""
+        async with self.lock(img.vm, img.disk):
+            now = next((i for i in self._catalog if i.image == img.image), None)
+            if now is None or now.sha256 or now.backing != img.backing:
+                return False  # removed or rebased meanwhile (a rebase records its own)
+            self._append([{"op": "sum", "image": img.image, "sha256": sha}],
+                         [dataclasses.replace(i, sha256=sha) if i.image == img.image
+                          else i for i in self._catalog])
+            return True
 
     def space(self) -> tuple[int, int]:
         """(capacity, free) bytes of the repository's file system."""

@@ -20,8 +20,9 @@ from blocktxn.requests import DiskRequest, check_cut
 
 from . import planner, views
 from .backend import VmBackend
+from .checksums import Checksums
 from .config import AgentConfig
-from .errors import AgentError, ConflictError, UnknownError
+from .errors import ConflictError, UnknownError
 from .freeze import FreezeControl
 from .journal import Journal
 from .metrics import AgentMetrics
@@ -89,8 +90,7 @@ class AgentRunner:
         self._barriers: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self.removals = Removals(self.repo, self.machine.busy_disks, self.spawn)
-        self._checksums: asyncio.Task[None] | None = None
-        self._checksums_again = False
+        self.checksums = Checksums(self.repo, self.spawn)
 
         self.started = False
         self.metrics = metrics or AgentMetrics()
@@ -112,7 +112,7 @@ class AgentRunner:
         for vm in self.backends.values():
             if vm.connected:
                 self.spawn(self.vm_events.sweep(vm))
-        self._checksum_soon()  # images committed before a crash may still lack theirs
+        self.checksums.soon()  # images committed before a crash may still lack theirs
 
     async def stop(self) -> None:
         await self.freeze.stop()
@@ -147,26 +147,8 @@ class AgentRunner:
         if isinstance(event, (Committed, Aborted)):
             self._forget()
         if isinstance(event, Committed):
-            self._checksum_soon()
+            self.checksums.soon()
         return commands
-
-    def _checksum_soon(self) -> None:
-        """Checksum newly committed images in the background, one task at a time."""
-        if self._checksums is not None and not self._checksums.done():
-            self._checksums_again = True
-            return
-        self._checksums = self.spawn(self._fill_checksums())
-
-    async def _fill_checksums(self) -> None:
-        again = True
-        while again:
-            self._checksums_again = False
-            try:
-                await self.repo.fill_checksums()
-            except AgentError as err:  # left for the next commit or restart to retry
-                log.warning("image checksums not taken: %s", err)
-                return
-            again = self._checksums_again
 
     def _forget(self) -> None:
         """Keep memory and journal bounded: old finished transactions and idle locks go."""

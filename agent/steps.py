@@ -147,7 +147,7 @@ class Steps:
                                        for vm, ms in groups.items())):
             copied.update(part)
         await self.repo.make_durable([m.image for m in members])
-        # no checksum here: it re-reads the image (Repository.fill_checksums takes it
+        # no checksum here: it re-reads the image (checksums.py takes it
         # after the commit)
         return [ImageRecord(
             vm=m.vm, disk=m.disk, set_id=txn_id,
@@ -165,7 +165,7 @@ class Steps:
     async def publish(self, txn_id: str, members: tuple[MemberPlan, ...],
                       images: tuple[ImageRecord, ...]) -> Event:
         """Drop the previous checkpoints, catalog the images. Committed. (Their
-        checksums are taken after, in the background: Repository.fill_checksums.)"""
+        checksums are taken after, in the background: checksums.py.)"""
         await self._drop({vm: [(m.disk, b) for m in ms for b in m.stale_bitmaps]
                           for vm, ms in by_vm(members).items()})
         self.repo.record(list(images))

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blocktxn.agent.checksums import file_sha256
 from blocktxn.agent.jsonl import fsync_dir, fsync_file
-from blocktxn.agent.repository import file_sha256
 from blocktxn.demo.lab import CLUSTER
 from blocktxn.v1 import agent_pb2 as apb
 from tests.integration.harness import Host, iter_files

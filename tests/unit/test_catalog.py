@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from blocktxn.agent import qcow2, repository
+from blocktxn.agent.checksums import Checksums
 from blocktxn.agent.errors import JournalError
 from blocktxn.agent.participant_messages import ImageRecord
 from blocktxn.agent.repository import Repository
@@ -38,6 +39,10 @@ def test_history_replays_to_the_same_catalog(tmp_path: Path) -> None:
     assert again.chain_length("vm1", "d0") == 2
 
 
+def fill(repo: Repository) -> int:
+    return asyncio.run(Checksums(repo, asyncio.ensure_future).fill())
+
+
 def test_checksums_are_taken_after_the_commit_and_replayed(tmp_path: Path) -> None:
     """Images are catalogued without a checksum (none on the transaction's path);
     fill_checksums reads each once, records it, and the history replays to it; an
@@ -60,15 +65,15 @@ def test_checksums_are_taken_after_the_commit_and_replayed(tmp_path: Path) -> No
     s1, s2, s3 = bare("s1"), bare("s2", "s1"), bare("s3", "s2")
     repo.record([s1, s2, s3])
     repo._append([{"op": "remove", "image": s2.image}], [s1, s3])
-    assert asyncio.run(repo.fill_checksums()) == 2
+    assert fill(repo) == 2
     assert {i.image: i.sha256 for i in repo.images()} == {s1.image: digest(s1),
                                                           s3.image: digest(s3)}
     assert Repository(tmp_path, []).images() == repo.images()
-    assert asyncio.run(repo.fill_checksums()) == 0      # nothing left to do
+    assert fill(repo) == 0      # nothing left to do
     gone, torn, later = bare("s4", "s3"), bare("s5", "s4", "s1.qcow2"), bare("s6", "s5")
     (tmp_path / gone.image).unlink()
     repo.record([gone, torn, later])
-    assert asyncio.run(repo.fill_checksums()) == 1      # s4 unreadable, s5 torn: s6 still
+    assert fill(repo) == 1      # s4 unreadable, s5 torn: s6 still
     assert [i.sha256 for i in repo.images()][-3:] == ["", "", digest(later)]
 
 

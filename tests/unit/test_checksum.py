@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from blocktxn.agent.repository import file_sha256
+from blocktxn.agent.checksums import file_sha256
 
 
 def test_the_checksum_is_sha256sums(tmp_path: Path) -> None:
