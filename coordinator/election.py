@@ -10,11 +10,17 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .errors import CoordinatorError, NotLeaderError, StoreUnavailableError
+from .errors import CoordinatorError, NotLeaderError
+from .keepalive import LeaseKeeper
 from .store import Store
 
 log = logging.getLogger(__name__)
-LEASE_TTL = 5
+#: the leader's lease: a replica that dies is replaced within this (a loaded host can
+#: delay a keepalive by seconds: the keeper refreshes every quarter of it)
+LEASE_TTL = 10
+#: the keeper keeps the leader's lease alive this long after the election's loop last
+#: asked: a replica whose loop hangs longer loses its leadership (within WANT_S + TTL)
+WANT_S = 10.0
 
 
 class Election:
@@ -24,10 +30,11 @@ class Election:
     *on_deposed* runs when a term ends, however it ends.
     """
 
-    def __init__(self, store: Store, name: str, identity: str,
+    def __init__(self, store: Store, keeper: LeaseKeeper, name: str, identity: str,
                  on_elected: Callable[[], Awaitable[None]],
                  on_deposed: Callable[[], None]) -> None:
         self.store = store
+        self.keeper = keeper
         self.name = name
         self.identity = identity  # NAME@ADDRESS, the leader key's value
         self.epoch: int | None = None
@@ -43,7 +50,7 @@ class Election:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._deposed()
+        self._deposed(stopping=True)
 
     def require(self) -> int:
         """The current epoch.
@@ -76,33 +83,36 @@ class Election:
                     continue
                 log.info("%s leads with epoch %d", self.name, epoch)
                 self.epoch = epoch
-                await self._on_elected()
-                await self._keep_leading(lease)
+                self._want(lease)
+                try:
+                    await self._on_elected()
+                    await self._keep_leading(lease)
+                finally:
+                    self.keeper.drop(lease.id)
                 log.warning("%s: leader lease lost", self.name)
             except CoordinatorError as err:
                 log.warning("%s: election: %s", self.name, err)
             except asyncio.CancelledError:
-                self._deposed()
+                self._deposed(stopping=True)
                 raise
             except Exception:  # a bug: never keep an epoch without leading
                 log.exception("%s: election failed", self.name)
             self._deposed()
             await asyncio.sleep(0.5)
 
-    async def _keep_leading(self, lease: Any) -> None:
-        """Refresh the lease; ride out etcd hiccups shorter than the lease's TTL."""
-        last_ok = time.monotonic()
-        while time.monotonic() - last_ok < LEASE_TTL - 1:
-            try:
-                if not await self.store.refresh(lease):
-                    return
-                last_ok = time.monotonic()
-            except StoreUnavailableError as err:
-                log.warning("%s: lease keepalive failed: %s", self.name, err)
-            await asyncio.sleep(LEASE_TTL / 5)
+    def _want(self, lease: Any) -> None:
+        self.keeper.want(lease.id, LEASE_TTL, time.monotonic() + WANT_S)
 
-    def _deposed(self) -> None:
+    async def _keep_leading(self, lease: Any) -> None:
+        """Lead while the keeper keeps the lease alive (it rides out etcd hiccups
+        shorter than the lease's TTL); tell it every half second that this loop lives."""
+        while self.keeper.alive(lease.id):
+            self._want(lease)
+            await asyncio.sleep(0.5)
+
+    def _deposed(self, stopping: bool = False) -> None:
         if self.epoch is not None:
-            log.warning("%s no longer leads", self.name)
+            # a replica that stops resigns on purpose: not worth a warning
+            (log.info if stopping else log.warning)("%s no longer leads", self.name)
         self.epoch = None
         self._on_deposed()

@@ -116,6 +116,15 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no types
         finally:
             call.cancel()
 
+    async def keepalive_stream(self) -> Any:
+        """A LeaseKeepAlive stream held open (``write`` a request per keepalive, ``read``
+        the replies in order; the caller cancels it). No overall deadline: the caller
+        gives each reply one.
+
+        Raises: grpc.RpcError, OSError."""
+        await self.connect()
+        return self.leasestub.LeaseKeepAlive(metadata=self.metadata)
+
     async def reauthenticate(self, failed: Any) -> None:
         """The token of channel *failed* expired: the next request opens a fresh channel
         and logs in (unless a concurrent failure did so already)."""

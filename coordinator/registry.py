@@ -1,11 +1,14 @@
 """The agents this coordinator knows: registration on a lease (an agent that stops
 heartbeating is lost after AGENT_TTL), their entries, and one client per agent.
 
-A heartbeat costs etcd no revision while nothing changes: it keeps this replica's
-lease for the agent alive (a keepalive is no write) and checks, in one read-only etcd
-transaction, that the agent's liveness key is still on that lease and its entry still
-the one this replica last wrote or read. Only a new lease, a changed address or
-inventory, another replica's write, or an entry older than SEEN_REFRESH is written.
+An agent sends its inventory only when it changed (by its digest, see the proto); a
+heartbeat without one is answered from what this replica holds for the digest, or
+asks for the inventory. A heartbeat costs etcd no revision while nothing changes: it
+keeps this replica's lease for the agent alive (a keepalive is no write) and checks,
+in one read-only etcd transaction, that the agent's liveness key is still on that
+lease and its entry still the one this replica last wrote or read. Only a new lease,
+a changed address or inventory, another replica's write, or an entry older than
+SEEN_REFRESH is written.
 The repository's free space counts as changed only once it moved by more than
 1/FREE_SLACK of its capacity from the stored value (it drifts with every file
 written on the host; rounded alone, it flaps across a rounding step)."""
@@ -30,11 +33,21 @@ from .errors import (
     StoreFullError,
     StoreUnavailableError,
 )
+from .keepalive import LeaseKeeper
 from .records import AgentEntry, AgentInventory
 from .store import Store
 
 log = logging.getLogger(__name__)
 AGENT_TTL = 10
+#: an agent heartbeats this often (the RegisterAgent reply says so): three chances
+#: within AGENT_TTL, each with its own deadline, before its lease expires
+HEARTBEAT_S = 3.0
+#: at most this long after an agent's last heartbeat its liveness key is gone
+LOST_AFTER = AGENT_TTL + 2 * HEARTBEAT_S
+MAX_DIGEST = 64  # characters of an inventory digest
+#: a heartbeat without inventory checks that the agent's liveness key is still on this
+#: replica's lease (no other replica took it) at most this often
+UNCHANGED_CHECK = 30.0
 ADDRESSES_KEPT = 2  # clients kept per agent (its current and previous address)
 #: an idle agent's entry (its stored last_seen) is rewritten this often: one revision an
 #: hour per agent, so that a replica that never heard a lost agent still knows roughly
@@ -45,10 +58,22 @@ LEASE_LOOKUPS = 16
 FREE_SLACK = 64
 
 
+def stable(inventory: AgentInventory) -> AgentInventory:
+    """*inventory* without what comes and goes while a transaction runs (busy disks,
+    jobs, freezes, open transactions, free space): a change of only these is not
+    written to etcd. The replica that hears the agent shows its latest inventory
+    whole; the others show these fields as of the entry's last write (a new checkpoint
+    is written: one write per agent per committed transaction)."""
+    return replace(inventory, open_transactions=(), repo_free=0, vms=tuple(
+        replace(vm, jobs=(), frozen=False, disks=tuple(
+            replace(d, busy_txn="") for d in vm.disks)) for vm in inventory.vms))
+
+
 def same_inventory(stored: AgentInventory, new: AgentInventory) -> bool:
-    """Whether *new* says nothing that *stored* does not (free space within slack)."""
+    """Whether *new* says nothing that *stored* does not, but for what changes with every
+    transaction (see ``stable``) and free space within slack."""
     slack = max(stored.repo_capacity, new.repo_capacity) // FREE_SLACK
-    return (replace(stored, repo_free=0) == replace(new, repo_free=0)
+    return (stable(stored) == stable(new)
             and abs(stored.repo_free - new.repo_free) <= slack)
 
 
@@ -63,13 +88,17 @@ class _Heard:
     mod: int                    # the entry's mod revision as written or read here
     stored_seen: float          # the last_seen held in etcd
     seen: float                 # this replica's last heartbeat from the agent
+    digest: str = ""            # the agent's digest of *inventory* as it sent it
+    checked: float = 0.0        # time.monotonic() the liveness key was last checked ours
+    latest: AgentInventory | None = None  # as last sent (shown by this replica)
 
 
 class AgentRegistry:
     """Agent entries in etcd and a cache of clients, keyed by (agent id, address)."""
 
-    def __init__(self, store: Store, tls: TlsFiles) -> None:
+    def __init__(self, store: Store, tls: TlsFiles, keeper: LeaseKeeper) -> None:
         self.store = store
+        self.keeper = keeper
         self.tls = tls
         self._heard: dict[str, _Heard] = {}
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
@@ -77,33 +106,81 @@ class AgentRegistry:
         self._clients: dict[tuple[str, str], AgentClient] = {}
         self._closing: set[asyncio.Future[None]] = set()
 
-    async def register(self, agent_id: str, address: str, inventory: AgentInventory) -> None:
+    async def register(self, agent_id: str, address: str, inventory: AgentInventory,
+                       digest: str = "") -> None:
         """Renew the agent's liveness lease (a heartbeat); write its entry only if it
-        changed (see the module's docstring).
+        changed (see the module's docstring). *digest*: the agent's digest of
+        *inventory*, which later heartbeats name instead of sending it.
 
         Raises:
             IdentifierError, RequestError, StoreUnavailableError.
         """
+        self._check(agent_id, address, digest)
+        async with self._locks[agent_id]:
+            await self._register(agent_id, address, inventory)
+            heard = self._heard.get(agent_id)
+            if heard is not None:
+                heard.digest = digest
+
+    async def heartbeat(self, agent_id: str, address: str, digest: str) -> bool:
+        """A heartbeat that names its inventory by *digest*: renew the agent's lease if
+        this replica holds that inventory, at that address, on a live lease still
+        holding the agent's liveness key, with an entry fresher than SEEN_REFRESH.
+        False: nothing was done (the agent sends its inventory at once).
+
+        Raises:
+            IdentifierError, RequestError, StoreUnavailableError.
+        """
+        self._check(agent_id, address, digest)
+        async with self._locks[agent_id]:
+            heard = self._heard.get(agent_id)
+            if (heard is None or not digest or heard.digest != digest
+                    or heard.address != address
+                    or time.time() - heard.stored_seen >= SEEN_REFRESH):
+                return False
+            if not self.keeper.alive(heard.lease.id):
+                return False
+            now = time.monotonic()
+            if now - heard.checked >= UNCHANGED_CHECK:
+                if not await self.store.agent_unchanged(agent_id, heard.token, heard.mod):
+                    return False
+                heard.checked = now
+            self._keep(heard.lease)
+            heard.seen = time.time()
+            return True
+
+    def _keep(self, lease: Any) -> None:
+        """Have the keeper refresh the agent's lease for two heartbeat intervals: it
+        expires AGENT_TTL after the keeper's last refresh, so an agent silent since its
+        last heartbeat is lost LOST_AFTER (10-16 s) after it."""
+        self.keeper.want(lease.id, AGENT_TTL, time.monotonic() + 2 * HEARTBEAT_S)
+
+    @staticmethod
+    def _check(agent_id: str, address: str, digest: str) -> None:
         check_id(agent_id, "agent id")
         if not address:
             raise RequestError("agent address is empty")
-        async with self._locks[agent_id]:
-            await self._register(agent_id, address, inventory)
+        if len(digest) > MAX_DIGEST:
+            raise RequestError(f"inventory digest longer than {MAX_DIGEST} characters")
 
     async def _register(self, agent_id: str, address: str, inventory: AgentInventory) -> None:
         now = time.time()
         heard = self._heard.get(agent_id)
-        alive = heard is not None and await self.store.refresh(heard.lease)
+        alive = heard is not None and self.keeper.alive(heard.lease.id)
         if heard is not None and alive and heard.address == address and same_inventory(
                 heard.inventory, inventory) and now - heard.stored_seen < SEEN_REFRESH:
             if await self.store.agent_unchanged(agent_id, heard.token, heard.mod):
-                heard.seen = now
+                self._keep(heard.lease)
+                heard.seen, heard.checked, heard.latest = now, time.monotonic(), inventory
                 return  # nothing to write
         if heard is not None and alive:
             lease, token = heard.lease, heard.token
         else:
+            if heard is not None:
+                self.keeper.drop(heard.lease.id)
             lease = await self.store.lease(AGENT_TTL)
             token = f"{lease.id:x}".encode()
+            self._keep(lease)
         for _ in range(3):  # another replica may write the entry between read and write
             stored, mod = await self.store.get_agent(agent_id)
             same = stored is not None and stored.address == address and same_inventory(
@@ -118,21 +195,26 @@ class AgentRegistry:
                 # etcd refuses writes (reported by health): the lease keeps the agent
                 # live; its entry is written by a heartbeat once etcd takes writes again
                 log.debug("agent %s: entry not written: etcd is full", agent_id)
-                heard.seen = now
+                self._keep(heard.lease)
+                heard.seen, heard.latest = now, inventory
                 return
             if written is not None:
                 kept = stored if same and stored is not None else None
+                self._keep(lease)
                 self._heard[agent_id] = _Heard(
                     lease, token, address, kept.inventory if kept else inventory, written,
-                    kept.last_seen if kept else now, now)
+                    kept.last_seen if kept else now, now, checked=time.monotonic(),
+                    latest=inventory)
                 return
         raise StoreUnavailableError(f"register {agent_id}: its entry kept changing")
 
     def _with_seen(self, entry: AgentEntry) -> AgentEntry:
+        """*entry* with what this replica heard since it was stored: the time of the
+        agent's last heartbeat, and its latest inventory."""
         heard = self._heard.get(entry.agent_id)
         if heard is None or heard.seen <= entry.last_seen:
             return entry
-        return replace(entry, last_seen=heard.seen)
+        return replace(entry, last_seen=heard.seen, inventory=heard.latest or entry.inventory)
 
     async def entries(self) -> tuple[list[AgentEntry], set[str]]:
         """Every registered agent and the ids of the live ones. ``last_seen``: this

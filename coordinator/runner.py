@@ -31,6 +31,7 @@ from .errors import (
     RequestError,
     StoreUnavailableError,
 )
+from .keepalive import LeaseKeeper
 from .metrics import CoordinatorMetrics
 from .notify import Notifier
 from .pruner import MAX_SETS, Pruner
@@ -51,17 +52,24 @@ from .txn_machine import TxnMachine
 from .txn_messages import OPEN, Begin, CancelRequested, DeadlinePassed, Decision, Resumed, TxnPhase
 
 log = logging.getLogger(__name__)
+WATCH_EVERY = 0.25  # s between two snapshots of a watched transaction of more than
+WATCH_BIG = 64      # this many members
 
 
 class Coordinator:
     """One replica. Leads when it holds the etcd leader key."""
 
     def __init__(self, config: CoordinatorConfig, store: Store,
-                 metrics: CoordinatorMetrics | None = None) -> None:
+                 metrics: CoordinatorMetrics | None = None,
+                 keeper: LeaseKeeper | None = None) -> None:
+        """*keeper*: the lease keeper (its own thread and etcd connection); by default
+        one on a connection like *store*'s."""
         self.config = config
         self.store = store
-        self.registry = AgentRegistry(store, config.tls)
-        self.election = Election(store, config.name, f"{config.name}@{config.advertise}",
+        self.keeper = keeper or LeaseKeeper(lambda: store.twin())
+        self.registry = AgentRegistry(store, config.tls, self.keeper)
+        self.election = Election(store, self.keeper, config.name,
+                                 f"{config.name}@{config.advertise}",
                                  on_elected=self._resume_all, on_deposed=self._drop_all)
         self.live: dict[str, TxnDriver] = {}
         self._adopting: set[asyncio.Future[None]] = set()
@@ -78,6 +86,7 @@ class Coordinator:
         return self.election.epoch is not None
 
     def start(self) -> None:
+        self.keeper.start()
         self.election.start()
 
     async def stop(self) -> None:
@@ -85,16 +94,23 @@ class Coordinator:
         await self.election.stop()
         await self.registry.close()
         await self.notifier.close()
+        await asyncio.to_thread(self.keeper.stop)
 
     async def leader_address(self) -> str | None:
         """Raises: StoreUnavailableError, StoreCorruptError."""
         return await self.election.leader_address()
 
     # ------------------------------------------------------------ agents
-    async def register_agent(self, agent_id: str, address: str, inventory: AgentInventory
-                             ) -> None:
+    async def register_agent(self, agent_id: str, address: str, inventory: AgentInventory,
+                             digest: str = "") -> None:
         """Raises: IdentifierError, RequestError, StoreUnavailableError."""
-        await self.registry.register(agent_id, address, inventory)
+        await self.registry.register(agent_id, address, inventory, digest)
+
+    async def heartbeat(self, agent_id: str, address: str, digest: str) -> bool:
+        """A heartbeat without the inventory; False: send it (see AgentRegistry).
+
+        Raises: IdentifierError, RequestError, StoreUnavailableError."""
+        return await self.registry.heartbeat(agent_id, address, digest)
 
     async def agents(self) -> tuple[list[AgentEntry], set[str]]:
         """Raises: StoreUnavailableError, StoreCorruptError."""
@@ -344,6 +360,10 @@ class Coordinator:
             yield driver.record
             if driver.record.phase == TxnPhase.DONE:  # the final record, not the machine:
                 return                                # DONE is shown once it is durable
+            if len(driver.record.members) > WATCH_BIG:
+                # a transaction of many agents changes with every reply, and each
+                # snapshot is the whole record: one every WATCH_EVERY at most
+                await asyncio.sleep(WATCH_EVERY)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter.wait(), 1.0)
 

@@ -27,6 +27,7 @@ from blocktxn.wire import (
 from .audit import Auditor
 from .proxy import LeaderProxy
 from .records import AgentEntry, AgentInventory, BackupSet, DiskEntry, TxnRecord, VmEntry
+from .registry import HEARTBEAT_S
 from .runner import Coordinator
 from .scheduler import PREFIX as SCHEDULED
 
@@ -111,10 +112,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: Ctx
                             ) -> pb.RegisterAgentResponse:
+        if not request.HasField("inventory"):
+            known = await guard(context, lambda: self.c.heartbeat(
+                request.agent_id, request.address, request.inventory_digest))
+            return pb.RegisterAgentResponse(heartbeat_s=HEARTBEAT_S, send_inventory=not known)
         inventory = inventory_from_pb(request.inventory)
         await guard(context, lambda: self.c.register_agent(
-            request.agent_id, request.address, inventory))
-        return pb.RegisterAgentResponse(heartbeat_s=3.0)
+            request.agent_id, request.address, inventory, request.inventory_digest))
+        return pb.RegisterAgentResponse(heartbeat_s=HEARTBEAT_S)
 
     async def ListAgents(self, request: pb.ListAgentsRequest, context: Ctx
                          ) -> pb.ListAgentsResponse:

@@ -135,6 +135,7 @@ class Store:
 
         Raises: ConfigError for malformed *endpoints*."""
         host, port = parse_endpoints(endpoints)
+        self._args = (endpoints, timeout, page, observe, access)
         self.timeout = timeout
         self.page = page
         self.observe = observe
@@ -146,6 +147,10 @@ class Store:
         self.tx = self.client.transactions
         self.quarantined: dict[str, str] = {}  # key -> why it was left out of listings
 
+    def twin(self) -> Store:
+        """A new Store like this one (its own connection, for another thread's loop)."""
+        return Store(*self._args)
+
     async def _call(self, what: str, make: Callable[[], Awaitable[T]]) -> T:
         """One etcd request with a deadline.
 
@@ -156,8 +161,12 @@ class Store:
         """
         start, outcome = time.monotonic(), "cancelled"
         channel = self.client.channel
+        # a task of our own whose error is always retrieved: when the caller is cancelled
+        # (a client gave up on its RPC), the request it leaves behind may still fail
+        request = asyncio.ensure_future(make())
+        request.add_done_callback(_retrieve)
         try:
-            reply = await asyncio.wait_for(make(), self.timeout)
+            reply = await asyncio.wait_for(request, self.timeout)
             outcome = "ok"
             return reply
         except (TimeoutError, aetcd.exceptions.ClientError, grpc.RpcError, OSError) as err:
@@ -245,13 +254,13 @@ class Store:
         """Raises: StoreUnavailableError."""
         return await self._call("lease", lambda: self.client.lease(ttl))
 
-    async def refresh(self, lease: Any) -> bool:
-        """Keep *lease* alive; False if it has expired.
+    async def refresh_id(self, lease_id: int) -> bool:
+        """Keep the lease *lease_id* alive; False if it has expired.
 
         Raises:
             StoreUnavailableError.
         """
-        reply = await self._call("keepalive", lease.refresh)
+        reply = await self._call("keepalive", lambda: self.client.refresh_lease(lease_id))
         return bool(reply is not None and reply.TTL > 0)
 
     async def try_lead(self, name: str, lease: Any) -> int | None:
@@ -652,6 +661,12 @@ class Store:
         key = _key("request", request_id)
         got = await self._call("get request", lambda: self.client.get(key))
         return None if got is None else _text(got.value, key)
+
+
+def _retrieve(request: asyncio.Future[Any]) -> None:
+    """Mark a finished request's error as seen (the caller may be gone)."""
+    if not request.cancelled():
+        request.exception()
 
 
 async def retry_while_unavailable(call: Callable[[], Awaitable[T]]) -> T:

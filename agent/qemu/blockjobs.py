@@ -171,10 +171,15 @@ async def sweep(conn: VmConnection, keep_jobs: set[str], keep_nodes: set[str],
     jobs = dict(await conn.refresh_jobs())
     stale = [j for j in jobs if j not in keep_jobs]
     for job_id in stale:
-        if jobs[job_id].status != "concluded":
-            await conn.execute("job-cancel", {"id": job_id})
-            await conn.wait_job(job_id, {"concluded"}, 60)
-        await conn.execute("job-dismiss", {"id": job_id})
+        try:
+            if jobs[job_id].status != "concluded":
+                await conn.execute("job-cancel", {"id": job_id})
+                await conn.wait_job(job_id, {"concluded"}, 60)
+            await conn.execute("job-dismiss", {"id": job_id})
+        except QemuError:
+            if job_id in await conn.refresh_jobs():
+                raise
+            continue  # ended meanwhile: its own rollback or commit dismissed it
         gone.append(f"job {job_id}")
     for node in sorted(await conn.node_names()):
         if node.startswith(NODE_PREFIX) and node not in keep_nodes:

@@ -104,26 +104,37 @@ Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
 @_typing.final
 class RegisterAgentRequest(_message.Message):
+    """A heartbeat. The inventory rides along only when it changed: an agent sends
+    inventory_digest every time and the inventory itself when the digest differs from
+    the one it last had accepted by this replica (or when asked to).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     INVENTORY_FIELD_NUMBER: _builtins.int
+    INVENTORY_DIGEST_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     address: _builtins.str
     """host:port where its AgentService listens"""
+    inventory_digest: _builtins.str
+    """the agent's digest of its inventory (opaque, <= 64 chars)"""
     @_builtins.property
-    def inventory(self) -> _agent_pb2.Inventory: ...
+    def inventory(self) -> _agent_pb2.Inventory:
+        """absent: unchanged since the digest last sent with one"""
+
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         address: _builtins.str = ...,
         inventory: _agent_pb2.Inventory | None = ...,
+        inventory_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_id", b"agent_id", "inventory", b"inventory"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_id", b"agent_id", "inventory", b"inventory", "inventory_digest", b"inventory_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -134,16 +145,22 @@ class RegisterAgentResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEARTBEAT_S_FIELD_NUMBER: _builtins.int
+    SEND_INVENTORY_FIELD_NUMBER: _builtins.int
     heartbeat_s: _builtins.float
     """send the next registration within this"""
+    send_inventory: _builtins.bool
+    """This replica does not hold the inventory of inventory_digest: send it again now
+    (the heartbeat without it was not counted).
+    """
     def __init__(
         self,
         *,
         heartbeat_s: _builtins.float = ...,
+        send_inventory: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_s", b"heartbeat_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_s", b"heartbeat_s", "send_inventory", b"send_inventory"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 AGENTS, DISKS = 10, 3  # the quick size
 KINDS = ("full", "incr1")
-POSITIVE = ("wall", "decision after last vote", "done after decision", "coordinator peak RSS",
+POSITIVE = ("wall", "decision after last vote", "done after decision", "coordinator RSS",
             "largest etcd value", "final write (record + set)", "final write bound",
             "etcd db size")
 
@@ -30,7 +30,7 @@ def test_quick_simulated_scale_run_commits_every_disk_and_reports_every_row() ->
     assert {r.section for r in rows} == {SECTION}
     assert {r.case for r in rows} == {f"sim-1x{DISKS}", f"sim-{AGENTS}x{DISKS}"}
     for case, disks in ((f"sim-1x{DISKS}", DISKS), (f"sim-{AGENTS}x{DISKS}", AGENTS * DISKS)):
-        assert got[(case, "agents not live")].value == 0
+        assert got[(case, "agents not live (most)")].value == 0
         for kind in KINDS:
             assert got[(case, f"{kind}: transactions")].value == 1
             assert got[(case, f"{kind}: committed disks")].value == disks

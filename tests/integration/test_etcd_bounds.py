@@ -26,9 +26,11 @@ from blocktxn.coordinator.records import (
     AuditRecord,
     BackupSet,
     DecisionRecord,
+    DiskEntry,
     MemberRecord,
     SetImage,
     TxnRecord,
+    VmEntry,
 )
 from blocktxn.coordinator.registry import FREE_SLACK, same_inventory
 from blocktxn.coordinator.store import PREFIX, Store
@@ -388,7 +390,17 @@ def test_free_space_counts_as_changed_only_past_its_slack() -> None:
     assert same_inventory(stored, replace(stored, repo_free=(100 << 30) + step))
     assert same_inventory(stored, replace(stored, repo_free=(100 << 30) - step))
     assert not same_inventory(stored, replace(stored, repo_free=(100 << 30) - step - 1))
-    assert not same_inventory(stored, replace(stored, open_transactions=("tx-1",)))
+    # what comes and goes with every transaction is not written; a new checkpoint is
+    assert same_inventory(stored, replace(stored, open_transactions=("tx-1",)))
+    disk = DiskEntry("d0", 1 << 30, "qcow2", "blocktxn:tx-0", True)
+    with_vm = replace(stored, vms=(VmEntry("vm1", True, (disk,)),))
+    busy = replace(with_vm, vms=(VmEntry("vm1", True, (replace(disk, busy_txn="tx-1"),),
+                                         jobs=("btxjob",), frozen=True),))
+    assert same_inventory(with_vm, busy)
+    moved = replace(with_vm, vms=(VmEntry("vm1", True, (
+        replace(disk, checkpoint="blocktxn:tx-1"),)),))
+    assert not same_inventory(with_vm, moved)
+    assert not same_inventory(with_vm, replace(with_vm, vms=(VmEntry("vm1", False, (disk,)),)))
 
 
 def _wide_record(hosts: int, disks_per_host: int, name_len: int = 0) -> TxnRecord:

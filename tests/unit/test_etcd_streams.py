@@ -47,7 +47,7 @@ def test_a_keepalive_stream_is_cancelled_after_its_reply() -> None:
         store.client.leasestub = Stub()
         lease = Lease(7, 10, store.client)
         for _ in range(3):
-            assert await store.refresh(lease)
+            assert await store.refresh_id(lease.id)
         await store.close()
 
     asyncio.run(scenario())

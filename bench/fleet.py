@@ -1,0 +1,615 @@
+"""The scale benchmarks' common part: a real etcd and a real coordinator process, a
+fleet of agents on one side (simulated in this process: ``bench.sim``; real
+processes: ``bench.scale``), and what is measured of each backup of every disk.
+
+A *case* is one fleet size: registration, an idle stretch of heartbeats only, a full
+backup of every disk and then zero-change incrementals. The first case of a run is
+the one-agent baseline; every other case's figures carry their ratio to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import grpc
+from aetcd.utils import prefix_range_end
+
+from bench.report import Row
+from blocktxn.coordinator.encoding import decode, final_write_bound
+from blocktxn.coordinator.etcd_server import EtcdServer
+from blocktxn.coordinator.records import TxnRecord
+from blocktxn.coordinator.store import ETCD_MAX_REQUEST, PREFIX, Store
+from blocktxn.v1 import agent_pb2 as apb
+from blocktxn.v1 import coordinator_pb2 as cpb
+from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
+from tests.integration.cluster import CoordinatorProcess
+
+if TYPE_CHECKING:
+    from blocktxn.v1.coordinator_pb2_grpc import CoordinatorServiceAsyncStub
+
+#: the coordinator's targets the benchmarks report against (never asserted)
+DECISION_TARGET = 2.0        # s from the last vote to the durable decision
+RSS_TARGET = 200e6           # bytes of coordinator resident memory
+START_TIMEOUT = 60.0         # StartTransaction, ListAgents
+DEADLINE_S = 600.0           # a transaction's deadline (then presumed abort)
+WATCH_TIMEOUT = DEADLINE_S + 60
+REGISTER_TIMEOUT = 120.0     # every agent registered
+RETRIES = 3                  # starts refused because an agent was lost, per backup
+#: metrics given with their ratio to the baseline's (and every "... CPU")
+RATIO = ("wall", "cut", "votes after cut", "decision after last vote", "done after decision",
+         "largest etcd value", "final write (record + set)", "etcd revisions")
+
+
+class FleetError(RuntimeError):
+    """The run cannot go on: agents that do not register, a backup whose start is
+    refused again and again, a watch that ends early. The case ends there (and says why
+    in the notes); an aborted transaction is not an error, it is reported."""
+
+
+class Member(Protocol):
+    """One agent of the fleet, as the benchmark addresses it."""
+
+    @property
+    def agent_id(self) -> str: ...
+
+    @property
+    def targets(self) -> list[str]: ...
+
+
+class Side(Protocol):
+    """The agents' side of a run: what it adds, and what it can say about itself."""
+
+    #: every heartbeat round trip this side timed, in order (may stay empty)
+    heartbeats: list[float]
+
+    async def add(self, disks: int, first: bool) -> Member:
+        """One more agent with *disks* disks, started and heartbeating."""
+
+    def waiting(self, members: Sequence[Member], since: float) -> int:
+        """How many of *members* had no heartbeat accepted since *since*
+        (``time.monotonic()``); 0 where this side cannot tell."""
+
+    def usage(self) -> dict[str, tuple[float, int]]:
+        """Role -> (CPU seconds so far, resident bytes now) of this side's processes."""
+
+    def warnings(self) -> tuple[int, list[str]]:
+        """Warning/error lines this side logged so far, and the first few distinct."""
+
+    async def close(self) -> None: ...
+
+
+class LoopLag:
+    """The longest this process' event loop was late (a benchmark too busy to answer
+    in time would show here, not in the coordinator)."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.05)
+            self.worst = max(self.worst, time.perf_counter() - t0 - 0.05)
+
+    def take(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return worst
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+@dataclass(frozen=True)
+class EtcdSizes:
+    largest: int          # the largest value under /blocktxn/
+    largest_key: str
+    final_write: int      # the transactions' final write: record + backup set (+ keys)
+    bound: int            # the coordinator's up-front bound of that write
+    db_size: int
+    revision: int
+
+
+def proc_usage(pid: int) -> tuple[float, int]:
+    """(CPU seconds: user + system, peak resident bytes: VmHWM) of process *pid*."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    ticks = int(fields[11]) + int(fields[12])
+    hwm = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text()
+               .splitlines() if line.startswith("VmHWM:"))
+    return ticks / os.sysconf("SC_CLK_TCK"), hwm * 1024
+
+
+async def etcd_sizes(store: Store, txn_ids: Sequence[str]) -> EtcdSizes:
+    start = PREFIX.encode()
+    kvs = await store._range("bench", start, prefix_range_end(start))
+    values = {bytes(kv.key).decode(): bytes(kv.value) for kv in kvs}
+    key, value = max(values.items(), key=lambda kv: len(kv[1]))
+    final = bound = 0
+    for txn_id in txn_ids:
+        keys = [f"{PREFIX}txn/{txn_id}", f"{PREFIX}set/{txn_id}"]
+        final = max(final, sum(len(k) + len(values.get(k, b"")) for k in keys))
+        record = values.get(keys[0])
+        if record is not None:
+            bound = max(bound, final_write_bound(decode(record, keys[0], TxnRecord)))
+    status = await store.status()
+    return EtcdSizes(len(value), key, final, bound, status.db_size, status.revision)
+
+
+@dataclass
+class Measured:
+    """One kind of transaction (full, incr1, ...) of one case: maybe split into several
+    transactions run at once (when one would not fit etcd's request limit)."""
+
+    kind: str
+    wall: float
+    txns: list[cpb.Transaction]
+    committed_disks: int          # committed, in the mode asked for
+    cpu: dict[str, float]         # role -> CPU seconds used meanwhile
+    rss: dict[str, int]           # role -> resident bytes (coordinator: its peak)
+    lag: float                    # this process' worst event-loop delay
+    heartbeat: float | None       # the slowest heartbeat round trip meanwhile (if timed)
+    refused: int                  # starts refused because an agent was lost
+    revisions: int                # etcd revisions meanwhile
+    sizes: EtcdSizes
+
+    def metrics(self) -> list[tuple[str, float, str]]:
+        """(metric, value, unit) of every value measured."""
+        t = self.txns
+        last_vote = [max((v.at for v in x.votes), default=x.cut_done_at) for x in t]
+        pairs = list(zip(last_vote, t, strict=True))
+        return [
+            ("wall", self.wall * 1000, "ms"),
+            ("cut", max(x.cut_done_at - x.created_at for x in t) * 1000, "ms"),
+            ("votes after cut", max(v - x.cut_done_at for v, x in pairs) * 1000, "ms"),
+            ("decision after last vote", max(x.decided_at - v for v, x in pairs) * 1000, "ms"),
+            ("done after decision", max(x.done_at - x.decided_at for x in t) * 1000, "ms"),
+            ("transactions", len(t), "txns"),
+            ("committed disks", self.committed_disks, "disks"),
+            ("starts refused (agent lost)", self.refused, "txns"),
+            *([("heartbeat round trip (max)", self.heartbeat * 1000, "ms")]
+              if self.heartbeat is not None else []),
+            *((f"{role} CPU", cpu, "s") for role, cpu in self.cpu.items()),
+            *((f"{role} RSS", rss / 1e6, "MB") for role, rss in self.rss.items()),
+            ("bench loop lag (max)", self.lag * 1000, "ms"),
+            ("etcd revisions", self.revisions, "revisions"),
+            ("largest etcd value", self.sizes.largest, "bytes"),
+            ("final write (record + set)", self.sizes.final_write, "bytes"),
+            ("final write bound", self.sizes.bound, "bytes"),
+            ("etcd db size", self.sizes.db_size / 1e6, "MB"),
+        ]
+
+
+@dataclass
+class Case:
+    name: str                                   # e.g. sim-100x10
+    agents: int
+    disks: int
+    measured: list[Measured] = field(default_factory=list)
+    # None: not measured (the case failed before)
+    register_s: float | None = None
+    idle: dict[str, float] = field(default_factory=dict)   # metric -> value, heartbeats only
+    not_live: int = 0                           # most agents seen not live
+    warnings: int = 0                           # agents' warning lines meanwhile
+
+    def rows(self, section: str, baseline: Case | None) -> list[Row]:
+        base = {(m.kind, k): v for m in (baseline.measured if baseline else [])
+                for k, v, _ in m.metrics()}
+        out = [Row(section, self.name, "registration", self.register_s, "s")
+               ] if self.register_s is not None else []
+        out += [Row(section, self.name, f"idle: {metric}", value, IDLE_UNITS.get(metric, ""))
+                for metric, value in self.idle.items()]
+        out += [Row(section, self.name, "agents not live (most)", self.not_live, "agents"),
+                Row(section, self.name, "agent warnings", self.warnings, "lines")]
+        for m in self.measured:
+            for metric, value, unit in m.metrics():
+                was = base.get((m.kind, metric))
+                wanted = metric in RATIO or metric.endswith(" CPU")
+                ratio = value / was if was and value and wanted else None
+                out.append(Row(section, self.name, f"{m.kind}: {metric}", float(value), unit,
+                               baseline.name if ratio is not None and baseline else "",
+                               ratio))
+        return out
+
+
+IDLE_UNITS = {"coordinator CPU": "s/min", "etcd revisions": "1/min",
+              "etcd revisions per agent": "1/min", "etcd db growth": "bytes/min",
+              "heartbeat round trip (max)": "ms"}
+
+
+@dataclass
+class Result:
+    section: str
+    cases: list[Case]
+    notes: list[str]
+    live: list[tuple[float, int]] = field(default_factory=list)  # (s since start, live)
+
+    @property
+    def rows(self) -> list[Row]:
+        base = self.cases[0]
+        return [*base.rows(self.section, None),
+                *(r for c in self.cases[1:] for r in c.rows(self.section, base))]
+
+
+class Bench:
+    """A real etcd and a real coordinator process, a client of it, and the agents'
+    side (made by *side* from the coordinator's address)."""
+
+    def __init__(self, workdir: Path, side: Callable[[str], Side], idle_s: float,
+                 prefix: str) -> None:
+        self.workdir = workdir
+        self.etcd = EtcdServer(workdir / "etcd")
+        self.coordinator = CoordinatorProcess("c0", workdir / "c0", self.etcd.endpoint)
+        self.side = side(self.coordinator.address)
+        self.idle_s, self.prefix = idle_s, prefix
+        self.notes: list[str] = []
+        self.members: list[Member] = []
+        self.live_samples: list[tuple[float, int]] = []
+        self._channel: grpc.aio.Channel | None = None
+        self._store: Store | None = None
+        self._seq = 0
+        self._t0 = time.monotonic()
+        self._sampler: asyncio.Task[None] | None = None
+        self.lag = LoopLag()
+        self.last_live = 0  # agents live in the last listing (of any case)
+
+    @property
+    def stub(self) -> CoordinatorServiceAsyncStub:
+        assert self._channel is not None
+        return cpb_grpc.CoordinatorServiceStub(self._channel)
+
+    @property
+    def store(self) -> Store:
+        assert self._store is not None
+        return self._store
+
+    @property
+    def pid(self) -> int:
+        assert self.coordinator.proc is not None
+        return self.coordinator.proc.pid
+
+    async def __aenter__(self) -> Bench:
+        self.etcd.start()
+        self.coordinator.start()
+        self._channel = grpc.aio.insecure_channel(self.coordinator.address)
+        self._store = Store(self.etcd.endpoint)
+        self.lag.start()
+        self._sampler = asyncio.create_task(self._sample_live())
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:  # serving, and etcd reachable
+            try:
+                await self.stub.ListAgents(cpb.ListAgentsRequest(), timeout=5)
+                return self
+            except grpc.aio.AioRpcError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if self._sampler is not None:
+                self._sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._sampler
+            await self.lag.stop()
+            await self.side.close()
+            if self._store is not None:
+                await self._store.close()
+            if self._channel is not None:
+                await self._channel.close(None)
+        finally:
+            # read before the stop: a replica stopped says it no longer leads
+            self.notes += log_notes("coordinator", [self.workdir / "c0" / "c0.log"])
+            self.coordinator.stop()
+            self.etcd.stop()
+
+    async def _sample_live(self) -> None:
+        """Every second: how many of the fleet's agents hold a live key in etcd."""
+        while True:
+            with contextlib.suppress(Exception):
+                ids = {m.agent_id for m in self.members}
+                live = await self.store.live_leases()
+                self.live_samples.append((time.monotonic() - self._t0,
+                                          sum(1 for a in live if a in ids)))
+            await asyncio.sleep(1.0)
+
+    # ------------------------------------------------------------------ agents
+    async def add(self, disks: int, count: int, first: bool = False) -> list[Member]:
+        """Start *count* more agents of *disks* disks each (at most 16 at once)."""
+        limit = asyncio.Semaphore(16)
+
+        async def one() -> Member:
+            async with limit:
+                return await self.side.add(disks, first)
+
+        added = list(await asyncio.gather(*(one() for _ in range(count))))
+        self.members += added
+        return added
+
+    async def live(self, agents: Sequence[Member]) -> int:
+        """How many of *agents* the coordinator lists as live with their inventory."""
+        ids = {a.agent_id for a in agents}
+        reply = await self.stub.ListAgents(cpb.ListAgentsRequest(), timeout=START_TIMEOUT)
+        self.last_live = sum(1 for a in reply.agents
+                             if a.agent_id in ids and a.live and a.inventory.vms)
+        return self.last_live
+
+    async def wait_registered(self, agents: Sequence[Member]) -> float:
+        """Wait until every agent had a heartbeat accepted since now (where the side
+        can tell), then until the coordinator lists them all live."""
+        t0 = time.monotonic()
+        while True:
+            waiting = self.side.waiting(agents, t0)
+            if not waiting and await self.live(agents) == len(agents):
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > REGISTER_TIMEOUT:
+                raise FleetError(
+                    f"after {REGISTER_TIMEOUT:.0f}s, {waiting} of {len(agents)} agents had "
+                    f"no heartbeat accepted, {len(agents) - self.last_live} were not live "
+                    "in the coordinator's listing")
+            await asyncio.sleep(0.2 if waiting else 2.0)
+
+    def _usage(self) -> tuple[dict[str, float], dict[str, int]]:
+        cpu, rss = proc_usage(self.pid)
+        etcd_cpu, etcd_rss = proc_usage(self.etcd.proc.pid) if self.etcd.proc else (0.0, 0)
+        side = self.side.usage()
+        return ({"coordinator": cpu, **{r: c for r, (c, _) in side.items()}, "etcd": etcd_cpu},
+                {"coordinator": rss, **{r: m for r, (_, m) in side.items() if m},
+                 "etcd": etcd_rss})
+
+    async def idle(self, case: Case) -> None:
+        """While the agents only heartbeat: per minute, coordinator CPU, etcd revisions
+        (in all and per agent), etcd's growth; the slowest heartbeat round trip."""
+        cpu0, _ = self._usage()
+        s0 = await self.store.status()
+        beats = len(self.side.heartbeats)
+        self.lag.take()
+        await asyncio.sleep(self.idle_s)
+        cpu1, _ = self._usage()
+        s1 = await self.store.status()
+        per_min = 60.0 / self.idle_s
+        revisions = (s1.revision - s0.revision) * per_min
+        case.idle = {"coordinator CPU": (cpu1["coordinator"] - cpu0["coordinator"]) * per_min,
+                     "etcd revisions": revisions,
+                     "etcd revisions per agent": revisions / max(1, case.agents),
+                     "etcd db growth": (s1.db_size - s0.db_size) * per_min}
+        slowest = max(self.side.heartbeats[beats:], default=None)
+        if slowest is not None:
+            case.idle["heartbeat round trip (max)"] = slowest * 1000
+
+    # ------------------------------------------------------------ transactions
+    async def start(self, targets: list[str], mode: apb.BackupMode.ValueType
+                    ) -> cpb.Transaction | grpc.aio.AioRpcError:
+        """Start one transaction; the coordinator's refusal when an agent is lost or the
+        transaction could never be decided (too large for one etcd request); nothing
+        was started then."""
+        self._seq += 1
+        req = cpb.StartTransactionRequest(
+            request_id=f"{self.prefix}-{self._seq}-{random.getrandbits(32):08x}",
+            targets=[cpb.Target(target=t) for t in targets], mode=mode, deadline_s=DEADLINE_S)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:  # a fresh coordinator may not lead yet
+            try:
+                txn: cpb.Transaction = await self.stub.StartTransaction(req,
+                                                                         timeout=START_TIMEOUT)
+                return txn
+            except grpc.aio.AioRpcError as err:
+                if _too_large(err) or _lost(err):
+                    return err
+                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def watch(self, txn_id: str) -> cpb.Transaction:
+        """Follow the transaction until DONE (as ``blocktxn backup --wait`` does)."""
+        last: cpb.Transaction | None = None
+        async for t in self.stub.WatchTransaction(cpb.GetTransactionRequest(txn_id=txn_id),
+                                                  timeout=WATCH_TIMEOUT):
+            last = t
+        if last is None or last.phase != cpb.TXN_PHASE_DONE:
+            raise FleetError(f"{txn_id}: the watch ended before DONE")
+        return last
+
+    async def start_all(self, agents: Sequence[Member], kind: str,
+                        mode: apb.BackupMode.ValueType) -> tuple[list[cpb.Transaction], int]:
+        """Start one grouped transaction of every disk of *agents*, or, if one could
+        never be decided, the fewest equal parts that can (all at once). A start
+        refused because an agent is lost waits until every agent is live again and
+        retries (at most RETRIES times). Returns the transactions and those refusals."""
+        targets = [t for a in agents for t in a.targets]
+        parts = refused = 0
+        while True:
+            parts = parts or 1
+            chunks = [targets[i::parts] for i in range(parts)]
+            got = [await self.start(chunks[0], mode)]
+            if isinstance(got[0], cpb.Transaction):
+                for chunk in chunks[1:]:
+                    got.append(await self.start(chunk, mode))
+            errors = [e for e in got if isinstance(e, grpc.aio.AioRpcError)]
+            txns = [t for t in got if isinstance(t, cpb.Transaction)]
+            if not errors:
+                if parts > 1:
+                    self.notes.append(f"{kind}: run as {parts} transactions at once "
+                                      f"({len(chunks[0])} targets each)")
+                return txns, refused
+            if txns:  # a later part refused: finish what started, report what did not
+                self.notes.append(f"{kind}: {len(errors)} of {parts} parts refused: "
+                                  f"{errors[0].details()}")
+                return txns, refused
+            err = errors[0]
+            if _too_large(err):
+                if parts == 1:
+                    self.notes.append(f"{kind}: {len(targets)} targets refused as one "
+                                      f"transaction: {err.details()}")
+                parts *= 2
+                if parts > len(targets):
+                    raise FleetError(f"{kind}: refused even per target: {err.details()}")
+            else:
+                refused += 1
+                self.notes.append(f"{kind}: start refused: {err.details()}")
+                if refused > RETRIES:
+                    raise FleetError(f"{kind}: refused {refused} times: {err.details()}")
+                await self.wait_registered(agents)
+
+    async def backup(self, agents: Sequence[Member], kind: str,
+                     mode: apb.BackupMode.ValueType) -> Measured:
+        """Back up every disk of *agents* (see start_all); measure it."""
+        cpu0, _ = self._usage()
+        rev0 = (await self.store.status()).revision
+        beats = len(self.side.heartbeats)
+        self.lag.take()
+        t0 = time.perf_counter()
+        started, refused = await self.start_all(agents, kind, mode)
+        done = await asyncio.gather(*(self.watch(t.txn_id) for t in started))
+        wall = time.perf_counter() - t0
+        cpu1, rss = self._usage()
+        lag = self.lag.take()
+        want = apb.BACKUP_MODE_FULL if mode == apb.BACKUP_MODE_FULL else \
+            apb.BACKUP_MODE_INCREMENTAL
+        committed = 0
+        for t in done:
+            if t.decision != cpb.DECISION_COMMIT:
+                self.notes.append(f"{kind}: {t.txn_id} ABORTED: {t.reason}")
+            wrong = [m for m in t.members if m.outcome == "committed" and m.mode != want]
+            if wrong:
+                self.notes.append(f"{kind}: {len(wrong)} disks not {apb.BackupMode.Name(want)}"
+                                  f", e.g. {wrong[0].mode_reason}")
+            committed += sum(1 for m in t.members if m.outcome == "committed" and m.mode == want)
+        sizes = await etcd_sizes(self.store, [t.txn_id for t in done])
+        return Measured(kind, wall, list(done), committed,
+                        {r: cpu1[r] - cpu0.get(r, 0.0) for r in cpu1}, rss, lag,
+                        max(self.side.heartbeats[beats:], default=None), refused,
+                        sizes.revision - rev0, sizes)
+
+    async def run_case(self, name: str, agents: Sequence[Member], incrementals: int,
+                       disks: int) -> Case:
+        """Registration, idle heartbeats, then a full backup and *incrementals*
+        incrementals of every disk of *agents*; what failed ends the case, in the notes."""
+        case = Case(name, len(agents), disks)
+        warned, _ = self.side.warnings()
+        kinds = [("full", apb.BACKUP_MODE_FULL)] + [
+            (f"incr{i + 1}", apb.BACKUP_MODE_INCREMENTAL) for i in range(incrementals)]
+        since = math.inf
+        try:
+            case.register_s = await self.wait_registered(agents)
+            since = time.monotonic() - self._t0  # live samples count from here
+            await self.idle(case)
+            for kind, mode in kinds:
+                m = await self.backup(agents, kind, mode)
+                case.measured.append(m)
+                case.not_live = max(case.not_live, len(agents) - await self.live(agents))
+        except FleetError as err:
+            self.notes.append(f"{name}: FAILED: {err}")
+            case.not_live = max(case.not_live, len(agents) - self.last_live)
+        ids = {a.agent_id for a in agents}
+        seen = [n for t, n in self.live_samples if t >= since]
+        if seen and len(ids) == len(self.members):
+            case.not_live = max(case.not_live, len(ids) - min(seen))
+        count, first = self.side.warnings()
+        case.warnings = count - warned
+        if case.warnings:
+            self.notes.append(f"{name}: {case.warnings} warning/error lines of agents, "
+                              "first: " + " | ".join(first))
+        if case.measured:
+            largest = max(case.measured, key=lambda m: m.sizes.largest).sizes
+            self.notes.append(f"{name}: largest etcd value {largest.largest:,} bytes at "
+                              f"{largest.largest_key}")
+        return case
+
+    def result(self, section: str, cases: list[Case]) -> Result:
+        return Result(section, cases, self.notes, list(self.live_samples))
+
+
+def _too_large(err: grpc.aio.AioRpcError) -> bool:
+    return err.code() == grpc.StatusCode.INVALID_ARGUMENT and \
+        "split the targets" in (err.details() or "")
+
+
+def _lost(err: grpc.aio.AioRpcError) -> bool:
+    return err.code() == grpc.StatusCode.FAILED_PRECONDITION and \
+        "lost (no heartbeat)" in (err.details() or "")
+
+
+def bad_lines(paths: Sequence[Path]) -> list[str]:
+    """Every WARNING, ERROR and traceback line of the logs at *paths*."""
+    out = []
+    for path in paths:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        out += [ln for ln in lines if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln]
+    return out
+
+
+def distinct(lines: Sequence[str], most: int = 5) -> list[str]:
+    """The first *most* distinct messages of log *lines* (timestamps cut off)."""
+    seen: list[str] = []
+    for ln in lines:
+        text = ln.split(" ", 3)[-1][:160]
+        if text not in seen:
+            seen.append(text)
+    return seen[:most]
+
+
+def log_notes(who: str, paths: Sequence[Path]) -> list[str]:
+    """The warnings and errors of *who*'s logs: how many, and the first few."""
+    bad = bad_lines(paths)
+    if not bad:
+        return [f"{who} log: no warning or error"]
+    return [f"{who} log: {len(bad)} warning/error lines; first: " + " | ".join(distinct(bad))]
+
+
+# ------------------------------------------------------------------------- table
+
+
+def table(result: Result, title: str) -> str:
+    base, *rest = result.cases
+    big = rest[-1] if rest else base
+    rows = {r.metric: r for r in big.rows(result.section, base if rest else None)}
+    base_rows = {r.metric: r for r in base.rows(result.section, None)}
+    width = max(len(m) for m in rows) + 2
+    out = [title,
+           f"{'metric':<{width}}{'unit':>10}{base.name:>16}{big.name:>16}{'ratio':>9}"]
+    for metric, r in rows.items():
+        b = base_rows.get(metric)
+        out.append(f"{metric:<{width}}{r.unit:>10}{_num(b.value if b else math.nan):>16}"
+                   f"{_num(r.value):>16}{f'{r.ratio:.2f}x' if r.ratio is not None else '':>9}")
+    out += ["", f"targets ({big.name}):"]
+
+    def worst(suffix: str) -> float:
+        return max((r.value for m, r in rows.items() if m.endswith(suffix)), default=math.nan)
+
+    for what, got, target, unit in (
+            ("decision after the last vote", worst("decision after last vote") / 1000,
+             DECISION_TARGET, "s"),
+            ("coordinator peak RSS", worst("coordinator RSS"), RSS_TARGET / 1e6, "MB"),
+            ("largest etcd value", worst("largest etcd value") / 2**20,
+             ETCD_MAX_REQUEST / 2**20, "MiB"),
+            ("largest etcd request (final write)", worst("final write (record + set)") / 2**20,
+             ETCD_MAX_REQUEST / 2**20, "MiB")):
+        verdict = "not measured" if math.isnan(got) else "met" if got <= target else "NOT met"
+        out.append(f"  {what}: {got:.3f} {unit} (target <= {target:g} {unit}): {verdict}")
+    out += ["", "notes:", *(f"  {n}" for n in result.notes)]
+    return "\n".join(out)
+
+
+def _num(v: float) -> str:
+    if math.isnan(v):
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
