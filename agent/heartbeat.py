@@ -1,9 +1,12 @@
 """Registration with the coordinator replicas, repeated as this agent's heartbeat.
 
 A heartbeat never waits for QEMU: the inventory (which asks every VM for its disks and
-checkpoints) is taken by its own task every few seconds into a cache, and a heartbeat
+checkpoints) is taken by its own task into a cache, when the agent's transactions or
+VM connections change and at least every INVENTORY_EVERY seconds, and a heartbeat
 sends only the cache's digest, with the inventory itself only when the digest changed
-since the current replica last accepted one (or when the replica asks for it). Each
+since the current replica last accepted one (or when the replica asks for it); those
+without inventory go to the replica's heartbeat server (its reply names it), which
+answers them apart from the replica's transaction work. Each
 call has a deadline of HEARTBEAT_DEADLINE and a failed one is retried after
 RETRY_AFTER, so that a slow answer still leaves a second chance inside the coordinator's
 lease on the agent (it keeps it for two heartbeat intervals after each heartbeat, and
@@ -14,11 +17,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
+from typing import Any
 
 import grpc
 
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as cpb
+from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
 
 from .config import AgentConfig
 from .replicas import Replicas
@@ -29,7 +35,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 3.0            # until the coordinator's reply says otherwise
 HEARTBEAT_DEADLINE = 5.0     # per RegisterAgent call
 RETRY_AFTER = 0.5            # after a failed call (then the next replica)
-INVENTORY_EVERY = 3.0        # the cached inventory is taken again this often
+INVENTORY_CHECK = 1.0        # s between two looks at what the agent knows changed
+INVENTORY_EVERY = 30.0       # the cached inventory is taken again at least this often
 INVENTORY_TIMEOUT = 30.0     # one inventory may take this long (a busy QEMU)
 
 
@@ -48,15 +55,30 @@ class InventoryCache:
         self.taken.set()
 
 
+def _moved(runner: AgentRunner) -> tuple[object, ...]:
+    """What the agent knows changed without asking QEMU: its transactions' phases and
+    its VMs' connections (the inventory is taken again when this moves)."""
+    return (tuple(sorted((t, st.phase.value) for t, st in runner.machine.txns.items())),
+            tuple(vm.connected for vm in runner.backends.values()))
+
+
 async def keep_inventory(runner: AgentRunner, cache: InventoryCache) -> None:
-    """Take the inventory into *cache* every INVENTORY_EVERY seconds."""
+    """Take the inventory into *cache*: within INVENTORY_CHECK s of a change the agent
+    knows of (a transaction's phase, a VM connection), and at least every
+    INVENTORY_EVERY s (what only QEMU knows: a disk added, a bitmap removed by hand).
+    Each take asks every VM for its disks: a cost for QEMU and the agent alike."""
+    taken: tuple[object, ...] | None = None
+    at = 0.0
     while True:
-        try:
-            cache.set(await asyncio.wait_for(inventory_to_pb(runner), INVENTORY_TIMEOUT))
-        except TimeoutError:
-            log.warning("inventory: not taken within %.0fs (the last one is sent)",
-                        INVENTORY_TIMEOUT)
-        await asyncio.sleep(INVENTORY_EVERY)
+        now = _moved(runner)
+        if now != taken or time.monotonic() - at >= INVENTORY_EVERY:
+            try:
+                cache.set(await asyncio.wait_for(inventory_to_pb(runner), INVENTORY_TIMEOUT))
+                taken, at = now, time.monotonic()
+            except TimeoutError:
+                log.warning("inventory: not taken within %.0fs (the last one is sent)",
+                            INVENTORY_TIMEOUT)
+        await asyncio.sleep(INVENTORY_CHECK)
 
 
 async def register_forever(runner: AgentRunner, config: AgentConfig,
@@ -73,29 +95,68 @@ async def register_forever(runner: AgentRunner, config: AgentConfig,
         keeper.cancel()
 
 
+class _Direct:
+    """The replica's heartbeat server (the address its last registration reply named):
+    where heartbeats without inventory go, apart from the replica's transaction work."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.tls = config.tls
+        self.address = ""
+        self.channel: grpc.aio.Channel | None = None
+
+    def stub(self) -> Any | None:
+        if self.channel is None:
+            return None
+        return cpb_grpc.CoordinatorServiceStub(self.channel)  # typed for sync channels
+
+    async def use(self, address: str) -> None:
+        if address != self.address:
+            await self.close()
+            self.address = address
+            self.channel = self.tls.channel(address) if address else None
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close(None)
+        self.channel, self.address = None, ""
+
+
 async def _heartbeats(config: AgentConfig, replicas: Replicas, cache: InventoryCache
                       ) -> None:
     interval = HEARTBEAT_S
     accepted = ""  # the digest whose inventory the current replica holds
-    while True:
-        digest, inventory = cache.digest, cache.inventory
-        send = digest != accepted
-        try:
-            reply = await replicas.stub().RegisterAgent(cpb.RegisterAgentRequest(
-                agent_id=config.agent_id, address=config.advertise or config.listen,
-                inventory=inventory if send else None, inventory_digest=digest),
-                timeout=HEARTBEAT_DEADLINE)
-        except grpc.aio.AioRpcError as err:
-            log.warning("registration with %s failed: %s", replicas.current,
-                        err.details() or err.code().name)
-            replicas.failed()
-            accepted = ""
-            await asyncio.sleep(RETRY_AFTER)
-            continue
-        interval = reply.heartbeat_s or interval
-        if reply.send_inventory:
-            accepted = ""  # at once: this heartbeat did not count
-            continue
-        if send:
-            accepted = digest
-        await asyncio.sleep(interval)
+    direct = _Direct(config)
+    try:
+        while True:
+            digest, inventory = cache.digest, cache.inventory
+            send = digest != accepted
+            # a heartbeat goes to the replica's heartbeat server when there is one and
+            # the inventory need not be sent; everything else to the replica itself
+            stub = None if send else direct.stub()
+            where = direct.address if stub is not None else replicas.current
+            try:
+                reply = await (stub or replicas.stub()).RegisterAgent(
+                    cpb.RegisterAgentRequest(
+                        agent_id=config.agent_id, address=config.advertise or config.listen,
+                        inventory=inventory if send else None, inventory_digest=digest),
+                    timeout=HEARTBEAT_DEADLINE)
+            except grpc.aio.AioRpcError as err:
+                log.warning("registration with %s failed: %s", where,
+                            err.details() or err.code().name)
+                if stub is None:
+                    replicas.failed()
+                await direct.close()
+                accepted = ""
+                await asyncio.sleep(RETRY_AFTER)
+                continue
+            interval = reply.heartbeat_s or interval
+            if reply.send_inventory:
+                accepted = ""  # at once, to the replica: this heartbeat did not count
+                continue
+            if stub is None:
+                await direct.use(reply.heartbeat_address)
+            if send:
+                accepted = digest
+            await asyncio.sleep(interval)
+    finally:
+        await direct.close()

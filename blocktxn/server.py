@@ -40,12 +40,14 @@ async def guard(context: Ctx, call: Callable[[], Awaitable[T]]) -> T:
 async def start_server(register: Callable[[grpc.aio.Server], None], service: str,
                        listen: str, tls: TlsFiles | None,
                        health_servicer: Any = None,
-                       interceptors: Sequence[Any] = ()) -> grpc.aio.Server:
+                       interceptors: Sequence[Any] = (),
+                       on_port: Callable[[int], None] | None = None) -> grpc.aio.Server:
     """Start a server for *service* (its full proto name) on *listen*.
 
     *register* adds the servicer; health (every service SERVING) and reflection
     are added here, so grpcurl and load balancers work against every daemon
-    (*health_servicer*: a ``health.aio.HealthServicer`` the daemon updates later).
+    (*health_servicer*: a ``health.aio.HealthServicer`` the daemon updates later);
+    *on_port* is told the port bound (*listen* may say port 0).
 
     Raises:
         OSError: the address cannot be bound.
@@ -59,7 +61,10 @@ async def start_server(register: Callable[[grpc.aio.Server], None], service: str
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         [service, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    if (tls or TlsFiles()).add_port(server, listen) == 0:
+    port = (tls or TlsFiles()).add_port(server, listen)
+    if port == 0:
         raise OSError(f"cannot listen on {listen}")
+    if on_port is not None:
+        on_port(port)
     await server.start()
     return server

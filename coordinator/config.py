@@ -35,6 +35,7 @@ class CoordinatorConfig:
     keep_finished: float = 7 * 86400.0  # s a finished txn record stays in etcd (upkeep.py)
     retention: Mapping[str, Policy] = field(default_factory=dict)  # group -> policy
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint (None: off)
+    heartbeat_listen: str | None = None  # HOST:PORT of the heartbeat server (None: any port)
     schedules: tuple[Schedule, ...] = ()
     etcd_access: EtcdAccess = field(default_factory=EtcdAccess)
     roles: RoleMap = field(default_factory=RoleMap)  # empty: every TLS client may do all

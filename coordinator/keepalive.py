@@ -21,7 +21,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,8 @@ from aetcd import rpc as etcd_rpc
 from .store import Store
 
 log = logging.getLogger(__name__)
+#: something the keeper runs on its loop: given its store, returns how to stop it
+Service = Callable[[Store], Awaitable[Callable[[], Awaitable[None]]]]
 TICK = 0.2            # the keeper looks for leases due this often
 REPLY_DEADLINE = 4.0  # s for etcd to answer one keepalive (else the stream is opened again)
 
@@ -50,6 +52,7 @@ class LeaseKeeper:
 
     def __init__(self, make_store: Callable[[], Store]) -> None:
         self._make_store = make_store
+        self._services: list[Service] = []
         self._leases: dict[int, _Kept] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -80,6 +83,11 @@ class LeaseKeeper:
         with self._lock:
             self._leases.pop(lease_id, None)
 
+    def serve(self, service: Service) -> None:
+        """Before ``start``: run *service* on the keeper's loop (it gets the keeper's
+        store and returns how to stop it), e.g. the heartbeat server."""
+        self._services.append(service)
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
         self._thread.start()
@@ -95,7 +103,13 @@ class LeaseKeeper:
 
     async def _main(self) -> None:
         store = self._make_store()
+        stops = []
         try:
+            for service in self._services:
+                try:
+                    stops.append(await service(store))
+                except OSError as err:  # the replica's loop answers them all instead
+                    log.error("lease keeper: a service did not start: %s", err)
             while not self._stopping.is_set():
                 try:
                     await self._serve(store)
@@ -105,6 +119,9 @@ class LeaseKeeper:
                              else err or type(err).__name__)
                 await asyncio.sleep(TICK)
         finally:
+            for stop in stops:
+                with contextlib.suppress(Exception):
+                    await stop()
             await store.close()
 
     async def _serve(self, store: Store) -> None:

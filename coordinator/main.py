@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file holding the etcd user's password (never on the command line)")
     p.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:7400)")
     p.add_argument("--advertise", help="address other replicas dial (default: --listen)")
+    p.add_argument("--heartbeat-listen", metavar="HOST:PORT",
+                   help="where agents' heartbeats are served, apart from transaction work "
+                        "(default: --listen's host, any free port; port 0..65535)")
     p.add_argument("--name", help="replica name (a safe identifier; default coord1)")
     p.add_argument("--data-dir", type=Path,
                    help="where the private etcd keeps its data "
@@ -108,11 +111,18 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     roles = parse_roles(args.role)
     tls_files = tls.from_args(args)
     tls.check_listen(args.listen, tls_files, bool(args.insecure))
+    if args.heartbeat_listen:
+        host, sep, port = args.heartbeat_listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"--heartbeat-listen {args.heartbeat_listen!r} is not HOST:PORT "
+                             "(port 0..65535)")
+        tls.check_listen(args.heartbeat_listen, tls_files, bool(args.insecure))
     if roles.enforced and tls_files.ca is None:
         raise ValueError("--role needs mutual TLS (--tls-ca, --tls-cert, --tls-key): "
                          "identities come from client certificates")
     return CoordinatorConfig(name=args.name, listen=args.listen,
                              advertise=args.advertise or args.listen, etcd=args.etcd,
+                             heartbeat_listen=args.heartbeat_listen,
                              data_dir=args.data_dir, tls=tls_files,
                              retention=retention,
                              keep_finished=keep_finished,

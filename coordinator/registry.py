@@ -123,31 +123,43 @@ class AgentRegistry:
                 heard.digest = digest
 
     async def heartbeat(self, agent_id: str, address: str, digest: str) -> bool:
+        """A heartbeat that names its inventory by *digest*, on this replica's loop
+        (see ``quick_heartbeat``).
+
+        Raises:
+            IdentifierError, RequestError, StoreUnavailableError.
+        """
+        async with self._locks[agent_id]:
+            return await self.quick_heartbeat(agent_id, address, digest, self.store)
+
+    async def quick_heartbeat(self, agent_id: str, address: str, digest: str,
+                              store: Store) -> bool:
         """A heartbeat that names its inventory by *digest*: renew the agent's lease if
         this replica holds that inventory, at that address, on a live lease still
         holding the agent's liveness key, with an entry fresher than SEEN_REFRESH.
-        False: nothing was done (the agent sends its inventory at once).
+        False: nothing was done (the agent sends its inventory at once). Runs on the
+        heartbeat server's thread too, with that thread's *store*: it reads and sets
+        single attributes of what this replica's loop recorded (each access atomic),
+        and writes nothing to etcd.
 
         Raises:
             IdentifierError, RequestError, StoreUnavailableError.
         """
         self._check(agent_id, address, digest)
-        async with self._locks[agent_id]:
-            heard = self._heard.get(agent_id)
-            if (heard is None or not digest or heard.digest != digest
-                    or heard.address != address
-                    or time.time() - heard.stored_seen >= SEEN_REFRESH):
+        heard = self._heard.get(agent_id)
+        if (heard is None or not digest or heard.digest != digest
+                or heard.address != address
+                or time.time() - heard.stored_seen >= SEEN_REFRESH
+                or not self.keeper.alive(heard.lease.id)):
+            return False
+        now = time.monotonic()
+        if now - heard.checked >= UNCHANGED_CHECK:
+            if not await store.agent_unchanged(agent_id, heard.token, heard.mod):
                 return False
-            if not self.keeper.alive(heard.lease.id):
-                return False
-            now = time.monotonic()
-            if now - heard.checked >= UNCHANGED_CHECK:
-                if not await self.store.agent_unchanged(agent_id, heard.token, heard.mod):
-                    return False
-                heard.checked = now
-            self._keep(heard.lease)
-            heard.seen = time.time()
-            return True
+            heard.checked = now
+        self._keep(heard.lease)
+        heard.seen = time.time()
+        return True
 
     def _keep(self, lease: Any) -> None:
         """Have the keeper refresh the agent's lease for two heartbeat intervals: it

@@ -31,6 +31,7 @@ from .errors import (
     RequestError,
     StoreUnavailableError,
 )
+from .heartbeats import heartbeat_service
 from .keepalive import LeaseKeeper
 from .metrics import CoordinatorMetrics
 from .notify import Notifier
@@ -68,6 +69,11 @@ class Coordinator:
         self.store = store
         self.keeper = keeper or LeaseKeeper(lambda: store.twin())
         self.registry = AgentRegistry(store, config.tls, self.keeper)
+        self.heartbeat_address = ""  # set by the keeper's thread once its server listens
+        self.keeper.serve(heartbeat_service(
+            self.registry, config.heartbeat_listen or f"{config.listen.rpartition(':')[0]}:0",
+            config.advertise.rpartition(":")[0], config.tls, config.roles,
+            self._heartbeats_at))
         self.election = Election(store, self.keeper, config.name,
                                  f"{config.name}@{config.advertise}",
                                  on_elected=self._resume_all, on_deposed=self._drop_all)
@@ -80,6 +86,10 @@ class Coordinator:
         self.notifier = Notifier()
         self.scheduler = Scheduler(config.schedules, store, self.start_transaction,
                                    self.election.require, self.metrics, self.notifier)
+
+    def _heartbeats_at(self, address: str) -> None:
+        self.heartbeat_address = address
+        log.info("heartbeats served at %s", address)
 
     @property
     def leads(self) -> bool:

@@ -115,11 +115,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         if not request.HasField("inventory"):
             known = await guard(context, lambda: self.c.heartbeat(
                 request.agent_id, request.address, request.inventory_digest))
-            return pb.RegisterAgentResponse(heartbeat_s=HEARTBEAT_S, send_inventory=not known)
+            return pb.RegisterAgentResponse(heartbeat_s=HEARTBEAT_S, send_inventory=not known,
+                                             heartbeat_address=self.c.heartbeat_address)
         inventory = inventory_from_pb(request.inventory)
         await guard(context, lambda: self.c.register_agent(
             request.agent_id, request.address, inventory, request.inventory_digest))
-        return pb.RegisterAgentResponse(heartbeat_s=HEARTBEAT_S)
+        return pb.RegisterAgentResponse(heartbeat_s=HEARTBEAT_S,
+                                        heartbeat_address=self.c.heartbeat_address)
 
     async def ListAgents(self, request: pb.ListAgentsRequest, context: Ctx
                          ) -> pb.ListAgentsResponse:

@@ -13,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from qemu.qmp import EventListener, ExecuteError, Message, QMPClient, QMPError, Runstate
 
 from ..backend import NODE_PREFIX, Checkpoint, Disk, JobProgress
 from ..errors import AgentTimeoutError, QemuError, VmLostError
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
@@ -186,7 +187,8 @@ class VmConnection:
         if client is None or not self.connected:
             raise VmLostError(f"VM {self.name} is not connected")
         try:
-            return await asyncio.wait_for(client.execute(cmd, args), timeout or self.timeout)
+            return await asyncio.wait_for(_awaited(client.execute(cmd, args)),
+                                          timeout or self.timeout)
         except ExecuteError as err:
             raise QemuError(f"{self.name}: {cmd}: {err}") from err
         except TimeoutError as err:
@@ -200,7 +202,7 @@ class VmConnection:
             return
         asked = self._events
         try:
-            raw = await asyncio.wait_for(client.execute("query-jobs"), self.timeout)
+            raw = await asyncio.wait_for(_awaited(client.execute("query-jobs")), self.timeout)
         except (QMPError, OSError, TimeoutError) as err:
             raise QemuError(f"{self.name}: query-jobs: {err}") from err
         # A reply that was on its way while an event told of a newer status must not
@@ -314,3 +316,13 @@ class VmConnection:
     async def node_names(self) -> set[str]:
         nodes = await self.execute("query-named-block-nodes", {"flat": True})
         return {n["node-name"] for n in nodes}
+
+
+def _awaited(command: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+    """*command* run to its reply even if its caller stops waiting (a deadline, a
+    cancelled RPC): QEMU runs a QMP command to its end anyway, and a reply nobody
+    awaits makes the QMP library log "Unknown ID ..., message dropped". Its outcome
+    is then dropped here, quietly."""
+    task = asyncio.ensure_future(command)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return asyncio.shield(task)

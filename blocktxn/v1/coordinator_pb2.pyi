@@ -146,21 +146,28 @@ class RegisterAgentResponse(_message.Message):
 
     HEARTBEAT_S_FIELD_NUMBER: _builtins.int
     SEND_INVENTORY_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_ADDRESS_FIELD_NUMBER: _builtins.int
     heartbeat_s: _builtins.float
     """send the next registration within this"""
     send_inventory: _builtins.bool
     """This replica does not hold the inventory of inventory_digest: send it again now
     (the heartbeat without it was not counted).
     """
+    heartbeat_address: _builtins.str
+    """Where to send the heartbeats without inventory (the same RegisterAgent, served
+    apart from transaction work); empty: here. An agent whose heartbeat there fails,
+    or is answered send_inventory, registers here again.
+    """
     def __init__(
         self,
         *,
         heartbeat_s: _builtins.float = ...,
         send_inventory: _builtins.bool = ...,
+        heartbeat_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_s", b"heartbeat_s", "send_inventory", b"send_inventory"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_address", b"heartbeat_address", "heartbeat_s", b"heartbeat_s", "send_inventory", b"send_inventory"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
