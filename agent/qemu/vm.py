@@ -3,20 +3,18 @@ qemu-ga socket, with a watchdog process that thaws the guest at its deadline."""
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ..aio import gather_all
 from ..backend import Disk, JobProgress, VmBackend
-from ..errors import QemuError
 from ..participant_messages import MemberPlan
-from . import blockjobs, watchdog
+from ..watchdog_proc import WatchdogHandle
+from . import blockjobs
 from .guest_agent import GuestAgentClient
 from .qmp import VmConnection
 
-WATCHDOG_START = 10.0  # seconds a watchdog may take to say it is ready
+WATCHDOG_MODULE = "blocktxn.agent.qemu.watchdog"
 
 
 class QemuVm(VmBackend):
@@ -31,20 +29,15 @@ class QemuVm(VmBackend):
         self.ga_socket = ga_socket
         self.watch_socket = watch_socket  # a monitor for the watchdog alone (pause)
         self.guest_agent = GuestAgentClient(ga_socket) if ga_socket else None
-        self.watchdog: asyncio.subprocess.Process | None = None
-        self._ready: asyncio.subprocess.Process | None = None  # the watchdog said ready
-        self._watching = ""  # the watchdog's kind: --ga (freeze) or --qmp (pause)
-        self._armed = False  # told a deadline, not yet disarmed
-        self._stale = False  # retire it once disarmed (its own connection may be dead)
-        self._reaping: set[asyncio.Task[int]] = set()
+        self.watchdog = WatchdogHandle(name)
 
     async def _lost(self, _: VmConnection) -> None:
-        self._renew_watchdog()
+        self.watchdog.renew()
         if self.on_lost:
             await self.on_lost(self)
 
     async def _connected(self, _: VmConnection) -> None:
-        self._renew_watchdog()
+        self.watchdog.renew()
         if self.on_connected:
             await self.on_connected(self)
 
@@ -59,7 +52,7 @@ class QemuVm(VmBackend):
     async def stop(self) -> None:
         """Disconnect. An armed watchdog is left running: it still owes a guest whose
         thaw failed its thaw at the deadline (it exits by itself after)."""
-        self._stop_watchdog()
+        self.watchdog.stop()
         await self.conn.stop()
 
     async def wait_connected(self, timeout: float) -> bool:
@@ -89,21 +82,15 @@ class QemuVm(VmBackend):
 
     # -------------------------------------------------------------- quiesce
     async def freeze_prepare(self, quiesce: str) -> None:
-        """Have a watchdog (see watchdog.py) for this kind of quiesce: the one kept
-        from an earlier freeze, or a new one started now, so that its start-up costs
-        nothing inside the freeze; it is armed with the deadline just before it."""
-        flag = "--ga" if quiesce == "freeze" else "--qmp"
-        proc = self.watchdog
-        if proc is not None and proc.returncode is None and self._watching == flag:
-            return
-        self._stop_watchdog()
-        sock = self.ga_socket if quiesce == "freeze" else self.watch_socket
-        assert sock is not None
-        self.watchdog = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "blocktxn.agent.qemu.watchdog", flag, sock,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            start_new_session=True)
-        self._watching = flag
+        """Have a watchdog (see watchdog.py) for this kind of quiesce, armed with the
+        deadline just before the freeze."""
+        if quiesce == "freeze":
+            assert self.ga_socket is not None
+            args = ["--ga", self.ga_socket]
+        else:
+            assert self.watch_socket is not None
+            args = ["--qmp", self.watch_socket]
+        await self.watchdog.prepare(WATCHDOG_MODULE, args)
 
     async def freeze_abandon(self) -> None:
         """Nothing to undo: the watchdog stays, unarmed, for the next freeze."""
@@ -111,10 +98,10 @@ class QemuVm(VmBackend):
     async def freeze(self, quiesce: str, deadline: float) -> None:
         if quiesce == "freeze":
             assert self.guest_agent is not None
-            await self._arm_watchdog(deadline)
+            await self.watchdog.arm(deadline)
             await self.guest_agent.freeze()
         elif quiesce == "pause":
-            await self._arm_watchdog(deadline)
+            await self.watchdog.arm(deadline)
             await blockjobs.pause(self.conn)
 
     async def thaw(self, quiesce: str) -> None:
@@ -125,10 +112,7 @@ class QemuVm(VmBackend):
             await self.guest_agent.thaw()
         elif quiesce == "pause":
             await blockjobs.resume(self.conn)
-        if await self._tell_watchdog(watchdog.DISARM):
-            self._armed = False
-        if self._stale and not self._armed:
-            self._stop_watchdog()
+        await self.watchdog.disarm()
 
     async def freeze_ready(self) -> None:
         """Wait (outside the freeze window) until the watchdog says it can act.
@@ -136,65 +120,7 @@ class QemuVm(VmBackend):
         Raises:
             QemuError: it did not start, so the guest must not be frozen.
         """
-        proc = self.watchdog
-        if proc is None or proc.stdout is None or proc is self._ready:
-            return
-        try:
-            line = await asyncio.wait_for(proc.stdout.readline(), WATCHDOG_START)
-        except TimeoutError:
-            line = b""
-        if line.decode().strip() != watchdog.READY:
-            raise QemuError(f"VM {self.name}: freeze watchdog did not start "
-                            f"(see the agent's log); not freezing")
-        self._ready = proc
-
-    async def _arm_watchdog(self, deadline: float) -> None:
-        """Give the watchdog its deadline: from now on it will thaw by itself.
-
-        Raises:
-            QemuError: no watchdog is running, so the guest must not be frozen.
-        """
-        proc = self.watchdog
-        if (proc is None or proc.stdin is None or proc.stdout is None
-                or proc.returncode is not None):
-            raise QemuError(f"VM {self.name}: freeze watchdog is not running; not freezing")
-        await self.freeze_ready()
-        if not await self._tell_watchdog(watchdog.arm_line(deadline)):
-            raise QemuError(f"VM {self.name}: freeze watchdog is gone; not freezing")
-        self._armed = True
-
-    def _renew_watchdog(self) -> None:
-        """The VM connection was lost or made again (QEMU may have restarted, and a pause
-        watchdog's own monitor connection with it): the next freeze gets a new watchdog.
-        An armed one is left armed until the agent's thaw disarms it."""
-        if self._armed:
-            self._stale = True
-        else:
-            self._stop_watchdog()
-
-    async def _tell_watchdog(self, line: bytes) -> bool:
-        """Write one command to the watchdog; False if it is gone."""
-        proc = self.watchdog
-        if proc is None or proc.stdin is None or proc.stdin.is_closing():
-            return False
-        try:
-            proc.stdin.write(line)
-            await proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            return False
-        return True
-
-    def _stop_watchdog(self) -> None:
-        """Retire the watchdog: the end of its input makes an unarmed one exit, and an
-        armed one (a thaw failed) still ends that quiesce at its deadline first."""
-        proc, self.watchdog = self.watchdog, None
-        self._armed = self._stale = False
-        if proc is not None and proc.returncode is None:
-            if proc.stdin is not None and not proc.stdin.is_closing():
-                proc.stdin.close()
-            task = asyncio.ensure_future(proc.wait())
-            self._reaping.add(task)
-            task.add_done_callback(self._reaping.discard)
+        await self.watchdog.ready()
 
     # ------------------------------------------------------------- the jobs
     async def attach_targets(self, members: Sequence[MemberPlan],

@@ -1,0 +1,120 @@
+"""The agent's side of a freeze watchdog process (one per quiesced VM, any backend).
+
+A backend's watchdog is a separate process (``python -m MODULE ARGS...``) that ends a
+quiesce at its deadline even if the agent dies; it speaks the line protocol of
+``blocktxn.agent.qemu.watchdog`` (``ready`` on stdout; ``arm DEADLINE`` and ``disarm``
+on stdin; end of input: an unarmed one exits, an armed one ends the quiesce at its
+deadline first). This class starts, arms, disarms and retires one, and keeps it from
+one freeze to the next as long as it watches the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from .errors import QemuError
+from .qemu import watchdog
+
+WATCHDOG_START = 10.0  # seconds a watchdog may take to say it is ready
+
+
+class WatchdogHandle:
+    """One VM's freeze watchdog process, as the agent holds it."""
+
+    def __init__(self, vm: str) -> None:
+        self.vm = vm
+        self.proc: asyncio.subprocess.Process | None = None
+        self._ready: asyncio.subprocess.Process | None = None  # the watchdog said ready
+        self._argv: tuple[str, ...] = ()  # what the running one was started with
+        self.armed = False  # told a deadline, not yet disarmed
+        self._stale = False  # retire it once disarmed (its own connection may be dead)
+        self._reaping: set[asyncio.Task[int]] = set()
+
+    async def prepare(self, module: str, args: Sequence[str]) -> None:
+        """Have a watchdog ``python -m module args``: the one kept from an earlier
+        freeze if it watches the same way, or a new one started now (its start-up then
+        costs nothing inside the freeze)."""
+        argv = (module, *args)
+        proc = self.proc
+        if proc is not None and proc.returncode is None and self._argv == argv:
+            return
+        self.stop()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", *argv,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            start_new_session=True)
+        self._argv = argv
+
+    async def ready(self) -> None:
+        """Wait (outside the freeze window) until the watchdog says it can act.
+
+        Raises:
+            QemuError: it did not start, so the guest must not be frozen.
+        """
+        proc = self.proc
+        if proc is None or proc.stdout is None or proc is self._ready:
+            return
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), WATCHDOG_START)
+        except TimeoutError:
+            line = b""
+        if line.decode().strip() != watchdog.READY:
+            raise QemuError(f"VM {self.vm}: freeze watchdog did not start "
+                            f"(see the agent's log); not freezing")
+        self._ready = proc
+
+    async def arm(self, deadline: float) -> None:
+        """Give the watchdog its deadline: from now on it will thaw by itself.
+
+        Raises:
+            QemuError: no watchdog is running, so the guest must not be frozen.
+        """
+        proc = self.proc
+        if (proc is None or proc.stdin is None or proc.stdout is None
+                or proc.returncode is not None):
+            raise QemuError(f"VM {self.vm}: freeze watchdog is not running; not freezing")
+        await self.ready()
+        if not await self._tell(watchdog.arm_line(deadline)):
+            raise QemuError(f"VM {self.vm}: freeze watchdog is gone; not freezing")
+        self.armed = True
+
+    async def disarm(self) -> None:
+        """The agent ended the quiesce itself (only a thaw that worked calls this)."""
+        if await self._tell(watchdog.DISARM):
+            self.armed = False
+        if self._stale and not self.armed:
+            self.stop()
+
+    def renew(self) -> None:
+        """The VM connection was lost or made again: the next freeze gets a new
+        watchdog. An armed one is left armed until the agent's thaw disarms it."""
+        if self.armed:
+            self._stale = True
+        else:
+            self.stop()
+
+    async def _tell(self, line: bytes) -> bool:
+        """Write one command to the watchdog; False if it is gone."""
+        proc = self.proc
+        if proc is None or proc.stdin is None or proc.stdin.is_closing():
+            return False
+        try:
+            proc.stdin.write(line)
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        return True
+
+    def stop(self) -> None:
+        """Retire the watchdog: the end of its input makes an unarmed one exit, and an
+        armed one (a thaw failed) still ends that quiesce at its deadline first."""
+        proc, self.proc = self.proc, None
+        self.armed = self._stale = False
+        if proc is not None and proc.returncode is None:
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.close()
+            task = asyncio.ensure_future(proc.wait())
+            self._reaping.add(task)
+            task.add_done_callback(self._reaping.discard)
