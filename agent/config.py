@@ -13,9 +13,10 @@ from blocktxn.tls import TlsFiles
 @dataclass(frozen=True)
 class VmConfig:
     name: str
-    qmp: str
+    qmp: str  # "" for a libvirt domain
     ga: str | None = None
     watch: str | None = None  # a second QMP monitor, for the freeze watchdog (pause)
+    libvirt_domain: str | None = None  # the VM is this libvirt domain (libvirt backend)
 
 
 @dataclass(frozen=True)
@@ -34,21 +35,32 @@ class AgentConfig:
     max_chain: int = 32  # images a restore may open: a longer chain takes a full (auto)
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint (None: off)
     roles: RoleMap = field(default_factory=RoleMap)  # who may call (role coordinator)
+    libvirt_uri: str = "qemu:///system"  # where the libvirt domains of --vm are
+
+
+LIBVIRT = "libvirt:"
 
 
 def parse_vm(spec: str) -> VmConfig:
-    """Parse ``NAME=QMP_SOCKET[,ga=GUEST_AGENT_SOCKET][,watch=QMP_SOCKET]``: ``ga``
-    enables quiesce freeze; ``watch``, a second QMP monitor of the same VM that only
-    the freeze watchdog uses, enables quiesce pause.
+    """Parse ``NAME=QMP_SOCKET[,ga=GUEST_AGENT_SOCKET][,watch=QMP_SOCKET]`` (bare QEMU:
+    ``ga`` enables quiesce freeze; ``watch``, a second QMP monitor of the same VM that
+    only the freeze watchdog uses, enables quiesce pause) or ``NAME=libvirt:DOMAIN``
+    (a libvirt domain: libvirt gives its disks, guest agent and suspend/resume).
 
     Raises:
         ValueError: malformed spec or unsafe name.
     """
-    usage = "NAME=QMP_SOCKET[,ga=GUEST_AGENT_SOCKET][,watch=QMP_SOCKET]"
+    usage = "NAME=QMP_SOCKET[,ga=GUEST_AGENT_SOCKET][,watch=QMP_SOCKET] or NAME=libvirt:DOMAIN"
     name, sep, rest = spec.partition("=")
     if not sep or not rest:
         raise ValueError(f"--vm {spec!r}: expected {usage}")
     check_id(name, "VM name")
+    if rest.startswith(LIBVIRT):
+        domain = rest[len(LIBVIRT):]
+        if not domain or "," in domain or "/" in domain:
+            raise ValueError(f"--vm {spec!r}: expected NAME=libvirt:DOMAIN (a libvirt "
+                             f"domain name; no options: libvirt knows its guest agent)")
+        return VmConfig(name, "", libvirt_domain=domain)
     parts = rest.split(",")
     options: dict[str, str] = {}
     for extra in parts[1:]:

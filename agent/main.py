@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="HOST:PORT to serve AgentService on")
     p.add_argument("--repo", type=Path, help="backup repository directory")
     p.add_argument("--vm", action="append", default=[], metavar="NAME=QMP[,ga=GA]",
-                   help="a VM: its QMP socket and optional guest-agent socket (repeatable)")
+                   help="a VM: its QMP socket and optional guest-agent socket, or "
+                   "NAME=libvirt:DOMAIN for a libvirt domain (repeatable)")
+    p.add_argument("--libvirt-uri", default="qemu:///system",
+                   help="libvirt connection URI of the libvirt:DOMAIN VMs "
+                   "(default qemu:///system)")
     p.add_argument("--restore-dir", action="append", default=[], type=Path,
                    help="directory restores may write into (repeatable; default REPO/restores)")
     p.add_argument("--coordinator",
@@ -89,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         advertise=args.advertise, qmp_timeout=args.qmp_timeout, tls=tls_files, roles=roles,
         in_doubt_after=float(args.in_doubt_after),
         max_chain=int(args.max_chain), metrics_listen=args.metrics_listen,
+        libvirt_uri=args.libvirt_uri,
     )
 
 

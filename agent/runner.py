@@ -64,9 +64,18 @@ T = TypeVar("T")
 
 
 def make_backends(config: AgentConfig) -> dict[str, VmBackend]:
-    """One backend per configured VM."""
-    return {vm.name: QemuVm(vm.name, vm.qmp, vm.ga, config.qmp_timeout, vm.watch)
-            for vm in config.vms}
+    """One backend per configured VM (libvirt-python is imported only if a libvirt
+    domain is configured: a bare-QEMU host does not need it)."""
+    out: dict[str, VmBackend] = {}
+    for vm in config.vms:
+        if vm.libvirt_domain is not None:
+            from .libvirt import LibvirtVm
+
+            out[vm.name] = LibvirtVm(vm.name, config.libvirt_uri, vm.libvirt_domain,
+                                     config.qmp_timeout, config.repo)
+        else:
+            out[vm.name] = QemuVm(vm.name, vm.qmp, vm.ga, config.qmp_timeout, vm.watch)
+    return out
 
 
 class AgentRunner:

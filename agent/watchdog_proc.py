@@ -2,7 +2,7 @@
 
 A backend's watchdog is a separate process (``python -m MODULE ARGS...``) that ends a
 quiesce at its deadline even if the agent dies; it speaks the line protocol of
-``blocktxn.agent.qemu.watchdog`` (``ready`` on stdout; ``arm DEADLINE`` and ``disarm``
+``watchdog.py`` (``ready`` on stdout; ``arm DEADLINE`` and ``disarm``
 on stdin; end of input: an unarmed one exits, an armed one ends the quiesce at its
 deadline first). This class starts, arms, disarms and retires one, and keeps it from
 one freeze to the next as long as it watches the same way.
@@ -14,8 +14,8 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
+from . import watchdog
 from .errors import QemuError
-from .qemu import watchdog
 
 WATCHDOG_START = 10.0  # seconds a watchdog may take to say it is ready
 

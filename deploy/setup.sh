@@ -5,8 +5,11 @@
 #   bash deploy/setup.sh install          install only
 # Installs (only what is missing): Debian qemu-utils, qemu-system-common (qemu-storage-daemon),
 # qemu-system-x86, etcd-server, nftables, prometheus (the metrics tests' server and
-# promtool), restic (what the benchmark compares an incremental with); a virtualenv in
-# .venv with blocktxn and its dev tools, at the exact versions of constraints.txt.
+# promtool), restic (what the benchmark compares an incremental with), libvirt
+# (libvirt-daemon-system: the libvirt backend's tests start libvirtd; libvirt-dev, pkg-config
+# and gcc: the libvirt-python binding is built against the host's libvirt); a virtualenv in
+# .venv with blocktxn, its libvirt binding and its dev tools, at the exact versions of
+# constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +22,11 @@ command -v nft >/dev/null || need+=(nftables)
 command -v stdbuf >/dev/null || need+=(coreutils)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)  # metrics tests
 command -v restic >/dev/null || need+=(restic)  # the benchmark's incremental comparison
+command -v libvirtd >/dev/null || need+=(libvirt-daemon-system)  # the libvirt backend
+pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev pkg-config)  # its binding
+command -v gcc >/dev/null || need+=(gcc)
+[ -f "$(${PYTHON:-python3} -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
+  || need+=(python3-dev)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
@@ -35,7 +43,7 @@ stamp=.venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c
 if [ ! -f "$stamp" ]; then
   export PIP_CONSTRAINT="$PWD/constraints.txt"
   .venv/bin/pip install -q "pip==$(sed -n 's/^pip==//p' constraints.txt)"
-  .venv/bin/pip install -q -e ".[dev]"
+  .venv/bin/pip install -q -e ".[dev,libvirt]"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
