@@ -117,10 +117,12 @@ def checkpoint_xml(name: str, members: Sequence[str], all_disks: Sequence[str]) 
     return ET.tostring(root, encoding="unicode")
 
 
-def checkpoint_sizes(xml: str) -> dict[str, int]:
-    """disk -> dirty bytes, from a checkpoint's XML with sizes (disks with a bitmap)."""
+def checkpoint_sizes(xml: str) -> dict[str, int | None]:
+    """disk -> dirty bytes, from a checkpoint's XML with sizes (disks with a bitmap);
+    None where QEMU has no such bitmap (libvirt then gives no size: the bitmap was
+    lost with a QEMU that was killed before it stored it)."""
     root = ET.fromstring(xml)
-    return {d.get("name", ""): int(d.get("size", "0"))
+    return {d.get("name", ""): int(d.get("size", "0")) if d.get("size") else None
             for d in root.findall("./disks/disk") if d.get("checkpoint") == "bitmap"}
 
 

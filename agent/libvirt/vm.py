@@ -23,7 +23,7 @@ from typing import Any
 
 import libvirt
 
-from ..backend import Checkpoint, Disk, JobProgress, VmBackend
+from ..backend import CHECKPOINT_PREFIX, Checkpoint, Disk, JobProgress, VmBackend
 from ..errors import AgentError, AgentTimeoutError, ConflictError, QemuError
 from ..participant_messages import MemberPlan
 from ..watchdog_proc import WatchdogHandle
@@ -102,19 +102,10 @@ class LibvirtVm(VmBackend):
         found: dict[str, list[Checkpoint]] = {d.target: [] for d in facts.disks}
         for ckpt in await self.conn.call("checkpoint list", dom.listAllCheckpoints, 0):
             name = domxml.from_libvirt(ckpt.getName())
-            try:
-                sizes = domxml.checkpoint_sizes(await self.conn.call(
-                    "checkpoint size", ckpt.getXMLDesc, libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE))
-                broken: set[str] = set()
-            except QemuError as err:  # after a QEMU crash: its bitmaps are not usable
-                log.info("VM %s: checkpoint %s unusable: %s", self.name, name, err)
-                disks = domxml.checkpoint_disks(await self.conn.call(
-                    "checkpoint XML", ckpt.getXMLDesc, 0))
-                sizes, broken = dict.fromkeys(disks, 0), disks
-            for disk, size in sizes.items():
-                if disk in found:
+            for disk, size in (await self._sizes(ckpt)).items():
+                if disk in found:  # no size: QEMU lost the bitmap (killed before storing it)
                     found[disk].append(Checkpoint(name, recording=True, persistent=True,
-                                                  inconsistent=disk in broken, count=size))
+                                                  inconsistent=size is None, count=size or 0))
         out = {}
         for d in facts.disks:
             capacity, allocation, _ = await self.conn.call("block info", dom.blockInfo,
@@ -190,6 +181,9 @@ class LibvirtVm(VmBackend):
             if disk.format != "qcow2":
                 raise QemuError(f"VM {self.name}: disk {m.disk} is {disk.format}; libvirt "
                                 f"checkpoints need qcow2")
+        broken = {c.name for d in disks.values() for c in d.checkpoints
+                  if c.inconsistent and c.name.startswith(CHECKPOINT_PREFIX)}
+        await self._delete_broken(broken)
         job_type = (await self.conn.call("job info", self.conn.dom.jobInfo))[0]
         if job_type != libvirt.VIR_DOMAIN_JOB_NONE or self._job is not None:
             raise ConflictError(f"VM {self.name}: a job is already running on libvirt "
@@ -303,7 +297,7 @@ class LibvirtVm(VmBackend):
                 released |= disks
                 if domxml.checkpoint_disks(await self.conn.call(
                         "checkpoint XML", ckpt.getXMLDesc, 0)) <= released:
-                    await self.conn.call("checkpoint delete", ckpt.delete, 0)
+                    await self._delete(ckpt)
                     self._released.pop(name, None)
         except AgentError as err:
             if self.connected:
@@ -332,12 +326,38 @@ class LibvirtVm(VmBackend):
             disks = domxml.checkpoint_disks(await self.conn.call(
                 "checkpoint XML", ckpt.getXMLDesc, 0))
             if not any(name in keep_checkpoints.get(d, set()) for d in disks):
-                await self.conn.call("checkpoint delete", ckpt.delete, 0)
+                await self._delete(ckpt)
                 self._released.pop(lv_name, None)
                 gone.append(f"checkpoint {name}")
         return gone
 
     # ------------------------------------------------------------- helpers
+    async def _sizes(self, ckpt: Any) -> dict[str, int | None]:
+        return domxml.checkpoint_sizes(await self.conn.call(
+            "checkpoint size", ckpt.getXMLDesc, libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE))
+
+    async def _delete(self, ckpt: Any) -> None:
+        """Delete a checkpoint and its bitmaps. One whose bitmap QEMU lost (killed before
+        storing it) cannot be deleted that way: its metadata alone is left, and goes."""
+        try:
+            await self.conn.call("checkpoint delete", ckpt.delete, 0)
+        except QemuError:
+            if None not in (await self._sizes(ckpt)).values():
+                raise
+            await self.conn.call("checkpoint delete", ckpt.delete,
+                                 libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+            log.warning("VM %s: deleted checkpoint %s, whose bitmap QEMU had lost",
+                        self.name, ckpt.getName())
+
+    async def _delete_broken(self, names: set[str]) -> None:
+        """Delete our checkpoints whose bitmaps QEMU lost: libvirt refuses every new
+        checkpoint while one is broken. Their disks' next backup is full anyway (the
+        planner saw them inconsistent)."""
+        dom = self.conn.dom
+        for name in sorted(names):
+            await self._delete(await self.conn.call(
+                "checkpoint lookup", dom.checkpointLookupByName, domxml.to_libvirt(name), 0))
+
     def _job_completed(self, params: dict[str, Any]) -> None:
         """libvirt's job-completed event (on the loop)."""
         job = self._job

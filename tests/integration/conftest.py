@@ -11,6 +11,7 @@ from tests.integration.harness import Host
 
 if TYPE_CHECKING:
     from tests.integration.cluster import Cluster
+    from tests.integration.libvirt_lab import LibvirtHost
 
 pytestmark = pytest.mark.integration
 
@@ -56,3 +57,39 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     yield make
     for c in clusters:
         c.close()
+
+
+@pytest.fixture(scope="session")
+def libvirt_daemons() -> Iterator[None]:
+    """virtlogd and libvirtd, started for the session if not running (no systemd here);
+    only what this fixture started is stopped after."""
+    from tests.integration.libvirt_lab import LibvirtDaemons
+
+    for b in ("libvirtd", "virtlogd", "qemu-system-x86_64"):
+        _require(b)
+    daemons = LibvirtDaemons()
+    daemons.start()
+    yield
+    daemons.stop()
+
+
+@pytest.fixture
+def make_libvirt_host(tmp_path: Path, libvirt_daemons: None
+                      ) -> Iterator[Callable[..., LibvirtHost]]:
+    """Build lab hosts whose VMs are libvirt domains (+ a started agent); torn down after."""
+    from tests.integration.libvirt_lab import LibvirtHost
+
+    hosts: list[LibvirtHost] = []
+
+    def make(vms: dict[str, list[str]] | None = None, start: bool = True,
+             **kw: Any) -> LibvirtHost:
+        host = LibvirtHost(tmp_path / f"lvhost{len(hosts)}", vms or {"vm1": ["vda", "vdb"]},
+                           **kw)
+        hosts.append(host)
+        if start:
+            host.start_agent()
+        return host
+
+    yield make
+    for h in hosts:
+        h.close()

@@ -1,0 +1,199 @@
+"""One conformance suite for every hypervisor backend of the agent: no lost change across
+incrementals, exact reclaim after an abort or a killed VM, point in time, restore
+equality. ``BackendConformance`` holds the tests; each backend's class only provides the
+``lab`` fixture (bare QEMU: qemu-storage-daemon with a stand-in guest agent, quiesce
+freeze; libvirt: a libvirt domain, quiesce pause)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from blocktxn.demo.guest import Cut
+from blocktxn.demo.lab import CLUSTER, images_equal, top_layer_clusters
+from blocktxn.v1 import agent_pb2 as pb
+from tests.integration.harness import Host, restore, wait_until
+from tests.integration.libvirt_lab import LibvirtHost
+
+
+class Lab(abc.ABC):
+    """One host with one VM ``vm1`` of two disks, as the conformance tests see it."""
+
+    def __init__(self, host: Host, disks: list[str]) -> None:
+        self.host = host
+        self.disks = disks
+        self.members = [("vm1", d) for d in disks]
+        self.workload = host.workloads["vm1"]
+
+    def write(self, clusters: range) -> None:
+        for c in clusters:
+            for d in self.disks:
+                self.workload.write(d, c)
+
+    @property
+    def seq(self) -> int:
+        return self.workload.seq
+
+    @abc.abstractmethod
+    def cut(self, txn: str, mode: pb.BackupMode.ValueType = pb.BACKUP_MODE_AUTO
+            ) -> tuple[pb.CutResponse, Cut]:
+        """Cut *txn* on every disk; the exact content of the disks at the cut."""
+
+    def backup(self, txn: str, mode: pb.BackupMode.ValueType = pb.BACKUP_MODE_AUTO) -> Cut:
+        """A committed backup; the content at its cut."""
+        _, cut = self.cut(txn, mode)
+        self.host.thaw(txn)
+        vote = self.host.prepare(txn)
+        assert vote.yes, vote.reason
+        self.host.commit(txn)
+        return cut
+
+    def checkpoints(self, disk: str) -> dict[str, int]:
+        """The disk's checkpoints (the hypervisor's truth) -> dirty bytes."""
+        return {n: int(b["count"]) for n, b in self.host.bitmaps("vm1", disk).items()}
+
+    def assert_checkpoint_exact(self, name: str, since_seq: int) -> None:
+        """Only *name* is left on each disk, holding exactly what was written since."""
+        for d in self.disks:
+            assert self.checkpoints(d) == {
+                name: len(self.workload.clusters(d, since_seq)) * CLUSTER}, d
+
+    def assert_nothing_left(self, txn: str) -> None:
+        assert self.host.jobs("vm1") == []
+        assert not list((self.host.agent.repo / "images").glob(f"*/*/{txn}.qcow2"))
+
+    def assert_restores(self, txn: str, cut: Cut) -> None:
+        for d in self.disks:
+            out = restore(self.host, txn, "vm1", d, f"{txn}-{d}.raw")
+            assert images_equal(out, "raw", cut.images[d], "raw"), (txn, d)
+
+    def image(self, txn: str, disk: str) -> set[int]:
+        return top_layer_clusters(self.host.image(f"images/vm1/{disk}/{txn}.qcow2"))
+
+    def kill_vm(self) -> None:
+        self.host.vms["vm1"].kill()
+
+    def restart_vm(self) -> None:
+        self.host.vms["vm1"].start()
+
+
+class QemuLab(Lab):
+    def __init__(self, host: Host) -> None:
+        super().__init__(host, ["d0", "d1"])
+
+    def cut(self, txn: str, mode: pb.BackupMode.ValueType = pb.BACKUP_MODE_AUTO
+            ) -> tuple[pb.CutResponse, Cut]:
+        resp = self.host.cut(txn, self.members, mode=mode, quiesce=pb.QUIESCE_FREEZE)
+        return resp, self.host.gas["vm1"].cuts[-1]  # the stand-in guest saw the cut
+
+    def kill_vm(self) -> None:
+        self.workload.detach()
+        super().kill_vm()
+
+    def restart_vm(self) -> None:
+        super().restart_vm()
+        self.workload.attach()
+
+
+class LibvirtLab(Lab):
+    def __init__(self, host: Host) -> None:
+        super().__init__(host, ["vda", "vdb"])
+
+    def cut(self, txn: str, mode: pb.BackupMode.ValueType = pb.BACKUP_MODE_AUTO
+            ) -> tuple[pb.CutResponse, Cut]:
+        # the test is the only writer and writes nothing during the cut: the content now
+        # is the content at the cut
+        cut = self.workload.snapshot(txn)
+        return self.host.cut(txn, self.members, mode=mode, quiesce=pb.QUIESCE_PAUSE), cut
+
+
+class BackendConformance:
+    """The tests every backend passes; a subclass provides the ``lab`` fixture."""
+
+    def test_full_then_incrementals_restore_exactly_the_cut(self, lab: Lab) -> None:
+        lab.write(range(0, 12))
+        cuts = [lab.backup("t1")]
+        seqs = [lab.seq]
+        for txn, clusters in (("t2", range(4, 9)), ("t3", range(20, 23))):
+            lab.write(clusters)
+            resp, cut = lab.cut(txn)
+            assert [m.mode for m in resp.members] == [pb.BACKUP_MODE_INCREMENTAL] * 2
+            lab.host.thaw(txn)
+            lab.write(range(30, 32))              # after the cut: not in this backup
+            assert lab.host.prepare(txn).yes
+            lab.host.commit(txn)
+            cuts.append(cut)
+            seqs.append(cut.seq)
+            for d in lab.disks:               # an incremental holds exactly what changed
+                assert lab.image(txn, d) == lab.workload.clusters(d, seqs[-2], cut.seq)
+        for txn, cut in zip(("t1", "t2", "t3"), cuts, strict=True):
+            lab.assert_restores(txn, cut)
+        lab.assert_checkpoint_exact("blocktxn:t3", seqs[-1])
+        verify = lab.host.stub.Verify(pb.VerifyRequest(set_id="t3"), timeout=60)
+        assert verify.ok and len(verify.checks) == 6
+
+    @pytest.mark.parametrize("abort_at", ["copied", "voted"])
+    def test_abort_keeps_every_write_since_the_last_commit(self, lab: Lab,
+                                                           abort_at: str) -> None:
+        lab.write(range(0, 16))
+        t1 = lab.backup("t1")
+        base = lab.seq
+        lab.write(range(4, 10))                   # before the cut
+        lab.cut("t2")
+        lab.host.thaw("t2")
+        lab.write(range(8, 12))                   # after the cut, while or after copying
+        assert {d.job_status for d in lab.host.wait_pending("t2")} == {"pending"}
+        lab.write(range(12, 14))                  # copied, nothing decided
+        if abort_at == "voted":
+            assert lab.host.prepare("t2").yes
+            lab.write(range(14, 15))              # after the YES vote
+        lab.host.abort("t2")
+        lab.host.abort("t2")                      # idempotent
+        lab.assert_nothing_left("t2")
+        lab.assert_checkpoint_exact("blocktxn:t1", base)
+        cut = lab.backup("t3", pb.BACKUP_MODE_INCREMENTAL)
+        for d in lab.disks:
+            assert lab.image("t3", d) == lab.workload.clusters(d, base, cut.seq)
+        lab.assert_restores("t3", cut)
+        lab.assert_restores("t1", t1)             # the chain before the abort is intact
+
+    def test_vm_killed_after_the_cut_votes_no_and_the_next_auto_backup_is_full(
+            self, lab: Lab) -> None:
+        lab.write(range(0, 8))
+        lab.backup("t1")
+        lab.cut("t2")
+        lab.host.thaw("t2")
+        lab.kill_vm()                             # QEMU dies: NEW is not stored
+        wait_until(lambda: not lab.host.inventory().vms[0].connected, what="VM lost")
+        vote = lab.host.prepare("t2")
+        assert not vote.yes and "vm1" in vote.reason
+        lab.host.abort("t2")
+        assert not list((lab.host.agent.repo / "images").glob("*/*/t2.qcow2"))
+        lab.restart_vm()
+        wait_until(lambda: lab.host.inventory().vms[0].connected, what="VM back")
+        with pytest.raises(grpc.RpcError) as err:  # strict incremental: a clear error
+            lab.cut("t3", pb.BACKUP_MODE_INCREMENTAL)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        lab.write(range(3, 6))
+        resp, cut = lab.cut("t4")
+        assert [m.mode for m in resp.members] == [pb.BACKUP_MODE_FULL] * 2, resp
+        lab.host.thaw("t4")
+        assert lab.host.prepare("t4").yes
+        lab.host.commit("t4")
+        lab.assert_restores("t4", cut)
+        lab.assert_checkpoint_exact("blocktxn:t4", cut.seq)
+
+
+class TestQemuBackend(BackendConformance):
+    @pytest.fixture
+    def lab(self, make_host: Callable[..., Host]) -> Lab:
+        return QemuLab(make_host())
+
+
+class TestLibvirtBackend(BackendConformance):
+    @pytest.fixture
+    def lab(self, make_libvirt_host: Callable[..., LibvirtHost]) -> Lab:
+        return LibvirtLab(make_libvirt_host())
