@@ -31,6 +31,10 @@ _events_lock = threading.Lock()
 _events_started = False
 
 
+def _quiet(_ctx: object, _err: object) -> None:
+    """libvirt's default error handler prints every error on stderr."""
+
+
 def start_event_loop() -> None:
     """libvirt's default event loop in a daemon thread (once per process; before the
     first connection is opened, so that connections get keepalive and events)."""
@@ -38,6 +42,7 @@ def start_event_loop() -> None:
     with _events_lock:
         if _events_started:
             return
+        libvirt.registerErrorHandler(_quiet, None)  # errors are raised, not printed
         libvirt.virEventRegisterDefaultImpl()
 
         def run() -> None:
@@ -80,6 +85,7 @@ class DomainConnection:
         self._conn: Any = None
         self._dom: Any = None
         self._callbacks: list[int] = []
+        self._close_registered = False
         self._active = False
         self._connected = asyncio.Event()
         self._closed = asyncio.Event()
@@ -170,8 +176,11 @@ class DomainConnection:
         try:
             conn = await self.call("connecting to " + self.uri, libvirt.open, self.uri)
         except AgentError as err:
+            cause = err.__cause__
+            why = (cause.get_error_message() if isinstance(cause, libvirt.libvirtError)
+                   else str(err))
             raise VmLostError(f"VM {self.vm}: cannot reach libvirt at {self.uri}: "
-                              f"{err}") from err
+                              f"{why}") from err
         self._conn = conn
         try:
             dom = await self.call("lookup", conn.lookupByName, self.domain)
@@ -181,6 +190,7 @@ class DomainConnection:
         self._dom = dom
         await self.call("keepalive", conn.setKeepAlive, 5, 3)
         await self.call("close callback", conn.registerCloseCallback, self._on_close, None)
+        self._close_registered = True
         for event, cb in ((libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
                           (libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._on_job)):
             self._callbacks.append(await self.call(
@@ -200,7 +210,9 @@ class DomainConnection:
         try:
             for cid in callbacks:
                 await self.call("event unsubscription", conn.domainEventDeregisterAny, cid)
-            await self.call("close callback", conn.unregisterCloseCallback)
+            if self._close_registered:
+                self._close_registered = False
+                await self.call("close callback", conn.unregisterCloseCallback)
             await self.call("disconnect", conn.close)
         except AgentError as err:
             log.debug("VM %s: closing the libvirt connection: %s", self.vm, err)

@@ -72,6 +72,7 @@ def main() -> None:
     how.add_argument("--pause", action="store_const", const="pause", dest="how",
                      help="resume the paused domain at the deadline")
     args = p.parse_args()
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # raised, not printed
     logging.basicConfig(level=logging.INFO, format="%(asctime)s watchdog %(message)s")
     asyncio.run(watch(args.uri, args.domain, args.how))
 
