@@ -145,11 +145,15 @@ class LibvirtLabVm(LabVm):
             time.sleep(0.05)
 
     def remove(self) -> None:
+        """Stop and undefine the domain (idempotent)."""
+        if self._conn is None:
+            return
         with contextlib.suppress(libvirt.libvirtError):
             self.stop()
         with contextlib.suppress(libvirt.libvirtError):
             self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
         self._conn.close()
+        self._conn = None
 
     def hmp(self, command: str) -> str:
         out: str = libvirt_qemu.qemuMonitorCommand(
