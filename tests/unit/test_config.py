@@ -18,7 +18,8 @@ def documented(name: str, tmp: Path) -> str:
     """deploy/NAME with its TLS files pointing at stand-ins that exist."""
     tls = tmp / "tls"
     tls.mkdir(exist_ok=True)
-    for f in ("coord1.crt", "coord1.key", "host1.crt", "host1.key", "ca.crt"):
+    for f in ("coord1.crt", "coord1.key", "host1.crt", "host1.key", "host2.crt", "host2.key",
+              "ca.crt"):
         (tls / f).write_text("x")
     copy = tmp / name
     copy.write_text((DEPLOY / name).read_text().replace("/etc/blocktxn/tls", str(tls)))
@@ -131,3 +132,11 @@ def test_plaintext_listens_on_loopback_only_unless_insecure(
         with pytest.raises(ValueError, match="loopback only") as err:
             parse(parsed)
         assert "--insecure" in str(err.value)
+
+
+def test_documented_libvirt_agent_file_parses(tmp_path: Path) -> None:
+    cfg = agent_config(agent_parser().parse_args(
+        ["--config", documented("agent-libvirt.toml", tmp_path)]))
+    assert [(v.name, v.libvirt_domain) for v in cfg.vms] == [("web", "web-prod"),
+                                                             ("db", "db-prod")]
+    assert cfg.libvirt_uri == "qemu:///system"
