@@ -81,11 +81,13 @@ class DomainConnection:
         self.fatal: AgentError | None = None  # the first attempt found a config error
         self.on_lost: OnChange | None = None
         self.on_connected: OnChange | None = None
+        self.before_connected: OnChange | None = None  # awaited before it counts as connected
         self.on_job_completed: Callable[[dict[str, Any]], None] | None = None
         self._conn: Any = None
         self._dom: Any = None
         self._callbacks: list[int] = []
         self._close_registered = False
+        self._activating = False  # before_connected runs: the domain may be used
         self._active = False
         self._connected = asyncio.Event()
         self._closed = asyncio.Event()
@@ -101,7 +103,7 @@ class DomainConnection:
     @property
     def dom(self) -> Any:
         """The domain handle. Raises: VmLostError when not connected."""
-        if self._dom is None or not self.connected:
+        if self._dom is None or not (self.connected or self._activating):
             raise VmLostError(f"VM {self.vm}: libvirt domain {self.domain} is not "
                               f"reachable ({self.problem})")
         return self._dom
@@ -145,7 +147,7 @@ class DomainConnection:
         return self.connected
 
     async def stop(self) -> None:
-        self.on_lost = self.on_connected = None  # the agent is stopping: nothing was lost
+        self.on_lost = self.on_connected = self.before_connected = None  # nothing was lost
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -220,6 +222,12 @@ class DomainConnection:
     async def _became_active(self) -> None:
         if self.connected:
             return
+        if self.before_connected is not None:
+            self._activating = True
+            try:
+                await self.before_connected()
+            finally:
+                self._activating = False
         self.problem = ""
         self._connected.set()
         if self.on_connected is not None:

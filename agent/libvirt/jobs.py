@@ -19,6 +19,9 @@ from . import domxml
 from .conn import DomainConnection
 
 log = logging.getLogger(__name__)
+#: The last completed job's stats, kept by libvirt for a restarted agent to read again.
+COMPLETED_STATS = (libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
+                   | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED)
 
 
 @dataclass
@@ -55,8 +58,7 @@ async def poll(conn: DomainConnection, job: BackupJob) -> None:
             return
         if job.done.is_set():
             return
-        done = await conn.call("job stats", dom.jobStats,
-                               libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        done = await conn.call("job stats", dom.jobStats, COMPLETED_STATS)
     except AgentError as err:
         log.info("VM %s: job stats: %s", conn.vm, err)
         return
@@ -81,3 +83,29 @@ async def running_job_ids(conn: DomainConnection, images: Path, vm: str) -> set[
             return set()  # someone else's backup
         ids.add(short_name(path.stem, vm, path.parent.name, "job"))
     return ids
+
+
+async def completed_job_ids(conn: DomainConnection, vm: str) -> set[str]:
+    """After the agent restarted: the agent's job ids of the domain's last backup job if
+    it completed while the agent was away. That job is ours and succeeded when libvirt's
+    last completed job is a successful backup, none runs now, and the domain's newest
+    checkpoint (the one leaf of its chain: each checkpoint's parent is the one before)
+    is ours, created by that backupBegin, with its bitmaps in QEMU. Anything less certain:
+    empty (a NO vote)."""
+    dom = conn.dom
+    if (await conn.call("job info", dom.jobInfo))[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+        return set()
+    stats = await conn.call("job stats", dom.jobStats, COMPLETED_STATS)
+    if (stats.get("operation") != libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP
+            or not stats.get("success", stats.get("type") == libvirt.VIR_DOMAIN_JOB_COMPLETED)):
+        return set()
+    leaves = await conn.call("checkpoint list", dom.listAllCheckpoints,
+                             libvirt.VIR_DOMAIN_CHECKPOINT_LIST_LEAVES)
+    if len(leaves) != 1 or not leaves[0].getName().startswith(domxml.LIBVIRT_PREFIX):
+        return set()
+    txn = leaves[0].getName()[len(domxml.LIBVIRT_PREFIX):]
+    sizes = domxml.checkpoint_sizes(await conn.call(
+        "checkpoint size", leaves[0].getXMLDesc, libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE))
+    if None in sizes.values():
+        return set()  # its bitmaps are gone (QEMU restarted): that checkpoint is useless
+    return {short_name(txn, vm, disk, "job") for disk in sizes}

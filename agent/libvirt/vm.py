@@ -49,10 +49,12 @@ class LibvirtVm(VmBackend):
         self.conn = DomainConnection(name, uri, domain, timeout)
         self.conn.on_lost = self._lost
         self.conn.on_connected = self._connected
+        self.conn.before_connected = self._ready
         self.conn.on_job_completed = self._job_completed
         self.watchdog = WatchdogHandle(name)
         self._facts: domxml.DomainFacts | None = None
         self._job: BackupJob | None = None
+        self._connected_before = False  # a completed job is adopted at the first connect only
         self._staged: dict[tuple[str, str], tuple[Path, int]] = {}  # key -> (target, total)
         self._released: dict[str, set[str]] = {}  # libvirt checkpoint -> disks done with it
 
@@ -65,12 +67,17 @@ class LibvirtVm(VmBackend):
         if self.on_lost:
             await self.on_lost(self)
 
-    async def _connected(self) -> None:
+    async def _ready(self) -> None:
+        """Before the domain counts as connected: read its definition (disks, guest
+        agent) and follow a backup job of ours it still has."""
         self.watchdog.renew()
         try:
+            await self._domain()
             await self._adopt_job()
         except AgentError as err:
-            log.warning("VM %s: looking for a backup job of ours: %s", self.name, err)
+            log.warning("VM %s: reading the domain after connecting: %s", self.name, err)
+
+    async def _connected(self) -> None:
         if self.on_connected:
             await self.on_connected(self)
 
@@ -185,7 +192,8 @@ class LibvirtVm(VmBackend):
                   if c.inconsistent and c.name.startswith(CHECKPOINT_PREFIX)}
         await self._delete_broken(broken)
         job_type = (await self.conn.call("job info", self.conn.dom.jobInfo))[0]
-        if job_type != libvirt.VIR_DOMAIN_JOB_NONE or self._job is not None:
+        if job_type != libvirt.VIR_DOMAIN_JOB_NONE or (
+                self._job is not None and not self._job.done.is_set()):
             raise ConflictError(f"VM {self.name}: a job is already running on libvirt "
                                 f"domain {self.domain}")
         for m in members:
@@ -373,9 +381,20 @@ class LibvirtVm(VmBackend):
         return await jobs.running_job_ids(self.conn, self.repo_images / self.name, self.name)
 
     async def _adopt_job(self) -> None:
-        """After a (re)connect: a backup job of ours still running is followed again."""
+        """After a (re)connect: a backup job of ours still running is followed again; one
+        that completed while this agent process was not running is taken as copied."""
+        first, self._connected_before = not self._connected_before, True
         if self._job is not None:
             return
         ids = await self._running_job_ids()
         if ids:
             self._job = BackupJob(dict.fromkeys(ids, ("", 0)))
+            return
+        if not first:
+            return  # a job that ended while this process was connected was seen ending
+        ids = await jobs.completed_job_ids(self.conn, self.name)
+        if ids:
+            self._job = BackupJob(dict.fromkeys(ids, ("", 0)))
+            self._job.done.set()
+            log.info("VM %s: backup job of %d disks completed while the agent was away",
+                     self.name, len(ids))

@@ -160,6 +160,39 @@ class BackendConformance:
         lab.assert_restores("t3", cut)
         lab.assert_restores("t1", t1)             # the chain before the abort is intact
 
+    @pytest.mark.parametrize("outcome", ["commit", "abort"])
+    def test_agent_killed_after_the_copy_completes_exactly_after_restart(
+            self, lab: Lab, outcome: str) -> None:
+        lab.write(range(0, 16))
+        lab.backup("t1")
+        base = lab.seq
+        lab.write(range(4, 8))
+        _, cut = lab.cut("t2")
+        lab.host.thaw("t2")
+        lab.host.wait_pending("t2")
+        if outcome == "abort":
+            assert lab.host.prepare("t2").yes       # killed after voting YES
+        lab.host.kill_agent()                       # the copy is done inside the hypervisor
+        lab.write(range(10, 13))                    # the guest keeps writing meanwhile
+        lab.host.start_agent()
+        assert lab.host.inventory().open_transactions == ["t2"]
+        if outcome == "commit":
+            vote = lab.host.prepare("t2")
+            assert vote.yes, vote.reason
+            lab.host.commit("t2")
+            lab.host.commit("t2")                   # idempotent
+            for d in lab.disks:
+                assert lab.image("t2", d) == lab.workload.clusters(d, base, cut.seq)
+            lab.assert_restores("t2", cut)
+            lab.assert_checkpoint_exact("blocktxn:t2", cut.seq)
+        else:
+            lab.host.abort("t2")
+            lab.assert_nothing_left("t2")
+            lab.assert_checkpoint_exact("blocktxn:t1", base)
+            t3 = lab.backup("t3", pb.BACKUP_MODE_INCREMENTAL)
+            for d in lab.disks:
+                assert lab.image("t3", d) == lab.workload.clusters(d, base, t3.seq)
+
     def test_vm_killed_after_the_cut_votes_no_and_the_next_auto_backup_is_full(
             self, lab: Lab) -> None:
         lab.write(range(0, 8))
