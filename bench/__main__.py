@@ -1,6 +1,6 @@
 """The benchmark suite in one run: ``python -m bench [--out DIR] [--quick] [--only S]``.
 
-Sections: latency (and chain), freeze, full, incremental, scale (``bench.sim`` when
+Sections: latency (and chain), freeze, full, incremental, libvirt, scale (``bench.sim`` when
 it is there). Prints every measurement with its ratio to a floor measured in the same
 run, and writes ``bench.csv`` and ``bench.png`` into ``--out`` (default: a new
 directory under /tmp). See bench/README.md.
@@ -19,10 +19,10 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from . import datapath, freeze, latency
+from . import datapath, freeze, hypervisors, latency
 from .report import Row, plot, table, write_csv
 
-SECTIONS = ("latency", "freeze", "full", "incremental", "scale")
+SECTIONS = ("latency", "freeze", "full", "incremental", "libvirt", "scale")
 
 
 def run_scale(quick: bool) -> list[Row]:
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if data:
         runs.append((" + ".join(sorted(data)),
                      lambda: datapath.run(work / "data", quick, data)))
+    if "libvirt" in chosen:
+        runs.append(("libvirt", lambda: hypervisors.run(work / "libvirt", quick)))
     if "scale" in chosen:
         runs.append(("scale", lambda: run_scale(quick)))
     rows: list[Row] = []
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     if "incremental" in chosen:
         print("incremental: borg is not installed here: skipped (restic only)")
-    order = ["latency", "chain", "freeze", "full", "incremental", "scale"]
+    order = ["latency", "chain", "freeze", "full", "incremental", "libvirt", "scale"]
     rows.sort(key=lambda r: order.index(r.section) if r.section in order else len(order))
     write_csv(rows, out / "bench.csv")
     plot(rows, out / "bench.png")

@@ -66,6 +66,9 @@ def test_quick_bench_reports_every_section_against_its_floors(tmp_path: Path) ->
         for floor in ("floor_grouped", "floor_durable"):
             assert ("latency", case, floor, "") in found, case
             assert ("latency", case, "median", floor) in found, case
+    for metric, floor in (("bare_qemu", ""), ("floor_libvirt", ""),
+                          ("libvirt", "bare_qemu"), ("libvirt", "floor_libvirt")):
+        assert ("libvirt", "disks=2 agent", metric, floor) in found
     for k in plan.chain:
         assert ("chain", f"k={k}", "median", "floor_durable") in found
     assert ("chain", f"k={plan.chain[-1]}", "median", f"k={plan.chain[0]}") in found
