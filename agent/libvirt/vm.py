@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 WATCHDOG_MODULE = "blocktxn.agent.libvirt.watchdog"
 SAFETY_POLL = 1.0  # seconds: a missed job event is noticed by asking libvirt this often
 END_TIMEOUT = 60.0  # seconds an aborted job may take to end
+FRESH = 2.0  # seconds the disks read for a cut's plan stand for its stage
 
 
 class LibvirtVm(VmBackend):
@@ -53,6 +55,7 @@ class LibvirtVm(VmBackend):
         self.conn.on_job_completed = self._job_completed
         self.watchdog = WatchdogHandle(name)
         self._facts: domxml.DomainFacts | None = None
+        self._seen: tuple[float, dict[str, Disk]] = (0.0, {})  # the last disks(), when
         self._job: BackupJob | None = None
         self._connected_before = False  # a completed job is adopted at the first connect only
         self._staged: dict[tuple[str, str], tuple[Path, int]] = {}  # key -> (target, total)
@@ -119,6 +122,7 @@ class LibvirtVm(VmBackend):
                                                            d.target, 0)
             out[d.target] = Disk(d.target, int(capacity), d.format, tuple(found[d.target]),
                                  allocated=int(allocation))
+        self._seen = (time.monotonic(), out)
         return out
 
     def job_ids(self) -> set[str]:
@@ -179,7 +183,9 @@ class LibvirtVm(VmBackend):
                              path_of: Callable[[str], Path]) -> None:
         """Before the freeze: check every member can be backed up by libvirt (a qcow2
         disk, no job running on the domain) and note what each will copy."""
-        disks = await self.disks()
+        at, disks = self._seen  # the planner read them for this cut just before
+        if time.monotonic() - at > FRESH:
+            disks = await self.disks()
         for m in members:
             disk = disks.get(m.disk)
             if disk is None:
