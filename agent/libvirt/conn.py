@@ -187,8 +187,12 @@ class DomainConnection:
         try:
             dom = await self.call("lookup", conn.lookupByName, self.domain)
         except VmLostError as err:
-            raise UnknownError(f"VM {self.vm}: libvirt domain {self.domain!r} not found at "
-                               f"{self.uri}") from err
+            cause = err.__cause__
+            if (isinstance(cause, libvirt.libvirtError)
+                    and cause.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN):
+                raise UnknownError(f"VM {self.vm}: libvirt domain {self.domain!r} not found "
+                                   f"at {self.uri}") from err
+            raise
         self._dom = dom
         await self.call("keepalive", conn.setKeepAlive, 5, 3)
         await self.call("close callback", conn.registerCloseCallback, self._on_close, None)
