@@ -76,6 +76,10 @@ class Lab(abc.ABC):
     def kill_vm(self) -> None:
         self.host.vms["vm1"].kill()
 
+    def stop_vm(self) -> None:
+        """A clean shutdown of QEMU (persistent bitmaps are stored)."""
+        self.host.vms["vm1"].stop()
+
     def restart_vm(self) -> None:
         self.host.vms["vm1"].start()
 
@@ -92,6 +96,10 @@ class QemuLab(Lab):
     def kill_vm(self) -> None:
         self.workload.detach()
         super().kill_vm()
+
+    def stop_vm(self) -> None:
+        self.workload.detach()
+        super().stop_vm()
 
     def restart_vm(self) -> None:
         super().restart_vm()
@@ -218,6 +226,21 @@ class BackendConformance:
         lab.host.commit("t4")
         lab.assert_restores("t4", cut)
         lab.assert_checkpoint_exact("blocktxn:t4", cut.seq)
+
+
+    def test_a_clean_vm_restart_keeps_the_checkpoint(self, lab: Lab) -> None:
+        lab.write(range(0, 8))
+        lab.backup("t1")
+        base = lab.seq
+        lab.write(range(2, 5))
+        lab.stop_vm()
+        wait_until(lambda: not lab.host.inventory().vms[0].connected, what="VM gone")
+        lab.restart_vm()
+        wait_until(lambda: lab.host.inventory().vms[0].connected, what="VM back")
+        cut = lab.backup("t2", pb.BACKUP_MODE_INCREMENTAL)
+        for d in lab.disks:
+            assert lab.image("t2", d) == lab.workload.clusters(d, base, cut.seq)
+        lab.assert_restores("t2", cut)
 
 
 class TestQemuBackend(BackendConformance):
