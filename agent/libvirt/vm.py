@@ -131,6 +131,9 @@ class LibvirtVm(VmBackend):
         return set(self._job.members) if self._job is not None else set()
 
     async def progress(self) -> Mapping[str, JobProgress]:
+        """Every member of the domain's one job: ``running``, then ``pending`` once
+        libvirt completed it (copied, nothing decided: QEMU's word for that state) or
+        ``concluded`` with the error if it failed."""
         job = self._job
         if job is None:
             return {}
@@ -223,6 +226,9 @@ class LibvirtVm(VmBackend):
             else None) for m in members], all_disks)
         checkpoint = domxml.checkpoint_xml(domxml.to_libvirt(new.pop()),
                                            [m.disk for m in members], all_disks)
+        if any(m.speed for m in members):
+            log.warning("VM %s: libvirt's backup has no speed limit: the copy runs unlimited",
+                        self.name)
         job = BackupJob({m.job_id: (m.disk, staged[m.key][1]) for m in members})
         async with self._job_lock:
             self._job = job
