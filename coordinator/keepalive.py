@@ -56,7 +56,6 @@ class LeaseKeeper:
         self._leases: dict[int, _Kept] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
 
     # ------------------------------------------------ the replica's loop side
@@ -117,6 +116,8 @@ class LeaseKeeper:
                     log.info("lease keepalive stream: %s (opened again)",
                              err.details() if isinstance(err, grpc.aio.AioRpcError)
                              else err or type(err).__name__)
+                except Exception:  # a bug or an unexpected client error: never stop keeping
+                    log.exception("lease keepalive stream failed (opened again)")
                 await asyncio.sleep(TICK)
         finally:
             for stop in stops:
