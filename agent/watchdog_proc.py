@@ -13,11 +13,26 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import watchdog
 from .errors import QemuError
 
 WATCHDOG_START = 10.0  # seconds a watchdog may take to say it is ready
+
+
+def alive(proc: asyncio.subprocess.Process) -> bool:
+    """The watchdog process still runs. Its returncode alone lags: asyncio sets it on the
+    loop some time after the child died, and a watchdog killed just before a freeze was
+    taken for alive (its arm line went nowhere, and the guest froze with no watchdog).
+    A dead child is a zombie in /proc, or gone once the child watcher reaped it."""
+    if proc.returncode is not None:
+        return False
+    try:
+        stat = Path(f"/proc/{proc.pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 class WatchdogHandle:
@@ -38,7 +53,7 @@ class WatchdogHandle:
         costs nothing inside the freeze)."""
         argv = (module, *args)
         proc = self.proc
-        if proc is not None and proc.returncode is None and self._argv == argv:
+        if proc is not None and alive(proc) and self._argv == argv:
             return
         self.stop()
         self.proc = await asyncio.create_subprocess_exec(
@@ -72,8 +87,7 @@ class WatchdogHandle:
             QemuError: no watchdog is running, so the guest must not be frozen.
         """
         proc = self.proc
-        if (proc is None or proc.stdin is None or proc.stdout is None
-                or proc.returncode is not None):
+        if proc is None or proc.stdin is None or proc.stdout is None or not alive(proc):
             raise QemuError(f"VM {self.vm}: freeze watchdog is not running; not freezing")
         await self.ready()
         if not await self._tell(watchdog.arm_line(deadline)):
