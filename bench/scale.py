@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.fleet import Bench, Case, Member, Result, bad_lines, distinct, log_notes, table
+from bench.fleet import Bench, Member
+from bench.measures import Case, Result, bad_lines, distinct, log_notes, table
 from bench.report import Row, write_csv
 from blocktxn.demo.lab import AgentProcess, LabVm
 

@@ -48,7 +48,8 @@ from typing import Any
 
 import grpc
 
-from bench.fleet import Bench, FleetError, Member, Result, table
+from bench.fleet import Bench, FleetError, Member
+from bench.measures import Result, table
 from bench.report import Row
 from blocktxn.agent import planner
 from blocktxn.agent.backend import Checkpoint, Disk
