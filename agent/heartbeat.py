@@ -129,9 +129,10 @@ async def _heartbeats(config: AgentConfig, replicas: Replicas, cache: InventoryC
     try:
         while True:
             digest, inventory = cache.digest, cache.inventory
-            send = digest != accepted
-            # a heartbeat goes to the replica's heartbeat server when there is one and
-            # the inventory need not be sent; everything else to the replica itself
+            # the inventory is left out only towards a heartbeat server (a replica that
+            # named one knows digests; an older one would take "no inventory" for an
+            # empty one); everything else goes to the replica itself
+            send = digest != accepted or direct.stub() is None
             stub = None if send else direct.stub()
             where = direct.address if stub is not None else replicas.current
             try:
