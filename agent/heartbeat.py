@@ -78,6 +78,8 @@ async def keep_inventory(runner: AgentRunner, cache: InventoryCache) -> None:
             except TimeoutError:
                 log.warning("inventory: not taken within %.0fs (the last one is sent)",
                             INVENTORY_TIMEOUT)
+            except Exception:  # a bug: the heartbeats go on with the last inventory
+                log.exception("inventory: not taken (the last one is sent)")
         await asyncio.sleep(INVENTORY_CHECK)
 
 
