@@ -29,6 +29,7 @@ from bench.measures import (
     etcd_sizes,
     log_notes,
     proc_usage,
+    written_since,
 )
 from blocktxn.coordinator.etcd_server import EtcdServer
 from blocktxn.coordinator.store import Store
@@ -45,6 +46,9 @@ DEADLINE_S = 600.0           # a transaction's deadline (then presumed abort)
 WATCH_TIMEOUT = DEADLINE_S + 60
 REGISTER_TIMEOUT = 120.0     # every agent registered
 RETRIES = 3                  # starts refused because an agent was lost, per backup
+QUIET_S = 7.0                # etcd unchanged this long before an idle stretch (> 2 heartbeats)
+QUIET_WAIT = 40.0            # ... waited for at most this long (then measured anyway)
+
 
 class FleetError(RuntimeError):
     """The run cannot go on: agents that do not register, a backup whose start is
@@ -212,9 +216,18 @@ class Bench:
 
     async def idle(self, case: Case) -> None:
         """While the agents only heartbeat: per minute, coordinator CPU, etcd revisions
-        (in all and per agent), etcd's growth; the slowest heartbeat round trip."""
-        cpu0, _ = self._usage()
+        (in all and per agent), etcd's growth; the slowest heartbeat round trip. It
+        starts once etcd was quiet for QUIET_S (at most QUIET_WAIT s): an agent of an
+        earlier case writes its entry once after its last transaction committed (its
+        new checkpoint), at its next heartbeat."""
         s0 = await self.store.status()
+        quiet = t0 = time.monotonic()
+        while time.monotonic() - quiet < QUIET_S and time.monotonic() - t0 < QUIET_WAIT:
+            await asyncio.sleep(0.5)
+            now = await self.store.status()
+            if now.revision != s0.revision:
+                s0, quiet = now, time.monotonic()
+        cpu0, _ = self._usage()
         beats = len(self.side.heartbeats)
         self.lag.take()
         await asyncio.sleep(self.idle_s)
@@ -222,6 +235,10 @@ class Bench:
         s1 = await self.store.status()
         per_min = 60.0 / self.idle_s
         revisions = (s1.revision - s0.revision) * per_min
+        if s1.revision > s0.revision:
+            written = await written_since(self.store, s0.revision)
+            self.notes.append(f"{case.name}: idle revisions {s0.revision}..{s1.revision}, "
+                              f"keys put: {', '.join(written) or 'none (deletions)'}")
         case.idle = {"coordinator CPU": (cpu1["coordinator"] - cpu0["coordinator"]) * per_min,
                      "etcd revisions": revisions,
                      "etcd revisions per agent": revisions / max(1, case.agents),

@@ -68,6 +68,15 @@ class EtcdSizes:
     revision: int
 
 
+async def written_since(store: Store, revision: int) -> list[str]:
+    """The keys under /blocktxn/ put after *revision* (deletions do not show), each
+    with its revision: what an idle stretch wrote, when it should have written nothing."""
+    start = PREFIX.encode()
+    kvs = await store._range("bench", start, prefix_range_end(start))
+    return [f"{bytes(kv.key).decode()}@{int(kv.mod_revision)}" for kv in kvs
+            if int(kv.mod_revision) > revision]
+
+
 def proc_usage(pid: int) -> tuple[float, int]:
     """(CPU seconds: user + system, peak resident bytes: VmHWM) of process *pid*."""
     stat = Path(f"/proc/{pid}/stat").read_text()

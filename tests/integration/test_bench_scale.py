@@ -30,7 +30,7 @@ def test_quick_scale_run_of_real_processes_commits_every_disk_with_clean_logs() 
     assert {r.section for r in rows} == {SECTION}
     for case, disks in ((f"1x{DISKS}", DISKS), (f"{HOSTS}x{DISKS}", HOSTS * DISKS)):
         assert got[(case, "agents not live (most)")].value == 0
-        assert got[(case, "idle: etcd revisions")].value == 0
+        assert got[(case, "idle: etcd revisions")].value == 0, run.result.notes
         for kind in ("full", "incr1"):
             assert got[(case, f"{kind}: transactions")].value == 1
             assert got[(case, f"{kind}: committed disks")].value == disks
