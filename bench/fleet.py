@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 import grpc
 
 from bench.measures import (
+    REQUEST_TARGET,
     Case,
     LoopLag,
     Measured,
@@ -95,7 +96,7 @@ class Bench:
     def __init__(self, workdir: Path, side: Callable[[str], Side], idle_s: float,
                  prefix: str) -> None:
         self.workdir = workdir
-        self.etcd = EtcdServer(workdir / "etcd")
+        self.etcd = EtcdServer(workdir / "etcd", max_request=REQUEST_TARGET)  # refuses more
         self.coordinator = CoordinatorProcess("c0", workdir / "c0", self.etcd.endpoint)
         self.side = side(self.coordinator.address)
         self.idle_s, self.prefix = idle_s, prefix

@@ -13,6 +13,7 @@ from dataclasses import MISSING
 from typing import Any, TypeVar
 
 from .errors import StoreCorruptError
+from .parts import BATCH_BYTES, one_request, split_set, split_txn
 from .records import (
     MAX_ERROR_TEXT,
     MAX_ERRORS,
@@ -27,6 +28,7 @@ from .records import (
 from .txn_messages import Decision, TxnPhase
 
 SCHEMA = 1
+KEY_ROOM = 256   # bytes allowed for a key (PREFIX, kind, ids) and its framing
 R = TypeVar("R")
 
 # ------------------------------------------------------------------ encoding
@@ -37,12 +39,32 @@ _PAIRS = tuple[tuple[str, str], ...]
 
 
 def final_write_bound(record: TxnRecord) -> int:
-    """Bytes of the largest etcd request this transaction can make: its final record and
-    its backup set in one write, every free text at its bound, every number at its
-    widest. A transaction is refused up front when this exceeds what etcd takes: it
+    """Bytes of the largest etcd request this transaction can make: its final write as
+    the store splits it (coordinator/parts.py; each agent's share of the record and of
+    the set in requests of at most BATCH_BYTES, a larger share alone, then both
+    headers), every free text at its bound, every number at its widest, KEY_ROOM for
+    each key. A transaction is refused up front when this exceeds what etcd takes: it
     could never be decided."""
     final, backup_set = worst_final_write(record)
-    return len(dump(final)) + len(dump(backup_set))
+    header, parts = split_txn(final)
+    set_header, set_parts = split_set(backup_set)
+    items = [len(dump(p)) + KEY_ROOM for p in (*parts.values(), *set_parts.values())]
+    headers = len(dump(header)) + len(dump(set_header)) + 2 * KEY_ROOM
+    if one_request(items, 2):
+        return sum(items) + headers
+    # smaller real sizes may pack differently, but no request of parts passes
+    # BATCH_BYTES but for a single larger part, and a single request holds all below it
+    return max(BATCH_BYTES + headers, max(items))
+
+
+def largest_value_bound(record: TxnRecord) -> int:
+    """Bytes of the largest etcd value this transaction can write (see
+    final_write_bound): a header, or one agent's part."""
+    final, backup_set = worst_final_write(record)
+    header, parts = split_txn(final)
+    set_header, set_parts = split_set(backup_set)
+    return max(len(dump(v)) for v in (header, set_header, *parts.values(),
+                                      *set_parts.values()))
 
 
 def worst_final_write(record: TxnRecord) -> tuple[TxnRecord, BackupSet]:

@@ -36,15 +36,17 @@ SNAPSHOT = ("--snapshot-count", "10000")
 
 class EtcdServer:
     """``etcd`` on loopback with its data under *data_dir*; *quota* (bytes of database,
-    0: etcd's default of 2 GiB) raises etcd's NOSPACE alarm early (tests)."""
+    0: etcd's default of 2 GiB) raises etcd's NOSPACE alarm early, *max_request* (bytes,
+    0: etcd's default of 1.5 MiB) refuses smaller requests (tests, benchmarks)."""
 
     def __init__(self, data_dir: Path, client_port: int = 0, peer_port: int = 0,
-                 name: str = "blocktxn", quota: int = 0) -> None:
+                 name: str = "blocktxn", quota: int = 0, max_request: int = 0) -> None:
         self.data_dir = data_dir
         self.client_port = client_port or _free_port()
         self.peer_port = peer_port or _free_port()
         self.name = name
         self.quota = quota
+        self.max_request = max_request
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,7 +67,8 @@ class EtcdServer:
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", f"{self.name}={peer}", "--logger", "zap",
              "--log-outputs", str(self.data_dir / "etcd.log"), *COMPACTION, *SNAPSHOT,
-             *(["--quota-backend-bytes", str(self.quota)] if self.quota else [])],
+             *(["--quota-backend-bytes", str(self.quota)] if self.quota else []),
+             *(["--max-request-bytes", str(self.max_request)] if self.max_request else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

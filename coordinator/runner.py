@@ -261,9 +261,10 @@ class Coordinator:
         size = final_write_bound(record)
         if size > ETCD_MAX_REQUEST - REQUEST_MARGIN:
             raise RequestError(
-                f"{len(record.members)} disks on {len(record.agents)} agents: the "
-                f"transaction's final record could take {size} bytes, more than one etcd "
-                f"request holds ({ETCD_MAX_REQUEST - REQUEST_MARGIN}); it could never be "
+                f"{len(record.members)} disks on {len(record.agents)} agents: one etcd "
+                f"request of the transaction (an agent's share of it) could take {size} "
+                f"bytes, more than etcd takes ({ETCD_MAX_REQUEST - REQUEST_MARGIN}); it "
+                "could never be "
                 "decided: split the targets into several backups (nothing was started)")
         try:
             existing = await self.store.create_txn(epoch, record)

@@ -4,10 +4,12 @@ typed records in and out; the one place that encodes them.
 Keys (values are JSON with ``schema``)::
 
     PREFIX/leader               replica name, on the leader's lease
-    PREFIX/txn/<id>             transaction record
+    PREFIX/txn/<id>             transaction record: its header (coordinator/parts.py)
+    PREFIX/member/<id>/<agent>  ... and each agent's part of it (written before the header)
     PREFIX/request/<req>        request id -> txn id (written with the record)
     PREFIX/decision/<id>        the decision: created once, never changed
-    PREFIX/set/<id>             backup set (written with the final record)
+    PREFIX/set/<id>             backup set: its header (written with the final record)
+    PREFIX/image/<id>/<agent>   ... and each agent's images (written before the header)
     PREFIX/agent/<id>           agent address + inventory (written when they change)
     PREFIX/live/<id>            present while the agent's heartbeats arrive: on the
                                 lease of the replica that hears it, value its lease id
@@ -54,6 +56,16 @@ from .errors import (
     StoreUnavailableError,
 )
 from .etcd_client import EtcdAccess, EtcdClient
+from .parts import (
+    SetPart,
+    TxnPart,
+    batches,
+    join_set,
+    join_txn,
+    one_request,
+    split_set,
+    split_txn,
+)
 from .planner import txn_id_at
 from .records import (
     AgentEntry,
@@ -81,16 +93,28 @@ FULL_HINT = ("etcd is full (NOSPACE alarm): writes wait until an operator compac
 #: keys per range request: no listing comes back as one response near gRPC's 4 MiB
 #: limit, however many records etcd holds
 PAGE = 500
-#: finished records deleted per fenced etcd transaction (3 deletes each; etcd's
+#: keys per range request of parts (coordinator/parts.py: tens of KiB each, never more
+#: than one request: 1.5 MiB), so that a page is always less than MAX_REPLY
+PART_PAGE = 10
+#: bytes of one etcd reply this client takes (gRPC's default: 4 MiB)
+MAX_REPLY = 16 << 20
+#: finished records deleted per fenced etcd transaction (4 deletes each; etcd's
 #: --max-txn-ops is 128 by default)
-COLLECT_BATCH = 32
+COLLECT_BATCH = 25
 #: etcd's default --max-request-bytes (1.5 MiB): a larger request is refused for good
 ETCD_MAX_REQUEST = 1536 << 10
 #: room left for the keys, the fence compare and gRPC's framing of the final write
 REQUEST_MARGIN = 32 << 10
 PREFIX = "/blocktxn/v1/"
+#: s after which the parts of a transaction without a header are deleted (its creation
+#: stopped between them and its header; no creation takes that long)
+ORPHAN_AFTER = 3600.0
+#: records whose written parts a replica remembers (to write only what changed)
+WRITTEN_KEPT = 256
 T = TypeVar("T")
 R = TypeVar("R")
+H = TypeVar("H")   # a header (TxnRecord, BackupSet)
+P = TypeVar("P")   # its part (TxnPart, SetPart)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +166,13 @@ class Store:
         self.client = EtcdClient(
             host, port, access or EtcdAccess(), timeout=int(max(1, timeout)),
             options={"grpc.keepalive_time_ms": 5000, "grpc.keepalive_timeout_ms": 5000,
-                     "grpc.keepalive_permit_without_calls": 1},
+                     "grpc.keepalive_permit_without_calls": 1,
+                     "grpc.max_receive_message_length": MAX_REPLY},
         )
         self.tx = self.client.transactions
         self.quarantined: dict[str, str] = {}  # key -> why it was left out of listings
+        # txn id -> (epoch, key -> value) of the parts last written (see put_txn)
+        self._written: dict[str, tuple[int, dict[bytes, bytes]]] = {}
 
     def twin(self) -> Store:
         """A new Store like this one (its own connection, for another thread's loop)."""
@@ -198,26 +225,43 @@ class Store:
             log.debug("etcd close: %s", err)
 
     async def _range(self, what: str, start: bytes, end: bytes) -> list[Any]:
-        """Every key-value in [*start*, *end*), in key order, read in pages of ``page``
-        keys (each request continues after the last key of the one before) at the
-        revision of the first page, so the listing is one consistent snapshot; read again
-        if etcd compacted that revision meanwhile.
+        """Every key-value in [*start*, *end*), in key order (see ``_ranges``).
+
+        Raises:
+            StoreUnavailableError.
+        """
+        return (await self._ranges(what, [(start, end)]))[0]
+
+    async def _ranges(self, what: str, spans: list[tuple[bytes, bytes]],
+                      pages: tuple[int, ...] = ()) -> list[list[Any]]:
+        """Every key-value in each [start, end) of *spans*, in key order, read in pages
+        of ``page`` keys (or the span's in *pages*; each request continues after the last
+        key of the one before),
+        all at the revision of the first page, so the listings are one consistent
+        snapshot; read again if etcd compacted that revision meanwhile.
 
         Raises:
             StoreUnavailableError.
         """
         for _ in range(3):
-            out: list[Any] = []
-            key, revision = start, 0
+            found: list[list[Any]] = []
+            revision = 0
             try:
-                while True:
-                    reply = await self._call(what, functools.partial(
-                        self._page, key, end, revision))
-                    out += reply.kvs
-                    if not reply.more or not reply.kvs:
-                        return out
-                    revision = int(reply.header.revision)
-                    key = bytes(reply.kvs[-1].key) + b"\0"
+                for n, (start, end) in enumerate(spans):
+                    out: list[Any] = []
+                    key = start
+                    page = pages[n] if n < len(pages) else self.page
+                    while True:
+                        reply = await self._call(what, functools.partial(
+                            self._page, key, end, revision, page))
+                        out += reply.kvs
+                        # (a reply's header names etcd's newest revision, not the one read)
+                        revision = revision or int(reply.header.revision)
+                        if not reply.more or not reply.kvs:
+                            break
+                        key = bytes(reply.kvs[-1].key) + b"\0"
+                    found.append(out)
+                return found
             except StoreUnavailableError as err:
                 cause = err.__cause__
                 if not (isinstance(cause, grpc.aio.AioRpcError)
@@ -227,10 +271,10 @@ class Store:
                          revision)
         raise StoreUnavailableError(f"etcd {what}: compacted under every attempt")
 
-    async def _page(self, key: bytes, end: bytes, revision: int) -> Any:
+    async def _page(self, key: bytes, end: bytes, revision: int, page: int) -> Any:
         await self.client.connect()
         return await self.client.kvstub.Range(
-            etcd_rpc.RangeRequest(key=key, range_end=end, limit=self.page, revision=revision),
+            etcd_rpc.RangeRequest(key=key, range_end=end, limit=page, revision=revision),
             timeout=self.timeout, metadata=self.client.metadata)
 
     async def status(self) -> EtcdStatus:
@@ -297,8 +341,8 @@ class Store:
 
     # ---------------------------------------------------------- transactions
     async def create_txn(self, epoch: int, record: TxnRecord) -> str | None:
-        """Write a new record and its request-id index; return an existing txn id
-        if the request id is known already.
+        """Write a new record (its parts, then its header with its request-id index);
+        return an existing txn id if the request id is known already.
 
         Raises:
             NotLeaderError, StoreUnavailableError, StoreCorruptError.
@@ -307,15 +351,21 @@ class Store:
         existing = await self._call("get request", lambda: self.client.get(req_key))
         if existing is not None:
             return _text(existing.value, req_key)
-        ok, _ = await self._call("create txn", lambda: self.client.transaction(
-            compare=[self.tx.create(_key("leader")) == epoch, self.tx.create(req_key) == 0],
-            success=[self.tx.put(_key("txn", record.txn_id), _dump(record)),
-                     self.tx.put(req_key, record.txn_id.encode())], failure=[]))
+        header, parts = split_txn(record)
+        values = {_key("member", record.txn_id, a): _dump(p) for a, p in parts.items()}
+        final = [self.tx.put(_key("txn", record.txn_id), _dump(header)),
+                 self.tx.put(req_key, record.txn_id.encode())]
+        ok = await self._put_split("create txn", epoch, list(values.items()), final,
+                                   [self.tx.create(req_key) == 0])
         if not ok:
+            members = _key("member", record.txn_id) + b"/"  # written apart, if large
+            await self._call("drop parts", lambda: self.client.delete_range(
+                members, prefix_range_end(members)))
             again = await self._call("get request", lambda: self.client.get(req_key))
             if again is not None:
                 return _text(again.value, req_key)
             raise NotLeaderError("create txn: rejected, this replica no longer leads")
+        self._remember(record.txn_id, epoch, values)
         try:
             failpoints.hit("lose_create_reply")
         except failpoints.FailpointError as err:  # as if etcd's reply never came back
@@ -324,25 +374,101 @@ class Store:
 
     async def put_txn(self, epoch: int, record: TxnRecord,
                       backup_set: BackupSet | None = None) -> None:
-        """Replace the record (and write the backup set), fenced on *epoch*.
+        """Replace the record (and write the backup set), fenced on *epoch*: the parts
+        that changed since this replica's last write of it, then the headers (the set is
+        listed from its header's write on, which is the record's).
 
         Raises:
-            NotLeaderError, StoreUnavailableError.
+            NotLeaderError, StoreUnavailableError, StoreRejectedError.
         """
-        ops = [self.tx.put(_key("txn", record.txn_id), _dump(record))]
+        header, parts = split_txn(record)
+        values = {_key("member", record.txn_id, a): _dump(p) for a, p in parts.items()}
+        final = [self.tx.put(_key("txn", record.txn_id), _dump(header))]
         if backup_set is not None:
-            ops.append(self.tx.put(_key("set", backup_set.set_id), _dump(backup_set)))
-        await self._fenced("put txn", epoch, ops)
+            set_header, set_parts = split_set(backup_set)
+            values.update({_key("image", backup_set.set_id, a): _dump(p)
+                           for a, p in set_parts.items()})
+            final.append(self.tx.put(_key("set", backup_set.set_id), _dump(set_header)))
+        mine, written = self._written.pop(record.txn_id, (epoch, {}))
+        changed = [(k, v) for k, v in values.items()
+                   if mine != epoch or written.get(k) != v]
+        await self._put_split("put txn", epoch, changed, final)
+        if record.phase != TxnPhase.DONE:
+            self._remember(record.txn_id, epoch, values)
+
+    def _remember(self, txn_id: str, epoch: int, values: dict[bytes, bytes]) -> None:
+        """What this replica wrote of *txn_id*'s parts under *epoch* (the next write
+        leaves out what did not change); of the last WRITTEN_KEPT records only."""
+        self._written[txn_id] = (epoch, values)
+        while len(self._written) > WRITTEN_KEPT:
+            self._written.pop(next(iter(self._written)))
+
+    async def _put_split(self, what: str, epoch: int, parts: list[tuple[bytes, bytes]],
+                         final: list[Any], compare: tuple[Any, ...] | list[Any] = ()
+                         ) -> bool:
+        """Put *parts*, then *final*, fenced on *epoch*: in one request when all fits
+        ``BATCH_BYTES``, else the parts in such requests first (``parts.requests``).
+        Return whether *compare* held for the final request (then it was written).
+
+        Raises:
+            NotLeaderError, StoreUnavailableError, StoreRejectedError.
+        """
+        sizes = [len(k) + len(v) for k, v in parts]
+        puts = [self.tx.put(k, v) for k, v in parts]
+        if one_request(sizes, len(final)):
+            final, puts = puts + final, []
+        for run in batches(sizes):
+            if puts:
+                await self._fenced(what, epoch, [puts[i] for i in run])
+        leader = self.tx.create(_key("leader")) == epoch
+        ok, _ = await self._call(what, functools.partial(
+            self.client.transaction, compare=[leader, *compare], success=final, failure=[]))
+        if not ok and not compare:
+            raise NotLeaderError(f"{what}: rejected, this replica no longer leads "
+                                 f"(epoch {epoch})")
+        return bool(ok)
 
     async def get_txn(self, txn_id: str) -> TxnRecord | None:
         """Raises: StoreUnavailableError, StoreCorruptError."""
         key = _key("txn", txn_id)
-        got = await self._call("get txn", lambda: self.client.get(key))
-        return None if got is None else _decode(got.value, key, TxnRecord)
+        members = _key("member", txn_id) + b"/"
+        headers, parts = await self._ranges("get txn", [
+            (key, key + b"\0"), (members, prefix_range_end(members))],
+            (self.page, PART_PAGE))
+        if not headers:
+            return None
+        return join_txn(_decode(headers[0].value, key, TxnRecord),
+                        [_decode(kv.value, kv.key, TxnPart) for kv in parts], key.decode())
 
     async def txns(self) -> list[TxnRecord]:
-        """Raises: StoreUnavailableError, StoreCorruptError."""
-        return await self._prefix("txn", TxnRecord)
+        """Every record; a malformed one is quarantined (see ``_records``).
+
+        Raises: StoreUnavailableError."""
+        start, members = _key("txn") + b"/", _key("member") + b"/"
+        headers, parts = await self._ranges("list txn", [
+            (start, prefix_range_end(start)), (members, prefix_range_end(members))],
+            (self.page, PART_PAGE))
+        return self._joined(self._records(headers, TxnRecord),
+                            self._records(parts, TxnPart), members, join_txn)
+
+    def _joined(self, headers: list[tuple[Any, H]], parts: list[tuple[Any, P]],
+                prefix: bytes, join: Callable[[H, list[P], str], H]) -> list[H]:
+        """Each header joined with its parts (keys *prefix*<owner>/<agent>); one whose
+        parts do not fit is quarantined like a malformed value."""
+        owned: dict[str, list[P]] = {}
+        for kv, part in parts:
+            owner = bytes(kv.key)[len(prefix):].decode(errors="replace").split("/")[0]
+            owned.setdefault(owner, []).append(part)
+        out = []
+        for kv, header in headers:
+            key = bytes(kv.key).decode(errors="replace")
+            try:
+                out.append(join(header, owned.get(key.rsplit("/", 1)[-1], []), key))
+            except StoreCorruptError as err:
+                if key not in self.quarantined:
+                    log.error("quarantined (left out until repaired): %s", err)
+                self.quarantined[key] = str(err)
+        return out
 
     async def _prefix(self, kind: str, record: type[R]) -> list[R]:
         """Every *kind* record, read in pages (``_range``); a malformed one is
@@ -381,11 +507,16 @@ class Store:
         Raises:
             NotLeaderError, StoreUnavailableError.
         """
-        start = _key("txn") + b"/"
-        end = _key("txn", txn_id_at(before, 0).rsplit("-", 1)[0])
-        old = [(kv, r) for kv, r in self._records(
-            await self._range("list finished", start, end), TxnRecord)
-            if r.phase == TxnPhase.DONE and r.created_at < before][:limit]
+        bound = txn_id_at(before, 0).rsplit("-", 1)[0]
+        start, members = _key("txn") + b"/", _key("member") + b"/"
+        headers, parts = await self._ranges("list finished", [
+            (start, _key("txn", bound)), (members, _key("member", bound))], (self.page, PART_PAGE))
+        orphan = txn_id_at(min(before, time.time() - ORPHAN_AFTER), 0).rsplit("-", 1)[0]
+        await self._drop_orphans(epoch, {bytes(kv.key)[len(start):] for kv in headers}, {
+            owner for kv in parts
+            if (owner := bytes(kv.key)[len(members):].split(b"/")[0]) < orphan.encode()})
+        old = [(kv, r) for kv, r in self._records(headers, TxnRecord)
+               if r.phase == TxnPhase.DONE and r.created_at < before][:limit]
         collected = 0
         for i in range(0, len(old), COLLECT_BATCH):
             batch = old[i:i + COLLECT_BATCH]
@@ -393,6 +524,8 @@ class Store:
                        *(self.tx.mod(bytes(kv.key)) == int(kv.mod_revision) for kv, _ in batch)]
             ops = [self.tx.delete(k) for kv, r in batch for k in (
                 bytes(kv.key), _key("decision", r.txn_id), _key("request", r.request_id))]
+            ops += [self.tx.delete(k, prefix_range_end(k)) for k in (
+                _key("member", r.txn_id) + b"/" for _, r in batch)]
             ok, _ = await self._call("collect", functools.partial(
                 self.client.transaction, compare=compare, success=ops, failure=[]))
             if not ok:
@@ -403,6 +536,22 @@ class Store:
                 continue
             collected += len(batch)
         return collected
+
+    async def _drop_orphans(self, epoch: int, records: set[bytes], owners: set[bytes]
+                            ) -> None:
+        """Delete the parts of transactions without a header (a creation that stopped
+        between its parts and its header: its request id was never written, so nothing
+        can take the transaction up again), fenced on *epoch*.
+
+        Raises:
+            NotLeaderError, StoreUnavailableError.
+        """
+        for owner in sorted(owners - records)[:COLLECT_BATCH]:
+            log.info("collect: parts of %s, a transaction never created", owner.decode(
+                errors="replace"))
+            parts = _key("member") + b"/" + owner + b"/"
+            await self._fenced("collect", epoch, [
+                self.tx.delete(parts, prefix_range_end(parts))])
 
     # -------------------------------------------------------------- decision
     async def decide(self, decision: DecisionRecord, epoch: int | None) -> DecisionRecord:
@@ -444,12 +593,25 @@ class Store:
     async def get_set(self, set_id: str) -> BackupSet | None:
         """Raises: StoreUnavailableError, StoreCorruptError."""
         key = _key("set", set_id)
-        got = await self._call("get set", lambda: self.client.get(key))
-        return None if got is None else _decode(got.value, key, BackupSet)
+        images = _key("image", set_id) + b"/"
+        headers, parts = await self._ranges("get set", [
+            (key, key + b"\0"), (images, prefix_range_end(images))],
+            (self.page, PART_PAGE))
+        if not headers:
+            return None
+        return join_set(_decode(headers[0].value, key, BackupSet),
+                        [_decode(kv.value, kv.key, SetPart) for kv in parts], key.decode())
 
     async def sets(self) -> list[BackupSet]:
-        """Raises: StoreUnavailableError, StoreCorruptError."""
-        return await self._prefix("set", BackupSet)
+        """Every set; a malformed one is quarantined (see ``_records``).
+
+        Raises: StoreUnavailableError."""
+        start, images = _key("set") + b"/", _key("image") + b"/"
+        headers, parts = await self._ranges("list set", [
+            (start, prefix_range_end(start)), (images, prefix_range_end(images))],
+            (self.page, PART_PAGE))
+        return self._joined(self._records(headers, BackupSet),
+                            self._records(parts, SetPart), images, join_set)
 
     # ---------------------------------------------------------------- agents
     async def get_agent(self, agent_id: str) -> tuple[AgentEntry | None, int]:
@@ -552,9 +714,11 @@ class Store:
             NotLeaderError, StoreUnavailableError, StoreRejectedError.
         """
         ops = [self.tx.put(_key("prune", prune.prune_id), _dump(prune))]
-        ops += [self.tx.put(_key("set", s.set_id),
-                            _dump(dataclasses.replace(s, removing=prune.prune_id)))
-                for s in sets]
+        for s in sets:  # (the parts again: a set of an earlier version had none)
+            header, parts = split_set(s)
+            ops += [self.tx.put(_key("image", s.set_id, a), _dump(p)) for a, p in parts.items()]
+            ops.append(self.tx.put(_key("set", s.set_id),
+                                   _dump(dataclasses.replace(header, removing=prune.prune_id))))
         await self._fenced("start prune", epoch, ops)
 
     async def set_removed(self, epoch: int, prune: PruneRecord, set_id: str
@@ -566,7 +730,9 @@ class Store:
             NotLeaderError, StoreUnavailableError.
         """
         left = tuple(s for s in prune.set_ids if s != set_id)
-        ops = [self.tx.delete(_key("set", set_id))]
+        images = _key("image", set_id) + b"/"
+        ops = [self.tx.delete(_key("set", set_id)),
+               self.tx.delete(images, prefix_range_end(images))]
         rest = dataclasses.replace(prune, set_ids=left) if left else None
         ops.append(self.tx.put(_key("prune", prune.prune_id), _dump(rest)) if rest
                    else self.tx.delete(_key("prune", prune.prune_id)))

@@ -15,7 +15,8 @@ from aetcd.utils import prefix_range_end
 from blocktxn.coordinator.store import Store
 
 ROOT = b"/blocktxn/"  # every key blocktxn writes
-KINDS = ("txn", "decision", "request", "set", "agent", "live", "prune", "leader")
+KINDS = ("txn", "member", "decision", "request", "set", "image", "agent", "live", "prune",
+         "leader")
 
 
 def rss_kib(pid: int | None) -> int:

@@ -9,7 +9,8 @@ import json
 from dataclasses import replace
 
 from blocktxn.coordinator.encoding import dump as _dump
-from blocktxn.coordinator.encoding import final_write_bound
+from blocktxn.coordinator.encoding import final_write_bound, largest_value_bound
+from blocktxn.coordinator.parts import requests, split_set, split_txn
 from blocktxn.coordinator.records import (
     MAX_ERRORS,
     MemberRecord,
@@ -61,6 +62,11 @@ def test_the_bound_holds_for_the_worst_texts_agents_can_send() -> None:
     final = replace(record, set_id=record.txn_id)
     backup_set = final.backup_set(1e9 + 0.123456789)
     assert backup_set is not None
-    real_size = len(_dump(final)) + len(_dump(backup_set))
+    # as the store writes it: each agent's parts, then both headers (coordinator/parts.py)
+    header, parts = split_txn(final)
+    set_header, set_parts = split_set(backup_set)
+    items = [len(_dump(p)) for p in (*parts.values(), *set_parts.values())]
+    real_size = max(requests(items, len(_dump(header)) + len(_dump(set_header)), 2))
     assert real_size <= bound, (real_size, bound)
+    assert largest_value_bound(record) >= max(items)
     assert len(json.dumps(cut_text(NASTY * 1000, MAX_REASON))) - 2 <= MAX_REASON
