@@ -256,6 +256,43 @@ class _CompactingStore(Store):
         return await super()._page(key, end, revision, page)
 
 
+def test_collection_takes_a_records_parts_and_parts_never_given_a_header(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """A collected record leaves no part behind; the parts of a creation that stopped
+    before its header (an hour or more ago) go too; the parts of a creation that may
+    still be under way, or of a record that stays, are left."""
+    from blocktxn.coordinator.parts import split_txn
+
+    cluster = make_cluster(0)
+
+    async def scenario() -> None:
+        store, epoch = await leading_store(cluster)
+        try:
+            now = time.time()
+            old = _record(txn_id_at(now - 7200, 1), now - 7200, TxnPhase.DONE)
+            kept = _record(txn_id_at(now - 7100, 2), now - 7100, TxnPhase.RUNNING)
+            for r in (old, kept):
+                assert await store.create_txn(epoch, r) is None
+            stray_old, stray_new = (_record(txn_id_at(now - s, 3), now - s, TxnPhase.CUTTING)
+                                    for s in (5400, 60))
+            await _put_all(store, [(f"{PREFIX}member/{r.txn_id}/{a}".encode(), _dump(p))
+                                   for r in (stray_old, stray_new)
+                                   for a, p in split_txn(r)[1].items()])
+            assert await store.collect_finished(epoch, now - 10) == 1
+            start = PREFIX.encode()
+            keys = [bytes(kv.key).decode()[len(PREFIX):]
+                    for kv in await store._range("keys", start, prefix_range_end(start))]
+            assert sorted(k for k in keys if k.startswith(("txn/", "member/"))) == [
+                f"member/{kept.txn_id}/h1", f"member/{stray_new.txn_id}/h1",
+                f"txn/{kept.txn_id}"]
+            assert await store.get_txn(kept.txn_id) == kept
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_listings_read_in_pages_past_grpc_message_limit(
     make_cluster: Callable[..., Cluster],
 ) -> None:
