@@ -93,19 +93,33 @@ def dump(record: object) -> bytes:
     return json.dumps({"schema": SCHEMA, **_json_of(record)}, separators=(",", ":")).encode()
 
 
+_PLAIN = frozenset({str, int, float, bool})
+
+
+@functools.cache
+def _fields(kind: Any) -> tuple[tuple[str, Any], ...] | None:
+    """(name, type hint) of each field of dataclass *kind*; None for another type."""
+    if not (isinstance(kind, type) and dataclasses.is_dataclass(kind)):
+        return None
+    hints = _hints(kind)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(kind))
+
+
 def _json_of(value: Any, hint: Any = None) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        hints = _hints(type(value))
-        return {f.name: _json_of(getattr(value, f.name), hints[f.name])
-                for f in dataclasses.fields(value)}
+    kind: Any = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is tuple:
+        if hint == _PAIRS:
+            return dict(value)
+        return [_json_of(v) for v in value]
+    fields = _fields(kind)
+    if fields is not None:
+        return {name: _json_of(getattr(value, name), h) for name, h in fields}
     if isinstance(value, enum.Enum):
         return value.value
     if value is None:
         return ""
-    if isinstance(value, tuple):
-        if hint == _PAIRS:
-            return dict(value)
-        return [_json_of(v) for v in value]
     return value
 
 
@@ -133,32 +147,49 @@ def _hints(kind: type) -> dict[str, Any]:
     return typing.get_type_hints(kind)
 
 
+@functools.cache
+def _shape(hint: Any) -> tuple[str, Any]:
+    """How ``_read`` reads a value of type *hint*: (kind, detail)."""
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        hints = _hints(hint)
+        return "record", tuple((f.name, hints[f.name], f.default is MISSING
+                                and f.default_factory is MISSING)
+                               for f in dataclasses.fields(hint))
+    if isinstance(hint, types.UnionType):
+        return "optional", typing.get_args(hint)[0]
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "enum", None
+    if typing.get_origin(hint) is tuple:
+        return ("pairs", None) if hint == _PAIRS else ("tuple", typing.get_args(hint)[0])
+    return "plain", None
+
+
 def _read(hint: Any, value: Any) -> Any:
     """*value* (decoded JSON) as an instance of the type *hint*.
 
     Raises:
         ValueError, TypeError, KeyError: it is not one.
     """
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+    if type(value) is hint and hint in _PLAIN:
+        return value
+    shape, detail = _shape(hint)
+    if shape == "record":
         if not isinstance(value, dict):
             raise TypeError(f"{hint.__name__}: {value!r} is not an object")
-        hints = _hints(hint)
-        return hint(**{f.name: _read(hints[f.name], value[f.name])
-                       for f in dataclasses.fields(hint) if f.name in value
-                       or (f.default is MISSING and f.default_factory is MISSING)})
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType):  # an optional enum: "" is None
-        return None if value in ("", None) else _read(args[0], value)
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint(**{name: _read(h, value[name]) for name, h, required in detail
+                       if required or name in value})
+    if shape == "optional":  # an optional enum or record: "" is None
+        return None if value in ("", None) else _read(detail, value)
+    if shape == "enum":
         return hint(value)
-    if typing.get_origin(hint) is tuple:
-        if hint == _PAIRS:
-            if not isinstance(value, dict):
-                raise TypeError(f"{value!r} is not an object")
-            return tuple(sorted((str(k), _read(str, v)) for k, v in value.items()))
+    if shape == "pairs":
+        if not isinstance(value, dict):
+            raise TypeError(f"{value!r} is not an object")
+        return tuple(sorted((str(k), _read(str, v)) for k, v in value.items()))
+    if shape == "tuple":
         if not isinstance(value, list):
             raise TypeError(f"{value!r} is not a list")
-        return tuple(_read(args[0], v) for v in value)
+        return tuple(_read(detail, v) for v in value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, str) and value.isdigit():

@@ -5,6 +5,7 @@ etcd values and back."""
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -22,6 +23,44 @@ MAX_VOTE_TEXT = 512     # an agent's vote reason
 MAX_ERROR_TEXT = 512    # one remembered error
 MAX_REASON_TEXT = 1024  # the decision's reason (the machine cuts it)
 # (bounds in bytes of the stored JSON form: see blocktxn.requests.cut_text)
+
+
+class _PlacesCache:
+    """Where each agent's members are in a record's members tuple, for the last
+    ``KEEP`` tuples seen (by identity: a tuple of a record never changes)."""
+
+    KEEP = 256
+
+    def __init__(self) -> None:
+        self._known: OrderedDict[int, tuple[tuple[object, ...], dict[str, list[int]]]] = \
+            OrderedDict()
+
+    def get(self, members: tuple[object, ...]) -> dict[str, list[int]] | None:
+        hit = self._known.get(id(members))
+        if hit is None or hit[0] is not members:
+            return None
+        self._known.move_to_end(id(members))
+        return hit[1]
+
+    def remember(self, members: tuple[object, ...], places: dict[str, list[int]]) -> None:
+        self._known[id(members)] = (members, places)  # (the tuple kept: its id stays its)
+        self._known.move_to_end(id(members))
+        while len(self._known) > self.KEEP:
+            self._known.popitem(last=False)
+
+
+_PLACES = _PlacesCache()
+
+
+def _places(members: tuple[MemberRecord, ...]) -> dict[str, list[int]]:
+    """agent id -> the places of its members in *members*."""
+    places = _PLACES.get(members)
+    if places is None:
+        places = {}
+        for i, m in enumerate(members):
+            places.setdefault(m.agent_id, []).append(i)
+        _PLACES.remember(members, places)
+    return places
 
 
 @dataclass(frozen=True)
@@ -212,13 +251,19 @@ class TxnRecord:
         raise NotFoundError(f"agent {agent_id} is not in transaction {self.txn_id}")
 
     def members_of(self, agent_id: str) -> tuple[MemberRecord, ...]:
-        return tuple(m for m in self.members if m.agent_id == agent_id)
+        return tuple(self.members[i] for i in _places(self.members).get(agent_id, ()))
 
     def with_members(self, agent_id: str, change: Callable[[MemberRecord], MemberRecord]
                      ) -> TxnRecord:
-        """*change* applied to every member of *agent_id*."""
-        return replace(self, members=tuple(change(m) if m.agent_id == agent_id else m
-                                           for m in self.members))
+        """*change* applied to every member of *agent_id* (the others are not looked
+        at: each agent's reply costs its own members, not the transaction's)."""
+        places = _places(self.members)
+        members = list(self.members)
+        for i in places.get(agent_id, ()):
+            members[i] = change(members[i])
+        changed = tuple(members)
+        _PLACES.remember(changed, places)  # the same places: only values changed
+        return replace(self, members=changed)
 
     def with_outcome(self, agent_id: str, outcome: str) -> TxnRecord:
         """Every member of *agent_id* completed with *outcome*; a COMMIT counts only the

@@ -90,3 +90,16 @@ def test_batches_keep_within_their_budget_but_for_a_single_larger_part() -> None
     assert requests([10, 20], 5, 2) == [35]                    # all in one request
     big = [BATCH_BYTES // 2 + 1] * 3
     assert requests(big, 5, 2) == [*big, 5]                    # parts first, headers last
+
+
+def test_with_members_changes_only_that_agents_members_in_their_places() -> None:
+    record = _record()
+    done = record.with_members("h2", lambda m: m.completed("committed"))
+    assert [m.outcome for m in done.members] == ["committed", "", "committed", "", ""]
+    assert done.members_of("h1") == record.members_of("h1") == (
+        record.members[1], record.members[4])
+    again = done.with_members("h1", lambda m: m.completed("aborted"))
+    assert [m.outcome for m in again.members] == [
+        "committed", "aborted", "committed", "", "aborted"]
+    assert [m.outcome for m in done.members] == ["committed", "", "committed", "", ""]
+    assert again.with_members("nobody", lambda m: m.completed("x")).members == again.members
