@@ -11,6 +11,7 @@ itself never uses passthrough)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import subprocess
 import time
@@ -29,7 +30,7 @@ from blocktxn.v1 import agent_pb2_grpc as pb_grpc
 from tests.guest.image import GUEST_LOG, READY_MARKER, GuestImage, make_data_disk, tool
 from tests.guest.vm import BOOT_TIMEOUT, choose_accelerator
 from tests.integration.conftest import libvirt_daemons  # noqa: F401  (the fixture)
-from tests.integration.libvirt_lab import URI
+from tests.integration.libvirt_lab import OWNED, URI
 
 pytestmark = pytest.mark.integration
 
@@ -64,8 +65,10 @@ class LibvirtGuest:
         self.console = workdir / "console.log"
         self.name = f"btxguest-{int(time.time() * 1000) % 10**8}"
         self.conn = libvirt.open(URI)
+        OWNED.add(self.name)
         self.dom: Any = self.conn.createXML(
             domain_xml(self.name, image, self.disk, self.console), 0)
+        OWNED.started(self.name)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + BOOT_TIMEOUT
@@ -97,11 +100,12 @@ class LibvirtGuest:
         return numbers(data)
 
     def close(self) -> None:
-        try:
+        """Destroy the domain; should libvirt fail, end its QEMU by PID."""
+        with contextlib.suppress(libvirt.libvirtError):
             self.dom.destroy()
-        except libvirt.libvirtError:
-            pass
-        self.conn.close()
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.close()
+        OWNED.reap(self.name)
 
 
 def numbers(data: bytes) -> list[int]:

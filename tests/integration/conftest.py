@@ -62,15 +62,22 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
 @pytest.fixture(scope="session")
 def libvirt_daemons() -> Iterator[None]:
     """virtlogd and libvirtd, started for the session if not running (no systemd here);
-    only what this fixture started is stopped after."""
-    from tests.integration.libvirt_lab import LibvirtDaemons
+    only what this fixture started is stopped after. Before that, the QEMU of any domain
+    the tests created that still runs (libvirtd died, or a teardown's libvirt calls
+    failed) is ended by its PID: libvirtd leaves its domains running when it stops."""
+    from tests.integration.libvirt_lab import OWNED, LibvirtDaemons
 
     for b in ("libvirtd", "virtlogd", "qemu-system-x86_64"):
         _require(b)
     daemons = LibvirtDaemons()
     daemons.start()
-    yield
-    daemons.stop()
+    try:
+        yield
+    finally:
+        try:
+            OWNED.reap_all()
+        finally:
+            daemons.stop()
 
 
 @pytest.fixture

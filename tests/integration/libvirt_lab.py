@@ -31,6 +31,9 @@ from tests.integration.harness import Host
 
 URI = "qemu:///system"
 PIDFILES = {"virtlogd": Path("/run/virtlogd.pid"), "libvirtd": Path("/run/libvirtd.pid")}
+# Where libvirtd 9.0 (root, qemu:///system) writes each running domain's QEMU PID
+# (<domain>.pid). It stays there when libvirtd dies, and so does the QEMU.
+QEMU_PID_DIR = Path("/run/libvirt/qemu")
 
 
 def _running(pidfile: Path) -> int | None:
@@ -40,6 +43,85 @@ def _running(pidfile: Path) -> int | None:
     except (OSError, ValueError):
         return None
     return pid
+
+
+def domain_qemu(pid: int, domain: str) -> bool:
+    """Whether *pid* is a live qemu-system process that libvirt started for *domain*
+    (its ``-name guest=DOMAIN,...``); a reused PID or a zombie is not."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    if state == "Z" or not os.path.basename(argv[0]).startswith(b"qemu-system"):
+        return False
+    names = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == b"-name"]
+    return any(f"guest={domain}".encode() in n.split(b",") for n in names)
+
+
+class OwnedDomains:
+    """The libvirt domains this test process created, and their QEMU PIDs.
+
+    libvirtd leaves its domains' QEMUs running when it stops or dies, and a fixture
+    whose libvirt calls fail cannot destroy them: :meth:`reap` then ends the QEMU of a
+    domain it created, found by libvirtd's pid file (or a PID seen at start), if that
+    PID is still a qemu-system process of that very domain. Nothing else is touched.
+    """
+
+    def __init__(self, pid_dir: Path = QEMU_PID_DIR) -> None:
+        self.pid_dir = pid_dir
+        self.pids: dict[str, set[int]] = {}
+
+    def add(self, domain: str) -> None:
+        """Own *domain* (created by this process)."""
+        self.pids.setdefault(domain, set())
+
+    def _pidfile(self, domain: str) -> int | None:
+        try:
+            return int((self.pid_dir / f"{domain}.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def started(self, domain: str) -> None:
+        """Remember the PID of an owned domain's QEMU, just started."""
+        pid = self._pidfile(domain)
+        if pid is not None and domain in self.pids:
+            self.pids[domain].add(pid)
+
+    def reap(self, domain: str, timeout: float = 10.0) -> list[int]:
+        """End the QEMU of owned *domain* if one still runs (SIGTERM, then SIGKILL);
+        the PIDs it ended. The domain stays owned (it may be started again)."""
+        if domain not in self.pids:
+            return []
+        candidates = set(self.pids[domain])
+        if (pid := self._pidfile(domain)) is not None:
+            candidates.add(pid)
+        ended = []
+        for pid in sorted(candidates):
+            if not domain_qemu(pid, domain):
+                continue
+            for sig, wait in ((signal.SIGTERM, timeout / 2), (signal.SIGKILL, timeout / 2)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+                deadline = time.monotonic() + wait
+                while domain_qemu(pid, domain) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if not domain_qemu(pid, domain):
+                    break
+            ended.append(pid)
+        self.pids[domain] -= set(ended)
+        return ended
+
+    def reap_all(self) -> dict[str, list[int]]:
+        """:meth:`reap` every owned domain; domain -> the PIDs ended (if any)."""
+        return {d: ended for d in list(self.pids) if (ended := self.reap(d))}
+
+    def forget(self, domain: str) -> None:
+        self.pids.pop(domain, None)
+
+
+# Every domain the libvirt fixtures create; the session fixture reaps what is left.
+OWNED = OwnedDomains()
 
 
 class LibvirtDaemons:
@@ -118,6 +200,7 @@ class LibvirtLabVm(LabVm):
         vm = cls(name, workdir, disks, domain=f"btxtest-{name}-{uuid.uuid4().hex[:8]}",
                  raw=raw)
         vm._conn = libvirt.open(URI)
+        OWNED.add(vm.domain)
         vm._conn.defineXML(domain_xml(vm.domain, disks, raw))
         return vm
 
@@ -128,6 +211,7 @@ class LibvirtLabVm(LabVm):
     def start(self) -> None:
         if not self.dom.isActive():
             self.dom.create()
+            OWNED.started(self.domain)
 
     def stop(self) -> None:
         """Shut QEMU down cleanly (no guest to ask: SIGTERM, which stores the bitmaps)."""
@@ -145,15 +229,17 @@ class LibvirtLabVm(LabVm):
             time.sleep(0.05)
 
     def remove(self) -> None:
-        """Stop and undefine the domain (idempotent)."""
-        if self._conn is None:
-            return
-        with contextlib.suppress(libvirt.libvirtError):
-            self.stop()
-        with contextlib.suppress(libvirt.libvirtError):
-            self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
-        self._conn.close()
-        self._conn = None
+        """Stop and undefine the domain (idempotent). Should libvirt fail (libvirtd
+        dead), its QEMU is ended by PID all the same (:class:`OwnedDomains`)."""
+        if self._conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self.stop()
+            with contextlib.suppress(libvirt.libvirtError):
+                self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
+            self._conn = None
+        OWNED.reap(self.domain)
 
     def hmp(self, command: str) -> str:
         out: str = libvirt_qemu.qemuMonitorCommand(
@@ -232,11 +318,13 @@ class LibvirtHost(Host):
         return found
 
     def close(self) -> None:
-        self.agent.stop()
-        if self.channel:
-            self.channel.close()
-        for vm in self.vms:
-            self.domain(vm).remove()
+        try:
+            self.agent.stop()
+            if self.channel:
+                self.channel.close()
+        finally:
+            for vm in self.vms:
+                self.domain(vm).remove()
 
     def bitmaps(self, vm: str, disk: str) -> dict[str, dict[str, Any]]:
         """libvirt's checkpoints on *disk*, shaped like QEMU's bitmaps (libvirt's are
