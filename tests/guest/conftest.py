@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest.image import GuestImage, build_guest_image, make_data_disk
-from tests.guest.qga import GuestAgent
-from tests.guest.vm import GuestVm
+from blocktxn.demo.realguest.image import GuestImage, build_guest_image, make_data_disk
+from blocktxn.demo.realguest.qga import GuestAgent
+from blocktxn.demo.realguest.vm import GuestVm
 
 
 @pytest.fixture(scope="session")

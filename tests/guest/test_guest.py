@@ -16,29 +16,22 @@ starts with exactly the frozen content.
 
 from __future__ import annotations
 
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.guest.image import GUEST_LOG, tool
-from tests.guest.qga import GuestAgent
-from tests.guest.vm import GuestVm
+from blocktxn.demo.realguest.image import GUEST_LOG
+from blocktxn.demo.realguest.qga import GuestAgent
+from blocktxn.demo.realguest.records import disk_log, fsck, needs_recovery, numbers
+from blocktxn.demo.realguest.vm import GuestVm
 
 pytestmark = pytest.mark.integration
 
 PROGRESS_TIMEOUT = 60.0  # generous: TCG on a shared, busy machine
 
 
-def _numbers(data: bytes) -> list[int]:
-    """The writer's sequence numbers (an unfinished last line is left out)."""
-    complete = data[:data.rfind(b"\n") + 1]
-    return [int(x) for x in complete.split()]
-
-
 def _guest_log(ga: GuestAgent) -> list[int]:
-    return _numbers(ga.read_file(GUEST_LOG))
+    return numbers(ga.read_file(GUEST_LOG))
 
 
 def _wait_for_lines(ga: GuestAgent, count: int) -> list[int]:
@@ -50,29 +43,6 @@ def _wait_for_lines(ga: GuestAgent, count: int) -> list[int]:
             return lines
         assert time.monotonic() < deadline, f"the writer stopped at {len(lines)} lines"
         time.sleep(0.1)
-
-
-def _disk_log(image: Path) -> bytes:
-    """``/log`` as the data disk image holds it, read on the host (read-only)."""
-    proc = subprocess.run([tool("debugfs"), "-R", "cat /log", str(image)],
-                          capture_output=True, check=True)
-    assert b"not found" not in proc.stderr, proc.stderr.decode(errors="replace")
-    return proc.stdout
-
-
-def _needs_recovery(image: Path) -> bool:
-    """Whether the superblock on disk says the journal needs recovery (ext4 mounted)."""
-    out = subprocess.run([tool("dumpe2fs"), "-h", str(image)], capture_output=True,
-                         text=True, check=True).stdout
-    features = [line for line in out.splitlines() if line.startswith("Filesystem features:")]
-    assert len(features) == 1, out
-    return "needs_recovery" in features[0].split()
-
-
-def _fsck(image: Path) -> subprocess.CompletedProcess[str]:
-    """``e2fsck -fn``: a forced check that changes nothing (it answers "no" to any fix)."""
-    return subprocess.run([tool("e2fsck"), "-fn", str(image)],
-                          capture_output=True, text=True, check=False)
 
 
 def test_fsfreeze_stops_the_writer_on_disk_and_thaw_resumes_it(
@@ -87,7 +57,7 @@ def test_fsfreeze_stops_the_writer_on_disk_and_thaw_resumes_it(
     before = _wait_for_lines(ga, start + 10)
     ten_lines = time.monotonic() - t0
     assert before == list(range(1, len(before) + 1))
-    assert _needs_recovery(guest_vm.data_disk), "the mounted ext4 should need recovery"
+    assert needs_recovery(guest_vm.data_disk), "the mounted ext4 should need recovery"
 
     frozen = ga.execute("guest-fsfreeze-freeze", timeout=60)
     thawed: int | None = None
@@ -95,27 +65,27 @@ def test_fsfreeze_stops_the_writer_on_disk_and_thaw_resumes_it(
         assert isinstance(frozen, int) and frozen >= 1, frozen  # /data, at least
         assert ga.execute("guest-fsfreeze-status") == "frozen"
 
-        first = _disk_log(guest_vm.data_disk)
+        first = disk_log(guest_vm.data_disk)
         time.sleep(max(1.0, 3 * ten_lines))
-        second = _disk_log(guest_vm.data_disk)
-        frozen_needs_recovery = _needs_recovery(guest_vm.data_disk)
-        fsck = _fsck(guest_vm.data_disk)
+        second = disk_log(guest_vm.data_disk)
+        frozen_needs_recovery = needs_recovery(guest_vm.data_disk)
+        checked = fsck(guest_vm.data_disk)
         assert ga.execute("guest-fsfreeze-status") == "frozen"
     finally:
         thawed = ga.execute("guest-fsfreeze-thaw", timeout=60)
 
-    on_disk = _numbers(first)
+    on_disk = numbers(first)
     assert first == second, "the writer's file changed on disk while frozen"
     assert first.endswith(b"\n"), "a torn line on the frozen disk"
     assert on_disk == list(range(1, len(on_disk) + 1)), "the frozen file is not 1..N"
     assert len(on_disk) >= len(before), "the frozen disk lacks lines written before"
     assert not frozen_needs_recovery, "the frozen ext4's journal was not checkpointed"
-    assert fsck.returncode == 0 and "Fix?" not in fsck.stdout, \
-        f"frozen file system not clean:\n{fsck.stdout}{fsck.stderr}"
+    assert checked.returncode == 0 and "Fix?" not in checked.stdout, \
+        f"frozen file system not clean:\n{checked.stdout}{checked.stderr}"
 
     assert thawed == frozen
     assert ga.execute("guest-fsfreeze-status") == "thawed"
-    assert _needs_recovery(guest_vm.data_disk), "the thawed ext4 should need recovery again"
+    assert needs_recovery(guest_vm.data_disk), "the thawed ext4 should need recovery again"
 
     # The writer resumes where it stopped: the frozen content, then more, no gaps.
     after = _wait_for_lines(ga, len(on_disk) + 10)

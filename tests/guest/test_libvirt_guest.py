@@ -1,5 +1,5 @@
-"""The libvirt backend on a real guest: the test guest (tests/guest/image.py) booted as
-a libvirt domain with its ext4 data disk as qcow2 and qemu-ga on libvirt's guest-agent
+"""The libvirt backend on a real guest: the test guest (blocktxn/demo/realguest/image.py)
+booted as a libvirt domain with its ext4 data disk as qcow2 and qemu-ga on libvirt's guest-agent
 channel. A backup with quiesce freeze goes through libvirt's fsFreeze/fsThaw; the
 restored disk is a clean file system that needs no journal recovery and holds the guest
 writer's records 1..N without a gap, N at least what the guest had written before the
@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +24,12 @@ import libvirt_qemu
 import pytest
 
 from blocktxn.demo.lab import AgentProcess
+from blocktxn.demo.realguest.image import GUEST_LOG, READY_MARKER, GuestImage
+from blocktxn.demo.realguest.records import numbers
+from blocktxn.demo.realguest.vm import BOOT_TIMEOUT, choose_accelerator, make_qcow2_data_disk
 from blocktxn.v1 import agent_pb2 as pb
 from blocktxn.v1 import agent_pb2_grpc as pb_grpc
-from tests.guest.image import GUEST_LOG, READY_MARKER, GuestImage, make_data_disk, tool
-from tests.guest.vm import BOOT_TIMEOUT, choose_accelerator
+from tests.guest.checks import assert_point_in_time
 from tests.integration.conftest import libvirt_daemons  # noqa: F401  (the fixture)
 from tests.integration.libvirt_lab import OWNED, URI
 
@@ -56,12 +57,8 @@ class LibvirtGuest:
 
     def __init__(self, image: GuestImage, workdir: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        raw = workdir / "data.raw"
-        make_data_disk(raw)
         self.disk = workdir / "data.qcow2"
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
-                        str(self.disk)], check=True)
-        raw.unlink()
+        make_qcow2_data_disk(self.disk)
         self.console = workdir / "console.log"
         self.name = f"btxguest-{int(time.time() * 1000) % 10**8}"
         self.conn = libvirt.open(URI)
@@ -108,11 +105,6 @@ class LibvirtGuest:
         OWNED.reap(self.name)
 
 
-def numbers(data: bytes) -> list[int]:
-    complete = data[:data.rfind(b"\n") + 1]
-    return [int(x) for x in complete.split()]
-
-
 @pytest.fixture
 def libvirt_guest(guest_image: GuestImage, tmp_path: Path, request: pytest.FixtureRequest
                   ) -> Iterator[LibvirtGuest]:
@@ -123,21 +115,6 @@ def libvirt_guest(guest_image: GuestImage, tmp_path: Path, request: pytest.Fixtu
         yield guest
     finally:
         guest.close()
-
-
-def restored_log(path: Path) -> tuple[list[int], str, int]:
-    """(records, e2fsck output, e2fsck status) of a restored raw disk."""
-    log = subprocess.run([tool("debugfs"), "-R", "cat /log", str(path)],
-                         capture_output=True, check=True).stdout
-    fsck = subprocess.run([tool("e2fsck"), "-fn", str(path)], capture_output=True, text=True)
-    return numbers(log), fsck.stdout + fsck.stderr, fsck.returncode
-
-
-def needs_recovery(path: Path) -> bool:
-    out = subprocess.run([tool("dumpe2fs"), "-h", str(path)], capture_output=True,
-                         text=True, check=True).stdout
-    return any("needs_recovery" in line for line in out.splitlines()
-               if line.startswith("Filesystem features:"))
 
 
 def test_a_freeze_through_libvirt_gives_a_clean_restore_with_every_record_before_the_cut(
@@ -159,19 +136,14 @@ def test_a_freeze_through_libvirt_gives_a_clean_restore_with_every_record_before
             assert guest.agent("guest-fsfreeze-status") == "frozen"
             stub.Thaw(pb.ThawRequest(txn_id=txn), timeout=60)
             assert guest.agent("guest-fsfreeze-status") == "thawed"
+            after_thaw = guest.log()
             vote = stub.Prepare(pb.PrepareRequest(txn_id=txn, timeout_s=120), timeout=120)
             assert vote.yes, vote.reason
             stub.Commit(pb.CommitRequest(txn_id=txn), timeout=60)
             out = Path(stub.Restore(pb.RestoreRequest(
                 set_id=txn, vm="vm1", disk="vda", format="raw",
                 destination=str(agent.restore_dir / f"{txn}.raw")), timeout=120).path)
-            records, fsck, status = restored_log(out)
-            assert status == 0, fsck               # clean, nothing to fix
-            assert not needs_recovery(out)         # frozen: the journal was checkpointed
-            assert records == list(range(1, len(records) + 1))
-            assert len(records) >= len(before)
-            after = guest.log()                    # the writer went on after the thaw
-            assert after[:len(records)] == records and len(after) >= len(records)
+            assert_point_in_time(out, before, after_thaw)
         assert inv.vms[0].disks[0].format == "qcow2"
     finally:
         channel.close()

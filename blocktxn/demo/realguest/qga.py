@@ -119,3 +119,15 @@ class GuestAgent:
         finally:
             self.execute("guest-file-close", {"handle": handle})
         return b"".join(chunks)
+
+
+def call_once(path: Path, cmd: str, args: dict[str, Any] | None = None,
+              timeout: float = 60.0) -> Any:
+    """Run one command on a connection of its own, closed before returning (the socket
+    serves one client at a time; a blocktxn agent opens its own for each freeze/thaw)."""
+    ga = GuestAgent(path, timeout)
+    try:
+        ga.sync(timeout)
+        return ga.execute(cmd, args, timeout)
+    finally:
+        ga.close()

@@ -1,4 +1,4 @@
-"""Boot the test guest (tests/guest/image.py) under QEMU: KVM when usable, else TCG."""
+"""Boot the test guest (image.py) under QEMU: KVM when usable, else TCG."""
 
 from __future__ import annotations
 
@@ -16,18 +16,36 @@ from pathlib import Path
 from typing import Any
 
 from blocktxn.demo.lab import qmp_call
-from tests.guest.image import AGENT_PORT_NAME, FAILED_MARKER, READY_MARKER, GuestImage
+from blocktxn.demo.realguest.image import (
+    AGENT_PORT_NAME,
+    FAILED_MARKER,
+    READY_MARKER,
+    GuestImage,
+    make_data_disk,
+)
 
 QEMU = "qemu-system-x86_64"
 # Generous: under TCG on a busy machine the boot takes several times longer than on KVM.
 BOOT_TIMEOUT = 180.0
 _SUN_PATH_MAX = 100  # sockaddr_un.sun_path is 108 bytes
 PR_SET_PDEATHSIG = 1
+DATA_NODE = "data"  # the data disk's format node (the agent names disks by node)
 ACCEL_ENV = "BLOCKTXN_GUEST_ACCEL"  # kvm, tcg or auto (the default)
 # The KVM probe: a loop of this many iterations, which hardware virtualisation runs in
 # milliseconds, must end within KVM_PROBE_TIMEOUT (QEMU's start-up included).
 KVM_PROBE_LOOPS = 10_000_000
 KVM_PROBE_TIMEOUT = 3.0
+
+
+def make_qcow2_data_disk(path: Path, size_mib: int = 64) -> None:
+    """A qcow2 disk holding an empty ext4 file system (made raw, then converted)."""
+    raw = path.with_name(path.name + ".raw")
+    make_data_disk(raw, size_mib)
+    try:
+        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw),
+                        str(path)], check=True)
+    finally:
+        raw.unlink(missing_ok=True)
 
 
 def kvm_openable() -> bool:
@@ -108,19 +126,23 @@ class GuestVm:
     """
 
     def __init__(self, image: GuestImage, workdir: Path, data_disk: Path, *,
-                 memory_mib: int = 256) -> None:
+                 memory_mib: int = 256, data_format: str = "raw") -> None:
         self.image = image
         self.workdir = workdir
         self.data_disk = data_disk
+        self.data_format = data_format  # raw, or qcow2 (checkpoints need qcow2)
         self.memory_mib = memory_mib
         self.console_log = workdir / "console.log"
         self.stderr_log = workdir / "qemu.stderr"
         # Unix socket paths are short; pytest's tmp_path may not be.
         sockdir = workdir
         self._sockdir_tmp: Path | None = None
-        if len(str(workdir / "qga.sock")) > _SUN_PATH_MAX:
+        if len(str(workdir / "qmp-agent.sock")) > _SUN_PATH_MAX:
             self._sockdir_tmp = sockdir = Path(tempfile.mkdtemp(prefix="btguest-"))
         self.qmp_socket = sockdir / "qmp.sock"
+        # A monitor of its own for a blocktxn agent (it keeps its connection open, and a
+        # QMP socket serves one client at a time); qmp() uses the first.
+        self.agent_qmp_socket = sockdir / "qmp-agent.sock"
         self.agent_socket = sockdir / "qga.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self.boot_seconds: float | None = None
@@ -136,12 +158,15 @@ class GuestVm:
             # panic=-1: a guest panic reboots at once, and -no-reboot makes QEMU exit.
             "-append", "console=ttyS0 quiet panic=-1",
             "-serial", f"file:{self.console_log}",
-            "-drive", f"file={self.data_disk},format=raw,if=none,id=data,cache=writeback",
-            "-device", "virtio-blk-pci,drive=data",
+            # The disk is the format node named DATA_NODE: the agent's disk name.
+            "-blockdev", f"driver=file,node-name={DATA_NODE}-file,filename={self.data_disk}",
+            "-blockdev", f"driver={self.data_format},node-name={DATA_NODE},file={DATA_NODE}-file",
+            "-device", f"virtio-blk-pci,drive={DATA_NODE}",
             "-device", "virtio-serial-pci,id=vser0",
             "-chardev", f"socket,id=qga0,path={self.agent_socket},server=on,wait=off",
             "-device", f"virtserialport,bus=vser0.0,chardev=qga0,name={AGENT_PORT_NAME}",
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+            "-qmp", f"unix:{self.agent_qmp_socket},server=on,wait=off",
         ]
 
     def accel_args(self) -> list[str]:
