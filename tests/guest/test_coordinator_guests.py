@@ -33,7 +33,7 @@ from blocktxn.client import SyncClient
 from blocktxn.demo.lab import AgentProcess
 from blocktxn.demo.realguest.image import GuestImage
 from blocktxn.demo.realguest.qga import call_once
-from blocktxn.demo.realguest.records import guest_log
+from blocktxn.demo.realguest.records import freeze_window, guest_log, overlap_problems
 from blocktxn.demo.realguest.vm import DATA_NODE, GuestVm, make_qcow2_data_disk
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as cpb
@@ -69,22 +69,6 @@ def libvirt_guest(guest_image: GuestImage, tmp_path: Path, libvirt_daemons: None
         yield guest
     finally:
         guest.close()
-
-
-def journal_window(agent: AgentProcess, txn_id: str) -> tuple[float, float, float, bool]:
-    """(frozen_at, cut_at, thawed_at, thawed on its own) of *txn_id*, as the agent
-    journaled them."""
-    cut: dict[str, Any] = {}
-    thawed: dict[str, Any] = {}
-    for line in (agent.repo / "journal.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("txn") == txn_id and rec.get("type") == "CutDone":
-            cut = rec["data"]
-        elif rec.get("txn") == txn_id and rec.get("type") == "Thawed":
-            thawed = rec["data"]
-    assert cut and thawed, f"{agent.agent_id}: no CutDone/Thawed for {txn_id} in its journal"
-    return (float(cut["frozen_at"]), float(cut["cut_at"]), float(thawed["at"]),
-            bool(thawed["on_own"]))
 
 
 def thawed_at(cluster: Cluster, txn_id: str) -> float:
@@ -141,20 +125,19 @@ def test_a_grouped_freeze_across_a_qemu_and_a_libvirt_host_overlaps_and_restores
             assert sorted((m.agent_id, m.mode, m.outcome) for m in done.members) == [
                 ("h1", mode, "committed"), ("h2", mode, "committed")]
 
-            windows = {h: journal_window(a, txn.txn_id) for h, a in agents.items()}
-            assert not any(on_own for *_, on_own in windows.values()), windows
-            assert all(f < c for f, c, _, _ in windows.values()), windows
-            last_frozen = max(c for _, c, _, _ in windows.values())
-            first_thaw = min(t for _, _, t, _ in windows.values())
+            windows = {h: freeze_window(a.repo, txn.txn_id) for h, a in agents.items()}
             # every guest frozen (its freeze done by cut_at) before any was thawed
-            assert last_frozen <= done.cut_done_at < first_thaw, (windows, done.cut_done_at)
+            problems = overlap_problems(windows, done.cut_done_at)
+            assert not problems, problems
             shown = json.loads(subprocess.run(
                 [sys.executable, "-m", "blocktxn", "--coordinator", cluster.addresses,
                  "txn", "show", txn.txn_id, "--json"],
                 capture_output=True, text=True, check=True).stdout)
             assert shown["state"] == "committed"
-            assert shown["frozen_from"] == pytest.approx(min(f for f, *_ in windows.values()))
-            assert shown["thawed_at"] == pytest.approx(max(t for _, _, t, _ in windows.values()))
+            assert shown["frozen_from"] == pytest.approx(
+                min(w.frozen_at for w in windows.values()))
+            assert shown["thawed_at"] == pytest.approx(
+                max(w.thawed_at for w in windows.values()))
 
             for h, target in TARGETS.items():
                 out = agents[h].restore_dir / f"{txn.txn_id}.raw"

@@ -6,9 +6,11 @@ guest's file system at one point in time inside the freeze (:meth:`RestoredDisk.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from blocktxn.demo.realguest.image import GUEST_LOG, tool
 from blocktxn.demo.realguest.qga import GuestAgent
@@ -102,3 +104,53 @@ def guest_log(agent_socket: Path, timeout: float = 60.0) -> list[int]:
         return numbers(ga.read_file(GUEST_LOG))
     finally:
         ga.close()
+
+
+@dataclass(frozen=True)
+class FreezeWindow:
+    """One agent's freeze of a transaction, as its journal records it: the freeze began
+    at *frozen_at* and was done by *cut_at* (the jobs started inside it); the guests were
+    thawed by *thawed_at*, on the coordinator's Thaw unless *on_own* (its deadline)."""
+
+    frozen_at: float
+    cut_at: float
+    thawed_at: float
+    on_own: bool
+
+
+def freeze_window(repo: Path, txn_id: str) -> FreezeWindow:
+    """*txn_id*'s freeze in the journal of the agent whose repository is *repo*.
+
+    Raises:
+        KeyError: the journal has no cut or no thaw of it.
+    """
+    cut: dict[str, Any] = {}
+    thawed: dict[str, Any] = {}
+    for line in (repo / "journal.jsonl").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a torn last line
+            continue
+        if rec.get("txn") == txn_id and rec.get("type") == "CutDone":
+            cut = rec["data"]
+        elif rec.get("txn") == txn_id and rec.get("type") == "Thawed":
+            thawed = rec["data"]
+    if not cut or not thawed:
+        raise KeyError(f"no cut and thaw of {txn_id} in {repo / 'journal.jsonl'}")
+    return FreezeWindow(float(cut["frozen_at"]), float(cut["cut_at"]),
+                        float(thawed["at"]), bool(thawed["on_own"]))
+
+
+def overlap_problems(windows: dict[str, FreezeWindow], cut_done_at: float) -> list[str]:
+    """Why the agents' freezes (host -> window) do not make one cut, empty when they do:
+    every freeze began and was done (cut_at) before the coordinator saw the whole cut
+    done (*cut_done_at*), and every thaw came after that, on the coordinator's Thaw."""
+    found = [f"{h} thawed on its own (deadline)" for h, w in windows.items() if w.on_own]
+    found += [f"{h}: frozen_at {w.frozen_at:.3f} after its cut_at {w.cut_at:.3f}"
+              for h, w in windows.items() if not w.frozen_at or w.frozen_at > w.cut_at]
+    last_frozen = max(w.cut_at for w in windows.values())
+    first_thaw = min(w.thawed_at for w in windows.values())
+    if not last_frozen <= cut_done_at < first_thaw:
+        found.append(f"the last freeze was done at {last_frozen:.3f}, the cut seen done at "
+                     f"{cut_done_at:.3f}, the first thaw at {first_thaw:.3f}: not in order")
+    return found
