@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -34,6 +34,9 @@ from blocktxn.demo.lab import (
     top_layer_clusters,
 )
 
+if TYPE_CHECKING:
+    from blocktxn.demo.real import RealGuestDemo
+
 HOSTS = ("h1", "h2", "h3")
 VMS = ("web", "db")
 DISKS = ("d0", "d1")
@@ -41,6 +44,8 @@ FAULTY = ("h2", "db", "d1")  # the disk that gets an injected read error
 
 
 class Demo:
+    example = "blocktxn backup h1/web h3/db --quiesce freeze --wait"
+
     def __init__(self, workdir: Path, console: Console) -> None:
         self.workdir = workdir
         self.console = console
@@ -231,8 +236,12 @@ class Demo:
 
 
 def main(argv: list[str]) -> int:
-    """``blocktxn demo [--workdir DIR] [--keep]``."""
+    """``blocktxn demo [--real-guests] [--workdir DIR] [--keep]``."""
     p = argparse.ArgumentParser(prog="blocktxn demo", description=__doc__)
+    p.add_argument("--real-guests", action="store_true",
+                   help="two hosts with one booted Linux guest each (built from Debian "
+                        "packages, frozen through qemu-guest-agent) instead of six "
+                        "qemu-storage-daemon VMs")
     p.add_argument("--workdir", help="where the demo keeps its files (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="leave the cluster running at the end")
     args = p.parse_args(argv)
@@ -245,7 +254,13 @@ def main(argv: list[str]) -> int:
     console = Console()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="blocktxn-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    demo = Demo(workdir, console)
+    demo: Demo | RealGuestDemo
+    if args.real_guests:
+        from blocktxn.demo.real import RealGuestDemo
+
+        demo = RealGuestDemo(workdir, console)
+    else:
+        demo = Demo(workdir, console)
     ok = False
     try:
         ok = demo.run()
@@ -254,7 +269,7 @@ def main(argv: list[str]) -> int:
             console.print(f"\nThe cluster keeps running (files in {workdir}). Try:\n"
                           f"  export BLOCKTXN_COORDINATOR={demo.address}\n"
                           "  blocktxn agents\n  blocktxn sets list\n  blocktxn txn list\n"
-                          "  blocktxn backup h1/web h3/db --quiesce freeze --wait\n"
+                          f"  {demo.example}\n"
                           "Ctrl-C stops everything.")
             try:
                 while True:

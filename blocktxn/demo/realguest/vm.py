@@ -146,6 +146,7 @@ class GuestVm:
         self.agent_socket = sockdir / "qga.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self.boot_seconds: float | None = None
+        self._t0 = 0.0
 
     def command(self) -> list[str]:
         """The QEMU command line."""
@@ -177,14 +178,19 @@ class GuestVm:
 
     def start(self, timeout: float = BOOT_TIMEOUT) -> None:
         """Start QEMU and wait until the guest prints its ready marker."""
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start QEMU, not waiting for the guest (several guests boot at once: launch
+        each, then :meth:`wait_ready` each). Call it from a thread that outlives QEMU:
+        QEMU is killed when the thread that started it ends (PR_SET_PDEATHSIG)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.console_log.write_bytes(b"")
-        t0 = time.monotonic()
+        self._t0 = time.monotonic()
         with open(self.stderr_log, "wb") as err:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
                                          stdout=err, stderr=err, preexec_fn=_die_with_parent)
-        self.wait_ready(timeout)
-        self.boot_seconds = time.monotonic() - t0
 
     def console(self) -> str:
         """The serial console so far."""
@@ -205,6 +211,7 @@ class GuestVm:
         while True:
             out = self.console()
             if READY_MARKER in out:
+                self.boot_seconds = time.monotonic() - self._t0
                 return
             if FAILED_MARKER in out:
                 raise RuntimeError(f"guest failed to start{self._diagnostics()}")
