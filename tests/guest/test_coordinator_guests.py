@@ -49,26 +49,23 @@ TARGETS = {"h1": f"h1/vm1/{DATA_NODE}", "h2": "h2/vm1/vda"}
 
 
 @pytest.fixture
-def qemu_guest(guest_image: GuestImage, tmp_path: Path) -> Iterator[GuestVm]:
+def guests(guest_image: GuestImage, tmp_path: Path, libvirt_daemons: None  # noqa: F811
+           ) -> Iterator[tuple[GuestVm, LibvirtGuest]]:
+    """h1's guest under bare QEMU and h2's as a libvirt domain, booting together."""
     disk = tmp_path / "h1-data.qcow2"
     make_qcow2_data_disk(disk)
     vm = GuestVm(guest_image, tmp_path / "h1-vm", disk, data_format="qcow2")
+    lv: LibvirtGuest | None = None
     try:
-        vm.start()
-        yield vm
+        vm.launch()
+        lv = LibvirtGuest(guest_image, tmp_path / "h2-guest")
+        vm.wait_ready()
+        lv.wait_ready()
+        yield vm, lv
     finally:
+        if lv is not None:
+            lv.close()
         vm.close()
-
-
-@pytest.fixture
-def libvirt_guest(guest_image: GuestImage, tmp_path: Path, libvirt_daemons: None  # noqa: F811
-                  ) -> Iterator[LibvirtGuest]:
-    guest = LibvirtGuest(guest_image, tmp_path / "h2-guest")
-    try:
-        guest.wait_ready()
-        yield guest
-    finally:
-        guest.close()
 
 
 def thawed_at(cluster: Cluster, txn_id: str) -> float:
@@ -91,7 +88,8 @@ def wait_for(pred: Callable[[], Any], what: str, timeout: float = 120) -> Any:
 
 
 def test_a_grouped_freeze_across_a_qemu_and_a_libvirt_host_overlaps_and_restores_clean(
-        qemu_guest: GuestVm, libvirt_guest: LibvirtGuest, tmp_path: Path) -> None:
+        guests: tuple[GuestVm, LibvirtGuest], tmp_path: Path) -> None:
+    qemu_guest, libvirt_guest = guests
     cluster = Cluster(tmp_path / "cluster")
     agents = {
         "h1": AgentProcess("h1", tmp_path / "h1", [], {}, extra=[
