@@ -293,15 +293,22 @@ class TxnRecord:
     def with_machine(self, machine: TxnMachine, now: float = 0.0) -> TxnRecord:
         """The machine's view: phase, decision, votes (a vote new since the last view,
         and the end of the cut, are stamped *now*)."""
-        seen = {v.agent_id: v.at for v in self.votes}
+        seen = {v.agent_id: v for v in self.votes}
         cut_done = self.cut_done_at or (now if machine.phase != TxnPhase.CUTTING else 0.0)
+        votes = []
+        for p in machine.parts.values():
+            if p.vote is None:
+                continue
+            v = seen.get(p.agent_id)
+            if v is None or v.yes != p.vote or (v.reason != p.reason and v.reason != cut_text(
+                    p.reason, MAX_VOTE_TEXT)):  # (a vote seen before is kept as it is)
+                v = VoteRecord(p.agent_id, p.vote, cut_text(p.reason, MAX_VOTE_TEXT),
+                               v.at if v is not None and v.at else now)
+            votes.append(v)
         return replace(
             self, phase=machine.phase, decision=machine.decision,
             reason=cut_text(machine.reason, MAX_REASON_TEXT), committed=machine.committed,
-            votes=tuple(VoteRecord(p.agent_id, p.vote, cut_text(p.reason, MAX_VOTE_TEXT),
-                                   seen.get(p.agent_id) or now)
-                        for p in machine.parts.values() if p.vote is not None),
-            cut_done_at=cut_done)
+            votes=tuple(votes), cut_done_at=cut_done)
 
     def with_decision(self, decision: DecisionRecord) -> TxnRecord:
         return replace(self, decision=decision.decision, reason=decision.reason)
