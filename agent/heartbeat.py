@@ -10,7 +10,7 @@ answers them apart from the replica's transaction work. Each
 call has a deadline of HEARTBEAT_DEADLINE and a failed one is retried after
 RETRY_AFTER, so that a slow answer still leaves a second chance inside the coordinator's
 lease on the agent (it keeps it for two heartbeat intervals after each heartbeat, and
-the lease lives 10 s after its last keepalive)."""
+the lease lives 20 s after its last keepalive)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ keepalive costs more than the keepalive itself).
 The replica's loop never refreshes a lease itself; it says how long a lease is wanted
 (``want(lease, until)``): the election every half second while it leads, the registry
 at each heartbeat of the agent. The keeper refreshes each wanted lease every quarter of
-its TTL until *until* has passed, then lets it expire. So a replica whose loop is busy
+its TTL (every REFRESH_MOST s at most: a lease's age tells when its agent was last
+heard of) until *until* has passed, then lets it expire. So a replica whose loop is busy
 keeps its leadership and its agents live, while one whose loop hangs (no ``want`` for
 WANT_S) loses them as a dead one would. A lease etcd reports gone is marked dead, and
 ``alive()`` says so to the loop.
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 #: something the keeper runs on its loop: given its store, returns how to stop it
 Service = Callable[[Store], Awaitable[Callable[[], Awaitable[None]]]]
 TICK = 0.2            # the keeper looks for leases due this often
+REFRESH_MOST = 2.5    # s between two refreshes of a lease, at most
 REPLY_DEADLINE = 4.0  # s for etcd to answer one keepalive (else the stream is opened again)
 
 
@@ -185,7 +187,7 @@ class LeaseKeeper:
                     del self._leases[lease_id]
                     continue
                 if (not kept.alive or kept.busy or now > kept.until
-                        or now - kept.refreshed < kept.ttl / 4):
+                        or now - kept.refreshed < min(kept.ttl / 4, REFRESH_MOST)):
                     continue
                 kept.busy = True
                 due.append(lease_id)

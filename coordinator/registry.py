@@ -38,7 +38,10 @@ from .records import AgentEntry, AgentInventory
 from .store import Store
 
 log = logging.getLogger(__name__)
-AGENT_TTL = 10
+#: s an agent's lease lives past its last keepalive: room for the replica's lease
+#: keeper to be starved of CPU for ~14 s (a host at a load of 50, as the scale run's)
+#: without an agent that heartbeats being declared lost
+AGENT_TTL = 20
 #: an agent heartbeats this often (the RegisterAgent reply says so): three chances
 #: within AGENT_TTL, each with its own deadline, before its lease expires
 HEARTBEAT_S = 3.0
@@ -164,7 +167,7 @@ class AgentRegistry:
     def _keep(self, lease: Any) -> None:
         """Have the keeper refresh the agent's lease for two heartbeat intervals: it
         expires AGENT_TTL after the keeper's last refresh, so an agent silent since its
-        last heartbeat is lost LOST_AFTER (10-16 s) after it."""
+        last heartbeat is lost LOST_AFTER (20-26 s) after it."""
         self.keeper.want(lease.id, AGENT_TTL, time.monotonic() + 2 * HEARTBEAT_S)
 
     @staticmethod
@@ -250,7 +253,7 @@ class AgentRegistry:
         leases = await self.store.live_leases()
         now = time.time()
         ask = {e.agent_id: leases[e.agent_id] for e in entries
-               if e.agent_id in leases and now - e.last_seen > AGENT_TTL}
+               if e.agent_id in leases and now - e.last_seen > 2 * HEARTBEAT_S}
         limit = asyncio.Semaphore(LEASE_LOOKUPS)
 
         async def age(lease_id: int) -> float | None:

@@ -32,7 +32,7 @@ from blocktxn.coordinator.records import (
     TxnRecord,
     VmEntry,
 )
-from blocktxn.coordinator.registry import FREE_SLACK, same_inventory
+from blocktxn.coordinator.registry import FREE_SLACK, LOST_AFTER, same_inventory
 from blocktxn.coordinator.store import PREFIX, Store, parse_endpoints
 from blocktxn.coordinator.txn_messages import Decision, TxnPhase
 from blocktxn.coordinator.upkeep import REASON_KEY, parse_keep
@@ -129,7 +129,7 @@ def test_idle_agents_cost_etcd_no_revision_and_a_change_is_written(
     cluster.hosts["h2"].kill_agent()
     for replica in (0, 1):
         wait_until(lambda r=replica: not agents(cluster, r)["h2"].live,
-                   timeout=30, what="h2 lost")
+                   timeout=LOST_AFTER + 5, what="h2 lost")
     assert killed - 5 < agents(cluster, 0)["h2"].last_seen <= killed + 1
     assert agents(cluster, 1)["h2"].last_seen <= killed + 1
     assert agents(cluster, 0)["h1"].live and agents(cluster, 1)["h1"].live
