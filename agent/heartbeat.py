@@ -33,7 +33,7 @@ from .service import inventory_to_pb
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 3.0            # until the coordinator's reply says otherwise
-HEARTBEAT_DEADLINE = 5.0     # per RegisterAgent call
+HEARTBEAT_DEADLINE = 8.0     # per RegisterAgent call (two tries and a retry pause fit AGENT_TTL)
 RETRY_AFTER = 0.5            # after a failed call (then the next replica)
 INVENTORY_CHECK = 1.0        # s between two looks at what the agent knows changed
 INVENTORY_EVERY = 30.0       # the cached inventory is taken again at least this often
