@@ -157,3 +157,26 @@ def test_stop_ends_a_session_whenever_the_cancellation_lands(monkeypatch: Any) -
     monkeypatch.setattr(qmp, "new_client", lambda name, deliver: ConnectsAtOnce())
 
     stops_at_every_step()
+
+
+def test_the_qmp_client_formats_a_message_only_for_a_debug_line(caplog: Any) -> None:
+    """qemu.qmp pretty-prints every message it sends or receives before its logger
+    drops the line: the agent's client does it only when DEBUG is on."""
+    import logging
+
+    from blocktxn.agent.qemu.qmp import new_client
+
+    formatted: list[int] = []
+
+    class Counted(Message):
+        def __str__(self) -> str:
+            formatted.append(1)
+            return super().__str__()
+
+    client = new_client("vm1", lambda e: None)
+    msg = Counted({"execute": "query-jobs"})
+    assert client._cb_outbound(msg) is msg and client._cb_inbound(msg) is msg
+    assert not formatted
+    with caplog.at_level(logging.DEBUG, logger=client.logger.name):
+        client._cb_outbound(msg)
+    assert formatted
