@@ -42,7 +42,7 @@ async def _stale_reply_after_event() -> tuple[VmConnection, JobProgress]:
     await asyncio.sleep(0)
     waiter = asyncio.create_task(conn.wait_job(JOB, {"pending"}, 5))
     await asyncio.sleep(0)
-    await conn._job_event({"id": JOB, "status": "pending"})  # the event, and its query
+    await conn._job_events([{"id": JOB, "status": "pending"}])  # the event, and its query
     fake.release.set()
     await stale  # the old reply lands last
     return conn, await waiter
@@ -53,6 +53,69 @@ def test_a_stale_query_reply_does_not_turn_a_job_back_to_running() -> None:
     assert seen.status == "pending"
     assert conn.jobs[JOB].status == "pending"
     assert conn.jobs[JOB].done == 1  # progress still comes from the reply
+
+
+class CountsQueries:
+    """query-jobs answered from a fixed list of jobs, counted."""
+
+    def __init__(self, jobs: list[dict[str, Any]]) -> None:
+        self.jobs, self.calls = jobs, 0
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        assert cmd == "query-jobs"
+        self.calls += 1
+        return self.jobs
+
+
+def test_events_that_arrive_together_cost_one_query() -> None:
+    """A hundred jobs reaching pending together: one query-jobs, not one per event
+    (each returns every job), and every waiter sees its job pending with its progress."""
+    ids = [f"btx{n:03d}" for n in range(100)]
+
+    async def run() -> tuple[int, list[JobProgress]]:
+        conn = VmConnection("vm1", "/nonexistent.sock", timeout=5)
+        fake = CountsQueries([{"id": j, "status": "pending", "current-progress": 7,
+                               "total-progress": 7} for j in ids])
+        conn._client = fake  # type: ignore[assignment]
+        conn._connected.set()
+        for j in ids:
+            conn.jobs[j] = JobProgress(j, "running")
+        waiters = [asyncio.create_task(conn.wait_job(j, {"pending"}, 5)) for j in ids]
+        while len(conn._changed._waiters) < len(ids):  # every waiter is waiting
+            await asyncio.sleep(0)
+        await conn._job_events([{"id": j, "status": "pending"} for j in ids])
+        return fake.calls, list(await asyncio.gather(*waiters))
+
+    calls, seen = asyncio.run(run())
+    assert calls == 1
+    assert all(s.status == "pending" and s.done == 7 for s in seen)
+
+
+def test_a_job_with_two_events_in_one_batch_shows_both() -> None:
+    """concluded then null (dismissed) in one batch: the waiter for concluded is woken
+    while the job is concluded, before it is forgotten."""
+    async def run() -> tuple[JobProgress, bool]:
+        conn = VmConnection("vm1", "/nonexistent.sock", timeout=5)
+        conn._client = CountsQueries([{"id": JOB, "status": "concluded",  # type: ignore
+                                       "current-progress": 3, "total-progress": 3}])
+        conn._connected.set()
+        conn.jobs[JOB] = JobProgress(JOB, "pending")
+        seen: list[JobProgress] = []
+
+        async def wait() -> None:
+            seen.append(await conn.wait_job(JOB, {"concluded"}, 5))
+
+        waiter = asyncio.create_task(wait())
+        while not conn._changed._waiters:
+            await asyncio.sleep(0)
+        await conn._job_events([{"id": JOB, "status": "concluded"},
+                                {"id": JOB, "status": "null"}])
+        await waiter
+        return seen[0], JOB in conn.jobs
+
+    seen, kept = asyncio.run(run())
+    assert seen.status == "concluded" and seen.done == 3
+    assert not kept
 
 
 def test_the_qmp_client_keeps_no_event() -> None:
