@@ -102,13 +102,22 @@ async def finish(conn: VmConnection, m: MemberPlan) -> int:
 
 
 async def remove_bitmaps(conn: VmConnection, bitmaps: Sequence[tuple[str, str]]) -> None:
-    """Drop (disk, bitmap) pairs that exist; a lost VM is logged, not an error."""
+    """Drop (disk, bitmap) pairs that exist; a lost VM is logged, not an error. All in
+    one QMP ``transaction`` when all exist (all-or-nothing: a failed one leaves every
+    bitmap as it was), else one by one as the disks' query shows them."""
     if not bitmaps:
         return
     if not conn.connected:
         log.warning("vm %s lost: bitmaps %s left for later cleanup", conn.name, list(bitmaps))
         return
     try:
+        try:  # usually every one is there: ONE transaction, no query of the disks
+            await conn.execute("transaction", {"actions": [
+                {"type": "block-dirty-bitmap-remove", "data": {"node": disk, "name": name}}
+                for disk, name in bitmaps]})
+            return
+        except QemuError:  # one is gone (a repeated decision) or refused: none was
+            pass           # removed; one by one, those that are there
         nodes = await conn.disks()
         await asyncio.gather(*(
             conn.execute("block-dirty-bitmap-remove", {"node": disk, "name": name})
