@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,10 +19,12 @@ from . import qcow2
 from .errors import AgentError, QemuError
 
 if TYPE_CHECKING:
+    from .participant_messages import ImageRecord
     from .repository import Repository
 
 log = logging.getLogger(__name__)
 HASH_CHUNK = 1 << 20
+RECORD_EVERY = 1.0  # s of hashing whose sums are recorded together at most
 
 
 async def file_sha256(path: Path) -> str:
@@ -85,23 +88,31 @@ class Checksums:
         one and with the same backing (Repository.record_sum), and never for an image
         whose header names another backing than the catalog (a rebase cut short by a
         crash, which its removal redoes). An image that cannot be read is logged and
-        left for the next call (verify reports it)."""
+        left for the next call (verify reports it). The sums of one pass over the
+        images without one are recorded together (``Repository.record_sums``)."""
         done, skipped = 0, set()
         while todo := [i for i in self.repo.images() if not i.sha256
                        and i.image not in skipped]:
-            img = todo[0]
-            skipped.add(img.image)  # once per call, whatever happens
-            try:
-                named = qcow2.backing_name(self.repo.path(img.image))
-                sha = await self.repo.sha256(img.image)
-            except (QemuError, OSError, ValueError) as err:
-                log.warning("no checksum for %s: %s", img.image, err)
-                continue
-            if named != (Path(img.backing).name if img.backing else ""):
-                log.warning("no checksum for %s: its header names backing %r, the catalog "
-                            "%r (a rebase cut short; its removal redoes it)", img.image,
-                            named, img.backing)
-                continue
-            if await self.repo.record_sum(img, sha):
-                done += 1
+            sums: list[tuple[ImageRecord, str]] = []
+            since = time.monotonic()
+            for img in todo:  # (images committed meanwhile: the next pass)
+                if sums and time.monotonic() - since > RECORD_EVERY:  # big images
+                    done += await self.repo.record_sums(sums)
+                    sums, since = [], time.monotonic()
+                skipped.add(img.image)  # once per call, whatever happens
+                try:
+                    named = qcow2.backing_name(self.repo.path(img.image))
+                    sha = await self.repo.sha256(img.image)
+                except (QemuError, OSError, ValueError) as err:
+                    log.warning("no checksum for %s: %s", img.image, err)
+                    continue
+                if named != (Path(img.backing).name if img.backing else ""):
+                    log.warning("no checksum for %s: its header names backing %r, the "
+                                "catalog %r (a rebase cut short; its removal redoes it)",
+                                img.image, named, img.backing)
+                    continue
+                sums.append((img, sha))
+            # one catalog append (one fsync) for the pass (or RECORD_EVERY s of it), not
+            # one per image
+            done += await self.repo.record_sums(sums)
         return done

@@ -4,12 +4,11 @@ open transactions plus the most recent finished ones."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
-from .jsonl import JsonLines
+from .jsonl import JsonLines, plain
 from .participant import ParticipantMachine
 from .participant_messages import (
     OPEN_PHASES,
@@ -42,7 +41,7 @@ _EVENT_TYPES: dict[str, type[Event]] = {
 
 def event_to_record(txn_id: str, event: Event) -> dict[str, Any]:
     """A JSON-able dict for one journaled event."""
-    return {"txn": txn_id, "type": type(event).__name__, "data": dataclasses.asdict(event)}
+    return {"txn": txn_id, "type": type(event).__name__, "data": plain(event)}
 
 
 def event_from_record(record: dict[str, Any]) -> tuple[str, Event]:

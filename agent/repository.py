@@ -49,7 +49,7 @@ from . import qcow2
 from .aio import gather_all
 from .checksums import file_sha256
 from .errors import BadRequestError, ConflictError, JournalError, QemuError, UnknownError
-from .jsonl import JsonLines, fsync_dir, fsync_file
+from .jsonl import JsonLines, fsync_dir, fsync_file, plain
 from .participant_messages import ImageRecord
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,10 @@ class Repository:
         self.root.mkdir(parents=True, exist_ok=True)
         self.catalog = JsonLines(self.root / "catalog.jsonl")
         self._records = 0  # lines in the catalog file (compaction once they pile up)
-        self._catalog: list[ImageRecord] = self._load()
+        self._catalog: list[ImageRecord] = []
+        self._by_disk: dict[tuple[str, str], list[ImageRecord]] = {}
+        self._by_image: dict[str, ImageRecord] = {}
+        self._take(self._load())
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.reading: collections.Counter[tuple[str, str]] = collections.Counter()
 
@@ -126,44 +129,75 @@ class Repository:
         self._records = len(records)
         return list(out.values())
 
+    def _take(self, catalog: list[ImageRecord]) -> None:
+        """*catalog* as the catalog, with its indexes: per disk (oldest first) and per
+        image name. (A scan of the whole catalog per disk made the cut, the inventory
+        and the checksums cost O(disks x images): more with every backup kept.)"""
+        by_disk: dict[tuple[str, str], list[ImageRecord]] = {}
+        for i in catalog:
+            by_disk.setdefault((i.vm, i.disk), []).append(i)
+        self._catalog, self._by_disk = catalog, by_disk
+        self._by_image = {i.image: i for i in catalog}
+
     def _append(self, records: list[dict[str, Any]], catalog: list[ImageRecord]) -> None:
         """Make *records* durable, then take *catalog* as the catalog (a failed write
         changes nothing, so a retry writes them again)."""
         self.catalog.append(records)
         self._records += len(records)
-        self._catalog = catalog
+        self._take(catalog)
         if self._records > 2 * len(self._catalog) + COMPACT_SLACK:
-            self.catalog.rewrite(dataclasses.asdict(i) for i in self._catalog)
+            self.catalog.rewrite(plain(i) for i in self._catalog)
             self._records = len(self._catalog)
 
     def images(self, vm: str = "", disk: str = "") -> list[ImageRecord]:
+        if vm and disk:
+            return list(self._by_disk.get((vm, disk), ()))
         return [
             i for i in self._catalog if (not vm or i.vm == vm) and (not disk or i.disk == disk)
         ]
 
     def last_image(self, vm: str, disk: str) -> ImageRecord | None:
-        found = self.images(vm, disk)
+        found = self._by_disk.get((vm, disk))
         return found[-1] if found else None
 
     def record(self, images: list[ImageRecord]) -> None:
         """Append committed images to the catalog (idempotent, fsync)."""
-        known = {(i.set_id, i.vm, i.disk) for i in self._catalog}
-        new = [i for i in images if (i.set_id, i.vm, i.disk) not in known]
+        new = [i for i in images if not any(
+            j.set_id == i.set_id for j in self._by_disk.get((i.vm, i.disk), ()))]
         if not new:
             return
-        self._append([dataclasses.asdict(i) for i in new], [*self._catalog, *new])
+        self._append([plain(i) for i in new], [*self._catalog, *new])
 
     async def record_sum(self, img: ImageRecord, sha: str) -> bool:
         """Record *img*'s checksum (read without the lock) if the image is still
         catalogued without one and with the same backing; return whether it was."""
         async with self.lock(img.vm, img.disk):
-            now = next((i for i in self._catalog if i.image == img.image), None)
+            return self._record_sums([(img, sha)]) == 1
+
+    async def record_sums(self, sums: list[tuple[ImageRecord, str]]) -> int:
+        """``record_sum`` of each (image, checksum), in ONE durable append for every
+        image whose disk's lock is free now (no await between that look and the append:
+        as if each lock were held); the others one by one, each waiting for its lock.
+        Return how many were recorded."""
+        free = [(i, s) for i, s in sums if not self.lock(i.vm, i.disk).locked()]
+        held = [(i, s) for i, s in sums if self.lock(i.vm, i.disk).locked()]
+        done = self._record_sums(free)
+        for img, sha in held:
+            done += await self.record_sum(img, sha)
+        return done
+
+    def _record_sums(self, sums: list[tuple[ImageRecord, str]]) -> int:
+        fresh: dict[str, str] = {}
+        for img, sha in sums:
+            now = self._by_image.get(img.image)
             if now is None or now.sha256 or now.backing != img.backing:
-                return False  # removed or rebased meanwhile (a rebase records its own)
-            self._append([{"op": "sum", "image": img.image, "sha256": sha}],
-                         [dataclasses.replace(i, sha256=sha) if i.image == img.image
+                continue  # removed or rebased meanwhile (a rebase records its own)
+            fresh[img.image] = sha
+        if fresh:
+            self._append([{"op": "sum", "image": i, "sha256": s} for i, s in fresh.items()],
+                         [dataclasses.replace(i, sha256=fresh[i.image]) if i.image in fresh
                           else i for i in self._catalog])
-            return True
+        return len(fresh)
 
     def space(self) -> tuple[int, int]:
         """(capacity, free) bytes of the repository's file system."""

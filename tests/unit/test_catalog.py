@@ -101,3 +101,58 @@ def test_a_failed_catalog_write_changes_nothing(tmp_path: Path) -> None:
     with pytest.raises(JournalError):
         repo.record([image("s2", "s1")])
     assert repo.images() == [image("s1")]  # so a retried Commit writes it again
+
+
+def test_the_sums_of_a_pass_are_one_append(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    """A hundred new images: one catalog append (one fsync) for their checksums, not
+    one each; an image whose disk a removal holds waits for the lock, and is recorded
+    only if the removal left it catalogued without a sum."""
+    repo = Repository(tmp_path, [])
+    images = []
+    for n in range(100):
+        i = dataclasses.replace(image(f"s{n}"), disk=f"d{n}", sha256="",
+                                image=f"images/vm1/d{n}/s{n}.qcow2")
+        (tmp_path / i.image).parent.mkdir(parents=True, exist_ok=True)
+        qcow2.create(tmp_path / i.image, 1 << 20)
+        images.append(i)
+    repo.record(images)
+    appends: list[int] = []
+    real = repo.catalog.append
+
+    def counted(records: list[dict[str, object]]) -> None:
+        records = list(records)
+        appends.append(len(records))
+        real(records)
+
+    monkeypatch.setattr(repo.catalog, "append", counted)
+    assert fill(repo) == 100
+    assert appends == [100]
+    assert all(i.sha256 for i in repo.images())
+
+    async def held() -> tuple[int, int]:
+        a, b = (dataclasses.replace(i, sha256="") for i in repo.images()[:2])
+        lock = repo.lock(a.vm, a.disk)
+        await lock.acquire()  # a removal of a's disk under way
+        task = asyncio.ensure_future(repo.record_sums([(a, "x"), (b, "y")]))
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        lock.release()
+        return await task, len(appends)
+
+    repo._take([dataclasses.replace(i, sha256="") if n < 2 else i
+                for n, i in enumerate(repo.images())])
+    assert asyncio.run(held()) == (2, 3)
+    assert [i.sha256 for i in repo.images()[:2]] == ["x", "y"]
+
+
+def test_plain_is_asdict_for_json(tmp_path: Path) -> None:
+    """The journal's and the catalog's records: what dataclasses.asdict gave, as JSON."""
+    import json
+
+    from blocktxn.agent.jsonl import plain
+    from blocktxn.agent.participant_messages import Committed, Prepared
+
+    images = tuple(image(f"s{n}") for n in range(3))
+    for value in (images[0], Prepared(images, (("vm1", "d1", "why"),)), Committed(images)):
+        assert json.dumps(plain(value)) == json.dumps(dataclasses.asdict(value))
