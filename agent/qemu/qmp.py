@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 from qemu.qmp import EventListener, ExecuteError, Message, QMPClient, QMPError, Runstate
+from qemu.qmp.models import ErrorResponse
+from qemu.qmp.protocol import require
+from qemu.qmp.qmp_client import BadReplyError
 
 from ..backend import NODE_PREFIX, Checkpoint, Disk, JobProgress
 from ..errors import AgentTimeoutError, QemuError, VmLostError
@@ -35,12 +38,17 @@ FORMAT_DRIVERS = frozenset(
 OnConnection = Callable[["VmConnection"], Awaitable[None]]
 
 
+#: The events the connection follows: a job's status, and how a block job ended (its
+#: progress and error; QEMU sends it just before the job's status becomes concluded).
+JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+
+
 class _Deliver(EventListener):
-    """Hands each JOB_STATUS_CHANGE to *deliver* and keeps nothing: a listener that
+    """Hands each job event (JOB_EVENTS) to *deliver* and keeps nothing: a listener that
     accepts an event records it in a history list for ever."""
 
     def __init__(self, deliver: Callable[[Message], None]) -> None:
-        super().__init__(("JOB_STATUS_CHANGE",))
+        super().__init__(JOB_EVENTS)
         self._deliver = deliver
 
     def accept(self, event: Message) -> bool:
@@ -67,6 +75,33 @@ class _QuietClient(QMPClient):
             return super()._cb_inbound(msg)
         return msg
 
+    _sent = 0
+
+    @require(Runstate.RUNNING)
+    async def execute(self, cmd: str, arguments: Mapping[str, object] | None = None,
+                      oob: bool = False) -> object:
+        """``QMPClient.execute`` serialising the command once (the library serialises
+        it three times: when it makes the message, when it copies it, and after it
+        adds the id), with ids of our own (``btx#N``). Raises what it raises:
+        ExecuteError, BadReplyError, ExecInterruptedError."""
+        self._sent += 1
+        body: dict[str, object] = {"exec-oob" if oob else "execute": cmd,
+                                   "id": f"{NODE_PREFIX}#{self._sent}"}
+        if arguments is not None:
+            body["arguments"] = arguments
+        msg = Message(body, eager=False)
+        reply = await self._execute(msg, assign_id=False)
+        if "error" in reply:
+            try:
+                error = ErrorResponse(reply)
+            except (KeyError, TypeError) as err:
+                raise BadReplyError("QMP error reply is malformed", reply, msg) from err
+            raise ExecuteError(error, msg, reply)
+        if "return" not in reply:
+            raise BadReplyError("QMP reply is missing a 'error' or 'return' member",
+                                reply, msg)
+        return reply["return"]
+
 
 def new_client(name: str, deliver: Callable[[Message], None]) -> QMPClient:
     """A QMP client for one VM that hands job events to *deliver* and keeps no event.
@@ -92,6 +127,7 @@ class VmConnection:
         self.jobs: dict[str, JobProgress] = {}
         self._events = 0  # JOB_STATUS_CHANGE events seen
         self._changed_at: dict[str, int] = {}  # job id -> number of its latest event
+        self._ended: set[str] = set()  # jobs whose end (progress, error) an event told
         self.generation = 0  # bumps on every (re)connect: a new QEMU loses jobs
         self._client: QMPClient | None = None
         self._connected = asyncio.Event()
@@ -162,6 +198,7 @@ class VmConnection:
                 pump.cancel()
                 self._connected.clear()
                 self.jobs.clear()
+                self._ended.clear()
                 await self._drop_client()
                 async with self._changed:
                     self._changed.notify_all()
@@ -175,22 +212,31 @@ class VmConnection:
             batch = [await events.get()]
             while not events.empty():
                 batch.append(events.get_nowait())
-            await self._job_events([cast(dict[str, Any], e["data"] if "data" in e else {})
-                                    for e in batch])
+            await self._job_events([_job_event(e) for e in batch])
 
     async def _job_events(self, batch: list[dict[str, Any]]) -> None:
-        """JOB_STATUS_CHANGE events that arrived together: each job's status now, then
-        ONE full query if any reached a step where its progress or error matters
-        (pending, concluded), then the waiters are woken. (A query per event cost a
-        query of every job per job event: with a hundred jobs that ended together, ten
-        thousand job entries parsed for one transaction.) A job with a second event in
-        the batch first has its earlier one delivered, so a waiter still sees every
-        status a job passed through, as with one event at a time."""
+        """Job events that arrived together (see ``_job_event``): each job's status now
+        and, once it ended, its progress and error; then ONE full query if a job
+        concluded without telling how it ended (a block job always does; a query per
+        event cost a query of every job per job event: with a hundred jobs, ten thousand
+        job entries parsed for one transaction); then the waiters are woken. A job with
+        a second status in the batch first has its earlier one delivered, so a waiter
+        still sees every status a job passed through, as with one event at a time."""
         touched: set[str] = set()
         query = False
         for data in batch:
             job_id = str(data.get("id", ""))
             if not job_id.startswith(NODE_PREFIX):
+                continue
+            self._events += 1
+            self._changed_at[job_id] = self._events
+            ended = data.get("ended")
+            if ended is not None:  # how it ended; its status (concluded) comes next
+                old = self.jobs.get(job_id)
+                self.jobs[job_id] = JobProgress(
+                    job_id, old.status if old is not None else "", int(ended["done"]),
+                    int(ended["total"]), str(ended["error"]))
+                self._ended.add(job_id)
                 continue
             if job_id in touched:
                 await self._deliver(query)
@@ -199,11 +245,9 @@ class VmConnection:
                 query = False
             touched.add(job_id)
             status = str(data.get("status", ""))
-            self._events += 1
-            self._changed_at[job_id] = self._events
             job = self.jobs.setdefault(job_id, JobProgress(job_id, status))
             job.status = status
-            query = query or status in ("concluded", "pending")
+            query = query or (status == "concluded" and job_id not in self._ended)
         if touched:
             await self._deliver(query)
 
@@ -215,6 +259,7 @@ class VmConnection:
                 await self._refresh_jobs()
         for job_id in [j for j, job in self.jobs.items() if job.status == "null"]:
             del self.jobs[job_id]
+        self._ended &= self.jobs.keys()
         async with self._changed:
             self._changed.notify_all()
 
@@ -259,6 +304,8 @@ class VmConnection:
                 continue
             seen.add(job_id)
             old = self.jobs.get(job_id)
+            if old is not None and job_id in newer and job_id in self._ended:
+                continue  # it ended after the query was sent: the event tells more
             status = old.status if old is not None and job_id in newer else j["status"]
             self.jobs[job_id] = JobProgress(
                 job_id, status, int(j.get("current-progress", 0)),
@@ -360,6 +407,19 @@ class VmConnection:
     async def node_names(self) -> set[str]:
         nodes = await self.execute("query-named-block-nodes", {"flat": True})
         return {n["node-name"] for n in nodes}
+
+
+def _job_event(event: Message) -> dict[str, Any]:
+    """A job event as ``_job_events`` takes it: JOB_STATUS_CHANGE's data ({id, status});
+    BLOCK_JOB_COMPLETED or _CANCELLED as {id, ended: {done, total, error}} (what
+    query-jobs would say of the concluded job)."""
+    data = cast(dict[str, Any], event["data"] if "data" in event else {})
+    if event["event"] == "JOB_STATUS_CHANGE":
+        return data
+    error = str(data.get("error", "")) or (
+        "Operation canceled" if event["event"] == "BLOCK_JOB_CANCELLED" else "")
+    return {"id": data.get("device", ""), "ended": {
+        "done": data.get("offset", 0), "total": data.get("len", 0), "error": error}}
 
 
 def _awaited(command: Coroutine[Any, Any, T]) -> asyncio.Future[T]:

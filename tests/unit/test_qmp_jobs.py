@@ -10,7 +10,7 @@ from typing import Any, cast
 from qemu.qmp import Message
 
 from blocktxn.agent.backend import JobProgress
-from blocktxn.agent.qemu.qmp import VmConnection
+from blocktxn.agent.qemu.qmp import VmConnection, _job_event
 
 JOB = "btx0123456789abcdef0123"
 
@@ -67,28 +67,57 @@ class CountsQueries:
         return self.jobs
 
 
-def test_events_that_arrive_together_cost_one_query() -> None:
-    """A hundred jobs reaching pending together: one query-jobs, not one per event
-    (each returns every job), and every waiter sees its job pending with its progress."""
+def test_events_that_arrive_together_cost_one_query_at_most() -> None:
+    """A hundred jobs reaching pending together, then ending: no query-jobs at all when
+    QEMU told how each ended (BLOCK_JOB_COMPLETED: progress, error), one for all of them
+    when it did not (each query returns every job); every waiter sees its job with its
+    progress."""
     ids = [f"btx{n:03d}" for n in range(100)]
 
-    async def run() -> tuple[int, list[JobProgress]]:
+    async def run(told: bool) -> tuple[int, list[JobProgress], list[JobProgress]]:
         conn = VmConnection("vm1", "/nonexistent.sock", timeout=5)
-        fake = CountsQueries([{"id": j, "status": "pending", "current-progress": 7,
+        fake = CountsQueries([{"id": j, "status": "concluded", "current-progress": 7,
                                "total-progress": 7} for j in ids])
         conn._client = fake  # type: ignore[assignment]
         conn._connected.set()
         for j in ids:
             conn.jobs[j] = JobProgress(j, "running")
-        waiters = [asyncio.create_task(conn.wait_job(j, {"pending"}, 5)) for j in ids]
-        while len(conn._changed._waiters) < len(ids):  # every waiter is waiting
-            await asyncio.sleep(0)
-        await conn._job_events([{"id": j, "status": "pending"} for j in ids])
-        return fake.calls, list(await asyncio.gather(*waiters))
 
-    calls, seen = asyncio.run(run())
+        async def wait_all(status: str) -> list[asyncio.Task[JobProgress]]:
+            waiters = [asyncio.create_task(conn.wait_job(j, {status}, 5)) for j in ids]
+            while len(conn._changed._waiters) < len(ids):  # every waiter is waiting
+                await asyncio.sleep(0)
+            return waiters
+
+        pending = await wait_all("pending")
+        await conn._job_events([{"id": j, "status": "pending"} for j in ids])
+        at_pending = list(await asyncio.gather(*pending))
+        concluded = await wait_all("concluded")
+        events: list[dict[str, Any]] = []
+        for j in ids:
+            if told:
+                events.append(_job_event(Message({"event": "BLOCK_JOB_COMPLETED", "data": {
+                    "device": j, "offset": 7, "len": 7, "type": "backup", "speed": 0}})))
+            events.append({"id": j, "status": "concluded"})
+        await conn._job_events(events)
+        return fake.calls, at_pending, list(await asyncio.gather(*concluded))
+
+    calls, at_pending, ended = asyncio.run(run(told=True))
+    assert calls == 0
+    assert all(s.status == "pending" for s in at_pending)
+    assert all(s.status == "concluded" and s.done == 7 and not s.error for s in ended)
+    calls, _, ended = asyncio.run(run(told=False))
     assert calls == 1
-    assert all(s.status == "pending" and s.done == 7 for s in seen)
+    assert all(s.status == "concluded" and s.done == 7 for s in ended)
+
+
+def test_a_cancelled_job_ends_with_its_error() -> None:
+    assert _job_event(Message({"event": "BLOCK_JOB_CANCELLED", "data": {
+        "device": JOB, "offset": 1, "len": 4, "type": "backup", "speed": 0}})) == {
+        "id": JOB, "ended": {"done": 1, "total": 4, "error": "Operation canceled"}}
+    assert _job_event(Message({"event": "BLOCK_JOB_COMPLETED", "data": {
+        "device": JOB, "offset": 1, "len": 4, "type": "backup", "speed": 0,
+        "error": "Input/output error"}}))["ended"]["error"] == "Input/output error"
 
 
 def test_a_job_with_two_events_in_one_batch_shows_both() -> None:
@@ -133,7 +162,7 @@ def test_the_qmp_client_keeps_no_event() -> None:
                 await client._event_dispatch(Message(  # what the reader does with an event
                     {"event": "JOB_STATUS_CHANGE", "data": {"id": f"btx{n}", "status": status},
                      "timestamp": {"seconds": 0, "microseconds": 0}}))
-            await client._event_dispatch(Message({"event": "BLOCK_JOB_COMPLETED", "data": {},
+            await client._event_dispatch(Message({"event": "BLOCK_JOB_PENDING", "data": {},
                                                   "timestamp": {"seconds": 0,
                                                                 "microseconds": 0}}))
         kept = sum(len(x.history) + x._queue.qsize() for x in client._listeners)
