@@ -15,8 +15,9 @@ children (waited for, and live ones) and of QEMU, from just before the transacti
 until ``--settle`` seconds after it is done (the background work it causes: checksums,
 the inventory, counts). The same stretch with no transaction (idle: heartbeats) is
 measured first and reported apart. Prints ms CPU per disk per incremental (mean over
-the incrementals) for the agent and QEMU, and the count of processes the agent
-started meanwhile (there should be none).
+the incrementals) for the agent and QEMU, the agent's per thread (user + system;
+"main" is the event loop's), and the CPU of the processes the agent ran meanwhile
+(there should be none).
 
 ``--py-spy PATH``: record the agent with that py-spy binary during the incrementals
 (a developer tool, never a dependency) into ``--spy-out`` (raw folded stacks; a
@@ -73,6 +74,22 @@ class Usage:
     children: float     # CPU s of its waited-for children alone (processes it ran)
     descendants: int    # live descendants now
     system: float       # the process' own system CPU s (fsyncs, sockets, threads)
+
+
+def threads(pid: int) -> dict[str, tuple[float, float]]:
+    """(user, system) CPU s per thread name of process *pid* (threads of one name
+    summed; the main thread, the event loop's, as "main")."""
+    out: dict[str, tuple[float, float]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        name = "main" if tid == str(pid) else stat[stat.index("(") + 1:stat.rindex(")")]
+        f = stat[stat.rindex(")") + 2:].split()
+        user, system = out.get(name, (0.0, 0.0))
+        out[name] = (user + int(f[11]) / _tick(), system + int(f[12]) / _tick())
+    return out
 
 
 def usage(root: int) -> Usage:
@@ -266,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "--nonblocking"], stdout=subprocess.DEVNULL)
             time.sleep(1.0)
         samples: list[Sample] = []
+        by_thread = threads(lab.agent_pid)
         before = usage(lab.agent_pid).descendants
         most = before
         for i in range(args.incrementals):
@@ -275,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"incremental {i + 1}: agent {s.agent * 1000 / n:.2f} ms CPU/disk "
                   f"(system {s.system * 1000 / n:.2f}, children {s.children * 1000 / n:.2f}), "
                   f"QEMU {s.qemu * 1000 / n:.2f}, wall {s.wall * 1000:.0f} ms", flush=True)
+        after = threads(lab.agent_pid)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
@@ -290,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  QEMU:                 {qemu:.2f} ms CPU per disk "
               f"(idle {idle.qemu * 1000 / n:.2f})")
         print(f"  wall per transaction: {statistics.median(s.wall for s in samples) * 1000:.0f} ms")
+        per = 1000 / n / len(samples)
+        spent = {t: (u - by_thread.get(t, (0.0, 0.0))[0], s - by_thread.get(t, (0.0, 0.0))[1])
+                 for t, (u, s) in after.items()}
+        print("  agent's threads, ms CPU per disk (user + system): " + ", ".join(
+            f"{t} {u * per:.2f} + {s * per:.2f}" for t, (u, s) in
+            sorted(spent.items(), key=lambda ts: -sum(ts[1])) if u + s > 0))
         kids = statistics.fmean(s.children for s in samples) * 1000 / n
         print(f"  of which processes it ran: {kids:.2f} ms CPU per disk; live child "
               f"processes: {before} before, at most {most} after a transaction")
