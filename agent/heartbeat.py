@@ -27,6 +27,7 @@ from blocktxn.v1 import coordinator_pb2 as cpb
 from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
 
 from .config import AgentConfig
+from .participant_messages import OPEN_PHASES
 from .replicas import Replicas
 from .runner import AgentRunner
 from .service import inventory_to_pb
@@ -56,9 +57,14 @@ class InventoryCache:
 
 
 def _moved(runner: AgentRunner) -> tuple[object, ...]:
-    """What the agent knows changed without asking QEMU: its transactions' phases and
-    its VMs' connections (the inventory is taken again when this moves)."""
-    return (tuple(sorted((t, st.phase.value) for t, st in runner.machine.txns.items())),
+    """What the agent knows changed without asking QEMU: which transactions are open
+    (one opens: its disks are busy; one ends: a new checkpoint or none) and its VMs'
+    connections (the inventory is taken again when this moves). The steps in between
+    change only what the coordinator does not keep (jobs, freezes): a retake each would
+    cost every VM a query and the coordinator a registration, per step of every
+    transaction."""
+    return (tuple(sorted(t for t, st in runner.machine.txns.items()
+                         if st.phase in OPEN_PHASES)),
             tuple(vm.connected for vm in runner.backends.values()))
 
 
