@@ -57,14 +57,14 @@ class InventoryCache:
 
 
 def _moved(runner: AgentRunner) -> tuple[object, ...]:
-    """What the agent knows changed without asking QEMU: which transactions are open
-    (one opens: its disks are busy; one ends: a new checkpoint or none) and its VMs'
+    """What the agent knows changed without asking QEMU: its transactions, open or
+    ended (one opens: its disks are busy; one ends: a new checkpoint or none) and its VMs'
     connections (the inventory is taken again when this moves). The steps in between
     change only what the coordinator does not keep (jobs, freezes): a retake each would
     cost every VM a query and the coordinator a registration, per step of every
     transaction."""
-    return (tuple(sorted(t for t, st in runner.machine.txns.items()
-                         if st.phase in OPEN_PHASES)),
+    return (tuple(sorted((t, st.phase in OPEN_PHASES)  # (one that opened and ended
+                         for t, st in runner.machine.txns.items())),  # between two looks)
             tuple(vm.connected for vm in runner.backends.values()))
 
 
