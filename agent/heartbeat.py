@@ -6,7 +6,9 @@ VM connections change and at least every INVENTORY_EVERY seconds, and a heartbea
 sends only the cache's digest, with the inventory itself only when the digest changed
 since the current replica last accepted one (or when the replica asks for it); those
 without inventory go to the replica's heartbeat server (its reply names it), which
-answers them apart from the replica's transaction work. Each
+answers them apart from the replica's transaction work. The heartbeats go from a thread
+of their own (own event loop and channels), so none waits behind this agent's transaction
+work either. Each
 call has a deadline of HEARTBEAT_DEADLINE and a failed one is retried after
 RETRY_AFTER, so that a slow answer still leaves a second chance inside the coordinator's
 lease on the agent (it keeps it for two heartbeat intervals after each heartbeat, and
@@ -15,13 +17,16 @@ the lease lives 20 s after its last keepalive)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import threading
 import time
 from typing import Any
 
 import grpc
 
+from blocktxn import failpoints
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as cpb
 from blocktxn.v1 import coordinator_pb2_grpc as cpb_grpc
@@ -39,20 +44,20 @@ RETRY_AFTER = 0.5            # after a failed call (then the next replica)
 INVENTORY_CHECK = 1.0        # s between two looks at what the agent knows changed
 INVENTORY_EVERY = 30.0       # the cached inventory is taken again at least this often
 INVENTORY_TIMEOUT = 30.0     # one inventory may take this long (a busy QEMU)
+STOP_WAIT = 5.0              # s the heartbeat thread is waited for at stop
 
 
 class InventoryCache:
     """The last inventory taken, and its digest."""
 
     def __init__(self) -> None:
-        self.inventory: apb.Inventory | None = None
-        self.digest = ""
+        # (digest, inventory), replaced whole: the heartbeat thread reads it at once
+        self.current: tuple[str, apb.Inventory | None] = ("", None)
         self.taken = asyncio.Event()
 
     def set(self, inventory: apb.Inventory) -> None:
-        self.inventory = inventory
-        self.digest = hashlib.sha256(
-            inventory.SerializeToString(deterministic=True)).hexdigest()[:32]
+        self.current = (hashlib.sha256(
+            inventory.SerializeToString(deterministic=True)).hexdigest()[:32], inventory)
         self.taken.set()
 
 
@@ -76,6 +81,7 @@ async def keep_inventory(runner: AgentRunner, cache: InventoryCache) -> None:
     taken: tuple[object, ...] | None = None
     at = 0.0
     while True:
+        failpoints.hit("agent_inventory")  # (tests: a loop held up by synchronous work)
         now = _moved(runner)
         if now != taken or time.monotonic() - at >= INVENTORY_EVERY:
             try:
@@ -93,14 +99,85 @@ async def register_forever(runner: AgentRunner, config: AgentConfig,
                            replicas: Replicas) -> None:
     """Announce this agent to a coordinator replica every few seconds (the interval
     the coordinator asks for), its inventory when it changed; move to the next replica
-    on error."""
+    on error. The inventory is taken on this loop; the heartbeats go from a thread of
+    their own (its own loop, its own channels to the same *replicas*' addresses), so
+    that none waits behind this loop's transaction work.
+
+    Raises:
+        whatever ended the heartbeat thread (a bug).
+    """
     cache = InventoryCache()
     keeper = asyncio.create_task(keep_inventory(runner, cache), name="inventory")
+    beats = _HeartbeatThread(config, ",".join(replicas.addresses), cache)
     try:
         await cache.taken.wait()
-        await _heartbeats(config, replicas, cache)
+        await beats.run()
     finally:
         keeper.cancel()
+        await beats.stop()
+
+
+class _HeartbeatThread:
+    """``_heartbeats`` on a daemon thread with its own event loop."""
+
+    def __init__(self, config: AgentConfig, addresses: str, cache: InventoryCache) -> None:
+        self.config, self.addresses, self.cache = config, addresses, cache
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    async def run(self) -> None:
+        """Start the thread; return when it ends (raise what ended it)."""
+        home = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = home.create_future()
+
+        def report(error: BaseException | None) -> None:
+            if ended.done():
+                return
+            if error is not None:
+                ended.set_exception(error)
+            else:
+                ended.set_result(None)
+
+        def main() -> None:
+            error: BaseException | None = None
+            try:
+                asyncio.run(self._main())
+            except BaseException as err:  # reported to the caller's loop
+                error = err
+            finally:
+                self._ready.set()
+                with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                    home.call_soon_threadsafe(report, error)
+
+        self._thread = threading.Thread(target=main, name="heartbeat", daemon=True)
+        self._thread.start()
+        await ended
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        replicas = Replicas(self.addresses, self.config.tls)
+        self._task = asyncio.current_task()
+        self._ready.set()
+        try:
+            await _heartbeats(self.config, replicas, self.cache)
+        except asyncio.CancelledError:
+            pass  # stopped
+        finally:
+            await replicas.close()
+
+    async def stop(self) -> None:
+        """Cancel the heartbeats and wait (STOP_WAIT s at most) for the thread."""
+        thread = self._thread
+        if thread is None:
+            return
+        await asyncio.to_thread(self._ready.wait, STOP_WAIT)
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has ended already
+                loop.call_soon_threadsafe(task.cancel)
+        await asyncio.to_thread(thread.join, STOP_WAIT)
 
 
 class _Direct:
@@ -136,7 +213,7 @@ async def _heartbeats(config: AgentConfig, replicas: Replicas, cache: InventoryC
     direct = _Direct(config)
     try:
         while True:
-            digest, inventory = cache.digest, cache.inventory
+            digest, inventory = cache.current
             # the inventory is left out only towards a heartbeat server (a replica that
             # named one knows digests; an older one would take "no inventory" for an
             # empty one); everything else goes to the replica itself

@@ -12,7 +12,9 @@ Actions: ``exit`` ends the process at once (like SIGKILL: no cleanup, no flush);
 ``fail`` raises :class:`FailpointError` (a Conflict: FAILED_PRECONDITION on the
 wire, a non-retryable refusal) every time the point is reached while armed;
 ``delay`` makes an asynchronous step wait ``DELAY`` seconds (``await pause(NAME)``:
-a step made slow without blocking the daemon).
+a step made slow without blocking the daemon); ``block`` blocks the thread that reaches
+the point for ``BLOCK`` seconds (``hit(NAME)``: a long synchronous stretch of work that
+holds up the daemon's event loop).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 from .errors import Conflict
 
@@ -31,9 +34,11 @@ POINTS = (
     "lose_create_reply", "schedule_started",
     # agent
     "agent_commit", "agent_after_rebase", "agent_after_delete", "agent_create_image",
+    "agent_inventory",
 )
-ACTIONS = ("exit", "fail", "delay")
+ACTIONS = ("exit", "fail", "delay", "block")
 DELAY = 1.5  # seconds
+BLOCK = 30.0  # seconds: longer than an agent may stay silent before it is lost
 
 
 class FailpointError(Conflict):
@@ -91,6 +96,9 @@ def hit(name: str) -> None:
     if action == "fail":
         log.warning("failpoint %s: failing", name)
         raise FailpointError(f"failpoint {name}")
+    if action == "block":
+        log.warning("failpoint %s: blocking for %gs", name, BLOCK)
+        time.sleep(BLOCK)
 
 
 async def pause(name: str) -> None:

@@ -17,6 +17,7 @@ from blocktxn.coordinator.keepalive import LeaseKeeper
 from blocktxn.coordinator.records import AgentInventory
 from blocktxn.coordinator.registry import LOST_AFTER, AgentRegistry
 from blocktxn.coordinator.store import Store
+from blocktxn.failpoints import BLOCK
 from blocktxn.tls import TlsFiles
 from blocktxn.v1 import coordinator_pb2 as cpb
 from tests.integration.cluster import Cluster
@@ -87,17 +88,26 @@ def test_an_agent_whose_qemu_hangs_stays_live_and_a_stopped_agent_is_lost_in_tim
     cluster = make_cluster(1)
     h1 = cluster.add_host("h1", VMS)
     h2 = cluster.add_host("h2", VMS)
+    armed = h1.workdir / "failpoints"
+    h1.agent.env = {"BLOCKTXN_FAILPOINT_FILE": str(armed)}
+    h1.restart_agent()
     cluster.wait_registered(2)
 
-    # h1's QEMU stops answering for longer than an agent may stay silent: its
-    # heartbeats never wait for QEMU, so h1 stays live the whole time
+    # h1's QEMU stops answering, and h1's own event loop is held up by synchronous work
+    # (a failpoint), both for longer than an agent may stay silent: its heartbeats
+    # never wait for QEMU and go from a thread of their own, so h1 stays live
     qsd = h1.vms["vm1"].proc
     assert qsd is not None
     qsd.send_signal(signal.SIGSTOP)
+    armed.write_text("agent_inventory=block\n")
+    blocked = h1.agent.workdir / "agent.log"
     try:
-        end = time.monotonic() + LOST_AFTER + 4
+        wait_until(lambda: "failpoint agent_inventory: blocking" in blocked.read_text(),
+                   timeout=10, what="h1's loop blocked")
+        armed.unlink()  # (the block under way goes on for BLOCK s)
+        end = time.monotonic() + min(LOST_AFTER + 2, BLOCK - 2)
         while time.monotonic() < end:
-            assert live(cluster)["h1"], "h1 declared lost while its QEMU hangs"
+            assert live(cluster)["h1"], "h1 declared lost while its QEMU and loop hang"
             time.sleep(1)
     finally:
         qsd.send_signal(signal.SIGCONT)
