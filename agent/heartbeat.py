@@ -96,12 +96,13 @@ async def keep_inventory(runner: AgentRunner, cache: InventoryCache) -> None:
 
 
 async def register_forever(runner: AgentRunner, config: AgentConfig,
-                           replicas: Replicas) -> None:
+                           replicas: Replicas, own_thread: bool = True) -> None:
     """Announce this agent to a coordinator replica every few seconds (the interval
     the coordinator asks for), its inventory when it changed; move to the next replica
     on error. The inventory is taken on this loop; the heartbeats go from a thread of
     their own (its own loop, its own channels to the same *replicas*' addresses), so
-    that none waits behind this loop's transaction work.
+    that none waits behind this loop's transaction work; without *own_thread*, through
+    *replicas* on this loop (the simulation's thousand agents in one process).
 
     Raises:
         whatever ended the heartbeat thread (a bug).
@@ -111,7 +112,10 @@ async def register_forever(runner: AgentRunner, config: AgentConfig,
     beats = _HeartbeatThread(config, ",".join(replicas.addresses), cache)
     try:
         await cache.taken.wait()
-        await beats.run()
+        if own_thread:
+            await beats.run()
+        else:
+            await _heartbeats(config, replicas, cache)
     finally:
         keeper.cancel()
         await beats.stop()

@@ -12,7 +12,8 @@ What is simulated, and what is not:
   machine, the planner, one lock per transaction), served by the real AgentService
   servicer on its own loopback port and registered by the real heartbeat loop
   (RegisterAgent with its inventory, at the interval the coordinator's reply asks for),
-  all of them in this one asyncio loop.
+  all of them in this one asyncio loop (a real agent heartbeats from a thread of its
+  own; a thousand threads with a loop each would simulate the machine, not the agents).
 - Only what touches QEMU, the repository and the journal is replaced: each step (cut,
   prepare barrier, commit, abort; thaw and inventory) sleeps for the time the real
   agent's call takes (``MEASURED``, +-``jitter``), and the state a real agent keeps is
@@ -355,7 +356,8 @@ class SimAgent(AgentRunner):
 
     async def _register(self, jitter: float) -> None:
         await asyncio.sleep(jitter)
-        await register_forever(self, self.config, self.replicas)
+        # on this loop, through the timed link (a thread each: 1,000 threads and loops)
+        await register_forever(self, self.config, self.replicas, own_thread=False)
 
     async def close(self) -> None:
         if self.heartbeat is not None:
