@@ -34,7 +34,7 @@ POINTS = (
     "lose_create_reply", "schedule_started",
     # agent
     "agent_commit", "agent_after_rebase", "agent_after_delete", "agent_create_image",
-    "agent_inventory",
+    "agent_inventory", "agent_backup_begin",
 )
 ACTIONS = ("exit", "fail", "delay", "block")
 DELAY = 1.5  # seconds

@@ -24,6 +24,8 @@ from typing import Any
 
 import libvirt
 
+from blocktxn import failpoints
+
 from ..backend import CHECKPOINT_PREFIX, Checkpoint, Disk, JobProgress, VmBackend
 from ..errors import AgentError, AgentTimeoutError, ConflictError, QemuError
 from ..participant_messages import MemberPlan
@@ -230,6 +232,7 @@ class LibvirtVm(VmBackend):
             log.warning("VM %s: libvirt's backup has no speed limit: the copy runs unlimited",
                         self.name)
         job = BackupJob({m.job_id: (m.disk, staged[m.key][1]) for m in members})
+        await failpoints.pause("agent_backup_begin")  # tests: the targets exist, no job yet
         async with self._job_lock:
             self._job = job
             try:

@@ -12,6 +12,7 @@ from tests.integration.harness import Host
 if TYPE_CHECKING:
     from tests.integration.cluster import Cluster
     from tests.integration.libvirt_lab import LibvirtHost
+    from tests.integration.smallfs import SmallFs
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +38,20 @@ def make_host(tmp_path: Path) -> Iterator[Callable[..., Host]]:
     yield make
     for h in hosts:
         h.close()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[SmallFs]:
+    """A small loop-mounted ext4 file system, mounted by the test where it wants it;
+    thawed and unmounted after (ask for it before the hosts, so that it is torn down
+    after them)."""
+    from tests.integration.smallfs import SmallFs
+
+    for b in ("mkfs.ext4", "mount", "umount"):
+        _require(b)
+    fs = SmallFs(tmp_path / "small-fs.img")
+    yield fs
+    fs.close()
 
 
 @pytest.fixture

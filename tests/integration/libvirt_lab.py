@@ -12,11 +12,13 @@ qemu-monitor-command). Every write is acknowledged when the call returns.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,6 +248,11 @@ class LibvirtLabVm(LabVm):
             self.dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
         return out
 
+    def qmp(self, cmd: str) -> Any:
+        """Ask QEMU directly through libvirt's passthrough (the test only)."""
+        out = libvirt_qemu.qemuMonitorCommand(self.dom, json.dumps({"execute": cmd}), 0)
+        return json.loads(out)["return"]
+
     def checkpoints(self, disk: str) -> dict[str, int]:
         """libvirt's checkpoints with a bitmap on *disk* -> its dirty bytes (-1: QEMU
         has no such bitmap)."""
@@ -295,8 +302,13 @@ class LibvirtHost(Host):
 
     def __init__(self, workdir: Path, vms: dict[str, list[str]], *, agent_id: str = "host1",
                  raw: tuple[str, ...] = (), disk_size: int = 32 << 20,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (),
+                 images_fs: Callable[[Path], None] | None = None) -> None:
+        """*images_fs* is called with the agent's future ``images`` directory before
+        any domain starts (to mount a file system there that their QEMUs see)."""
         self.workdir = workdir
+        if images_fs is not None:
+            images_fs(workdir / "agent" / "repo" / "images")
         self.vms: dict[str, LabVm] = {}
         self.workloads: dict[str, Workload] = {}
         self.gas = {}

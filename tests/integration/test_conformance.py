@@ -1,15 +1,18 @@
 """One conformance suite for every hypervisor backend of the agent: no lost change across
-incrementals, exact reclaim after an abort or a killed VM, point in time, restore
-equality. ``BackendConformance`` holds the tests; each backend's class only provides the
-``lab`` fixture (bare QEMU: qemu-storage-daemon with a stand-in guest agent, quiesce
-freeze; libvirt: a libvirt domain, quiesce pause)."""
+incrementals, exact reclaim after an abort, a cancel while copying, an I/O error (the
+repository full) or a killed VM, point in time, restore equality. ``BackendConformance``
+holds the tests; each backend's class only provides the ``make_lab`` fixture (bare
+QEMU: qemu-storage-daemon with a stand-in guest agent, quiesce freeze; libvirt: a
+libvirt domain, quiesce pause)."""
 
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Callable
 
 import grpc
+import libvirt
 import pytest
 
 from blocktxn.demo.guest import Cut
@@ -17,6 +20,10 @@ from blocktxn.demo.lab import CLUSTER, images_equal, top_layer_clusters
 from blocktxn.v1 import agent_pb2 as pb
 from tests.integration.harness import Host, restore, wait_until
 from tests.integration.libvirt_lab import LibvirtHost
+from tests.integration.smallfs import SmallFs
+
+HELD_SPEED = 16 << 10  # bytes/s: a bare-QEMU copy of a few clusters runs for many seconds
+CANCEL_SETTLE = 2.0  # seconds the abort of a held libvirt copy is given to reach QEMU
 
 
 class Lab(abc.ABC):
@@ -42,6 +49,16 @@ class Lab(abc.ABC):
             ) -> tuple[pb.CutResponse, Cut]:
         """Cut *txn* on every disk; the exact content of the disks at the cut."""
 
+    @abc.abstractmethod
+    def cut_held(self, txn: str) -> tuple[pb.CutResponse, Cut]:
+        """Cut *txn* so that its copy still runs, whatever the test does, until
+        :meth:`abort_held` cancels it."""
+
+    @abc.abstractmethod
+    def abort_held(self, txn: str) -> None:
+        """Abort *txn* while its copy (from :meth:`cut_held`) is still running: the
+        hypervisor's jobs are seen cancelled mid-copy."""
+
     def backup(self, txn: str, mode: pb.BackupMode.ValueType = pb.BACKUP_MODE_AUTO) -> Cut:
         """A committed backup; the content at its cut."""
         _, cut = self.cut(txn, mode)
@@ -64,6 +81,10 @@ class Lab(abc.ABC):
     def assert_nothing_left(self, txn: str) -> None:
         assert self.host.jobs("vm1") == []
         assert not list((self.host.agent.repo / "images").glob(f"*/*/{txn}.qcow2"))
+
+    def committed_images(self, *txns: str) -> set[str]:
+        """The images of committed *txns*, relative to the images directory."""
+        return {f"vm1/{d}/{t}.qcow2" for t in txns for d in self.disks}
 
     def assert_restores(self, txn: str, cut: Cut) -> None:
         for d in self.disks:
@@ -93,6 +114,18 @@ class QemuLab(Lab):
         resp = self.host.cut(txn, self.members, mode=mode, quiesce=pb.QUIESCE_FREEZE)
         return resp, self.host.gas["vm1"].cuts[-1]  # the stand-in guest saw the cut
 
+    def cut_held(self, txn: str) -> tuple[pb.CutResponse, Cut]:
+        """QEMU's own speed limit holds the copy."""
+        resp = self.host.cut(txn, self.members, quiesce=pb.QUIESCE_FREEZE, speed=HELD_SPEED)
+        return resp, self.host.gas["vm1"].cuts[-1]
+
+    def abort_held(self, txn: str) -> None:
+        jobs = self.host.jobs("vm1")
+        assert len(jobs) == 2 and all(
+            j["status"] == "running" and j["current-progress"] < j["total-progress"]
+            for j in jobs), jobs
+        self.host.abort(txn)
+
     def kill_vm(self) -> None:
         self.workload.detach()
         super().kill_vm()
@@ -107,8 +140,10 @@ class QemuLab(Lab):
 
 
 class LibvirtLab(Lab):
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, fs: SmallFs | None = None) -> None:
         super().__init__(host, ["vda", "vdb"])
+        self.fs = fs
+        self.failpoints = host.workdir / "failpoints"  # the agent's BLOCKTXN_FAILPOINT_FILE
 
     def cut(self, txn: str, mode: pb.BackupMode.ValueType = pb.BACKUP_MODE_AUTO
             ) -> tuple[pb.CutResponse, Cut]:
@@ -117,9 +152,113 @@ class LibvirtLab(Lab):
         cut = self.workload.snapshot(txn)
         return self.host.cut(txn, self.members, mode=mode, quiesce=pb.QUIESCE_PAUSE), cut
 
+    @property
+    def _fs(self) -> SmallFs:
+        assert self.fs is not None, "a held copy needs the images on a SmallFs"
+        return self.fs
+
+    def cut_held(self, txn: str) -> tuple[pb.CutResponse, Cut]:
+        """libvirt's backup has no speed limit: the images' file system is frozen once
+        the agent created the targets and before libvirt begins the backup (failpoint
+        ``agent_backup_begin``), so QEMU's first write to a target waits for the thaw."""
+        log = self.host.agent.workdir / "agent.log"
+        seen = log.read_text().count("failpoint agent_backup_begin") if log.exists() else 0
+        self.failpoints.write_text("agent_backup_begin=delay\n")
+        out: list[tuple[pb.CutResponse, Cut]] = []
+        cutting = threading.Thread(target=lambda: out.append(self.cut(txn)))
+        cutting.start()
+        try:
+            wait_until(lambda: log.read_text().count("failpoint agent_backup_begin") > seen,
+                       timeout=60, what="the agent at backupBegin")
+            self._fs.freeze()
+        finally:
+            self.failpoints.write_text("")
+            cutting.join(60)
+        if not out:
+            self._fs.thaw()
+            raise AssertionError("the cut failed")
+        return out[0]
+
+    def abort_held(self, txn: str) -> None:
+        vm = self.host.domain("vm1")  # type: ignore[attr-defined]
+        jobs = vm.qmp("query-jobs")
+        assert len(jobs) == 2 and all(j["status"] == "running" for j in jobs), jobs
+        aborting = threading.Thread(target=self.host.abort, args=(txn,))
+        aborting.start()
+        try:  # the abort reaches libvirt while both copies wait on the frozen target;
+            # nothing outside libvirtd shows when it sent QEMU the cancel, so wait a little
+            # and then check that the job really ended cancelled, not completed
+            aborting.join(CANCEL_SETTLE)
+            assert aborting.is_alive(), "the abort returned while the copy was held"
+        finally:
+            self._fs.thaw()
+            aborting.join(60)
+        assert not aborting.is_alive()
+        last = vm.dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
+                               | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED)
+        assert last["type"] == libvirt.VIR_DOMAIN_JOB_CANCELLED, last
+
 
 class BackendConformance:
-    """The tests every backend passes; a subclass provides the ``lab`` fixture."""
+    """The tests every backend passes; a subclass provides the ``make_lab`` fixture
+    (called with a SmallFs to put the agent's images on it)."""
+
+    @pytest.fixture
+    def lab(self, make_lab: Callable[..., Lab]) -> Lab:
+        return make_lab()
+
+    def test_a_cancel_while_copying_keeps_every_write_since_the_last_commit(
+            self, small_fs: SmallFs, make_lab: Callable[..., Lab]) -> None:
+        lab = make_lab(small_fs)
+        lab.write(range(0, 16))
+        t1 = lab.backup("t1")
+        base = lab.seq
+        lab.write(range(4, 16, 2))    # before the cut; apart, so not one chunk of QEMU's copy
+        resp, _ = lab.cut_held("t2")
+        assert [m.mode for m in resp.members] == [pb.BACKUP_MODE_INCREMENTAL] * 2
+        lab.host.thaw("t2")
+        first = next(iter(lab.host.stub.Status(pb.StatusRequest(txn_id="t2"), timeout=30)))
+        assert {d.job_status for d in first.disks} == {"running"}, first
+        # while the copy runs, to clusters it does not copy (a write to one it still has
+        # to copy is copied to the target first: on libvirt's frozen target it would wait)
+        lab.write(range(5, 13, 2))
+        lab.write(range(20, 23))
+        lab.abort_held("t2")                      # cancelled mid-copy
+        lab.host.abort("t2")                      # idempotent
+        lab.assert_nothing_left("t2")
+        assert small_fs.files() == lab.committed_images("t1")  # no partial image, no scratch
+        lab.assert_checkpoint_exact("blocktxn:t1", base)
+        cut = lab.backup("t3", pb.BACKUP_MODE_INCREMENTAL)
+        for d in lab.disks:
+            assert lab.image("t3", d) == lab.workload.clusters(d, base, cut.seq)
+        lab.assert_restores("t3", cut)
+        lab.assert_restores("t1", t1)
+
+    def test_a_full_repository_fails_the_copy_and_the_retry_is_exact(
+            self, small_fs: SmallFs, make_lab: Callable[..., Lab]) -> None:
+        lab = make_lab(small_fs)
+        lab.write(range(0, 16))
+        t1 = lab.backup("t1")
+        base = lab.seq
+        lab.write(range(0, 40))                   # 2.5 MiB per disk to copy
+        small_fs.fill(leave=2 << 20)              # room for the targets, not for the copy
+        resp, _ = lab.cut("t2")
+        assert [m.mode for m in resp.members] == [pb.BACKUP_MODE_INCREMENTAL] * 2
+        lab.host.thaw("t2")
+        lab.host.wait_pending("t2")
+        vote = lab.host.prepare("t2")             # the copy hit ENOSPC
+        assert not vote.yes and "vm1" in vote.reason, vote.reason
+        assert "space" in vote.reason.lower(), vote.reason
+        lab.host.abort("t2")
+        lab.assert_nothing_left("t2")
+        assert small_fs.files() == lab.committed_images("t1") | {"ballast"}
+        lab.assert_checkpoint_exact("blocktxn:t1", base)
+        small_fs.unfill()
+        cut = lab.backup("t3", pb.BACKUP_MODE_INCREMENTAL)
+        for d in lab.disks:
+            assert lab.image("t3", d) == lab.workload.clusters(d, base, cut.seq)
+        lab.assert_restores("t3", cut)
+        lab.assert_restores("t1", t1)
 
     def test_full_then_incrementals_restore_exactly_the_cut(self, lab: Lab) -> None:
         lab.write(range(0, 12))
@@ -245,11 +384,21 @@ class BackendConformance:
 
 class TestQemuBackend(BackendConformance):
     @pytest.fixture
-    def lab(self, make_host: Callable[..., Host]) -> Lab:
-        return QemuLab(make_host())
+    def make_lab(self, make_host: Callable[..., Host]) -> Callable[..., Lab]:
+        def make(fs: SmallFs | None = None) -> Lab:
+            host = make_host()
+            if fs is not None:  # nothing was written there yet
+                fs.mount(host.agent.repo / "images")
+            return QemuLab(host)
+        return make
 
 
 class TestLibvirtBackend(BackendConformance):
     @pytest.fixture
-    def lab(self, make_libvirt_host: Callable[..., LibvirtHost]) -> Lab:
-        return LibvirtLab(make_libvirt_host())
+    def make_lab(self, make_libvirt_host: Callable[..., LibvirtHost]) -> Callable[..., Lab]:
+        def make(fs: SmallFs | None = None) -> Lab:
+            host = make_libvirt_host(start=False, images_fs=fs.mount if fs else None)
+            host.agent.env = {"BLOCKTXN_FAILPOINT_FILE": str(host.workdir / "failpoints")}
+            host.start_agent()
+            return LibvirtLab(host, fs)
+        return make
