@@ -10,6 +10,7 @@ import libvirt
 from ..errors import QemuError
 from . import domxml
 from .conn import DomainConnection
+from .redefine import CheckpointRecords
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +21,10 @@ async def sizes(conn: DomainConnection, ckpt: Any) -> dict[str, int | None]:
         "checkpoint size", ckpt.getXMLDesc, libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE))
 
 
-async def delete(conn: DomainConnection, ckpt: Any) -> None:
-    """Delete a checkpoint and its bitmaps. One whose bitmap QEMU lost (killed before
-    storing it) cannot be deleted that way: its metadata alone is left, and goes."""
+async def delete(conn: DomainConnection, ckpt: Any, records: CheckpointRecords) -> None:
+    """Delete a checkpoint and its bitmaps, then the agent's record of it. One whose
+    bitmap QEMU lost (killed before storing it) cannot be deleted that way: its metadata
+    alone is left, and goes."""
     try:
         await conn.call("checkpoint delete", ckpt.delete, 0)
     except QemuError:
@@ -32,13 +34,16 @@ async def delete(conn: DomainConnection, ckpt: Any) -> None:
                         libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
         log.warning("VM %s: deleted checkpoint %s, whose bitmap QEMU had lost", conn.vm,
                     ckpt.getName())
+    records.forget(ckpt.getName())
 
 
-async def delete_broken(conn: DomainConnection, names: set[str]) -> None:
+async def delete_broken(conn: DomainConnection, names: set[str],
+                        records: CheckpointRecords) -> None:
     """Delete our checkpoints whose bitmaps QEMU lost: libvirt refuses every new
     checkpoint while one is broken. Their disks' next backup is full anyway (the
     planner saw them inconsistent)."""
     dom = conn.dom
     for name in sorted(names):
         await delete(conn, await conn.call(
-            "checkpoint lookup", dom.checkpointLookupByName, domxml.to_libvirt(name), 0))
+            "checkpoint lookup", dom.checkpointLookupByName, domxml.to_libvirt(name), 0),
+            records)

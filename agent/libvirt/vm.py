@@ -11,6 +11,9 @@ the live disk). A checkpoint is never consumed by a backup. The barrier is "job
 completed" (libvirt has then written and closed every target; the runner fsyncs
 them). Commit deletes OLD, abort ends the job and deletes NEW. A libvirt checkpoint
 spans every disk of its cut: it is deleted once every one of its disks dropped it.
+Every checkpoint the agent creates is also recorded in the repository, so that one
+whose libvirt metadata was lost is redefined when the disks are next read
+(``redefine.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from . import checkpoints as ckpts
 from . import domxml, jobs
 from .conn import DomainConnection
 from .jobs import BackupJob
+from .redefine import CheckpointRecords, redefine_missing, redefine_xml
 
 log = logging.getLogger(__name__)
 WATCHDOG_MODULE = "blocktxn.agent.libvirt.watchdog"
@@ -51,6 +55,7 @@ class LibvirtVm(VmBackend):
         self.uri = uri
         self.domain = domain
         self.repo_images = (repo_root / "images").resolve()
+        self.records = CheckpointRecords(repo_root.resolve() / "libvirt" / name)
         self.conn = DomainConnection(name, uri, domain, timeout)
         self.conn.on_lost = self._lost
         self.conn.on_connected = self._connected
@@ -114,7 +119,10 @@ class LibvirtVm(VmBackend):
         dom = self.conn.dom
         facts = await self._domain()
         found: dict[str, list[Checkpoint]] = {d.target: [] for d in facts.disks}
-        for ckpt in await self.conn.call("checkpoint list", dom.listAllCheckpoints, 0):
+        listed = await self.conn.call("checkpoint list", dom.listAllCheckpoints, 0)
+        if await redefine_missing(self.conn, self.records, [c.getName() for c in listed]):
+            listed = await self.conn.call("checkpoint list", dom.listAllCheckpoints, 0)
+        for ckpt in listed:
             name = domxml.from_libvirt(ckpt.getName())
             for disk, size in (await ckpts.sizes(self.conn, ckpt)).items():
                 if disk in found:  # no size: QEMU lost the bitmap (killed before storing it)
@@ -203,7 +211,7 @@ class LibvirtVm(VmBackend):
                                 f"checkpoints need qcow2")
         broken = {c.name for d in disks.values() for c in d.checkpoints
                   if c.inconsistent and c.name.startswith(CHECKPOINT_PREFIX)}
-        await ckpts.delete_broken(self.conn, broken)
+        await ckpts.delete_broken(self.conn, broken, self.records)
         job_type = (await self.conn.call("job info", self.conn.dom.jobInfo))[0]
         if job_type != libvirt.VIR_DOMAIN_JOB_NONE or (
                 self._job is not None and not self._job.done.is_set()):
@@ -226,12 +234,13 @@ class LibvirtVm(VmBackend):
             m.disk, str(staged[m.key][0]),
             domxml.to_libvirt(m.sync_bitmap) if m.mode == "incremental" and m.sync_bitmap
             else None) for m in members], all_disks)
-        checkpoint = domxml.checkpoint_xml(domxml.to_libvirt(new.pop()),
-                                           [m.disk for m in members], all_disks)
+        lv_new = domxml.to_libvirt(new.pop())
+        checkpoint = domxml.checkpoint_xml(lv_new, [m.disk for m in members], all_disks)
         if any(m.speed for m in members):
             log.warning("VM %s: libvirt's backup has no speed limit: the copy runs unlimited",
                         self.name)
         job = BackupJob({m.job_id: (m.disk, staged[m.key][1]) for m in members})
+        self.records.save(lv_new, redefine_xml(checkpoint, int(time.time())))
         await failpoints.pause("agent_backup_begin")  # tests: the targets exist, no job yet
         async with self._job_lock:
             self._job = job
@@ -325,7 +334,7 @@ class LibvirtVm(VmBackend):
                 released |= disks
                 if domxml.checkpoint_disks(await self.conn.call(
                         "checkpoint XML", ckpt.getXMLDesc, 0)) <= released:
-                    await ckpts.delete(self.conn, ckpt)
+                    await ckpts.delete(self.conn, ckpt, self.records)
                     self._released.pop(name, None)
         except AgentError as err:
             if self.connected:
@@ -353,7 +362,7 @@ class LibvirtVm(VmBackend):
             disks = domxml.checkpoint_disks(await self.conn.call(
                 "checkpoint XML", ckpt.getXMLDesc, 0))
             if not any(name in keep_checkpoints.get(d, set()) for d in disks):
-                await ckpts.delete(self.conn, ckpt)
+                await ckpts.delete(self.conn, ckpt, self.records)
                 self._released.pop(lv_name, None)
                 gone.append(f"checkpoint {name}")
         return gone

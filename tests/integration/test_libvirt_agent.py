@@ -1,11 +1,13 @@
 """What only the libvirt backend has: its freeze watchdog resumes a paused domain through
 libvirt at the deadline whatever happens to the agent, and bad input (an unknown domain,
 an unreachable URI, a raw disk, a guest without a guest agent) is one clear error that
-changes nothing on the domain."""
+changes nothing on the domain; a checkpoint whose libvirt metadata was lost is redefined
+from the agent's record while QEMU still has its bitmap, and is not if the bitmap is gone."""
 
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -16,6 +18,7 @@ import pytest
 from blocktxn.v1 import agent_pb2 as pb
 from tests.integration.harness import wait_until
 from tests.integration.libvirt_lab import LibvirtHost
+from tests.integration.test_conformance import LibvirtLab
 
 DISKS = [("vm1", "vda"), ("vm1", "vdb")]
 
@@ -105,3 +108,76 @@ def test_an_agent_with_a_bad_libvirt_vm_exits_naming_it(
     assert rc != 0
     assert ("ghost" if problem == "unknown domain" else "vm1") in log.splitlines()[-1]
     assert host.domain("vm1").dom.listAllCheckpoints(0) == []
+
+
+def checkpoint_names(host: LibvirtHost) -> list[str]:
+    return sorted(c.getName() for c in host.domain("vm1").dom.listAllCheckpoints(0))
+
+
+@pytest.mark.parametrize("lost_by", ["metadata-only delete", "domain defined again"])
+def test_a_checkpoint_whose_metadata_libvirt_lost_is_redefined_and_stays_incremental(
+        make_libvirt_host: Callable[..., LibvirtHost], lost_by: str) -> None:
+    host = make_libvirt_host()
+    lab = LibvirtLab(host)
+    lab.write(range(0, 8))
+    lab.backup("t1")
+    base = lab.seq
+    lab.write(range(3, 6))
+    vm = host.domain("vm1")
+    if lost_by == "metadata-only delete":  # QEMU keeps its bitmaps either way
+        vm.dom.checkpointLookupByName("blocktxn.t1").delete(
+            libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    else:  # (a running domain keeps its checkpoints in libvirt's memory: stop it first)
+        definition = vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        conn = vm.dom.connect()
+        vm.stop()                           # QEMU stores the bitmaps in the images
+        vm.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+        conn.defineXML(definition)
+        vm.start()                          # ... and loads them again
+    assert checkpoint_names(host) == []
+    host.restart_agent()
+    host.inventory()                                 # the agent reads the disks: redefined
+    assert checkpoint_names(host) == ["blocktxn.t1"]
+    lab.write(range(7, 9))                           # the bitmaps kept recording meanwhile
+    resp, cut = lab.cut("t2")
+    assert [(m.mode, m.mode_reason) for m in resp.members] == [
+        (pb.BACKUP_MODE_INCREMENTAL, "checkpoint blocktxn:t1 is usable")] * 2
+    host.thaw("t2")
+    vote = host.prepare("t2")
+    assert vote.yes, vote.reason
+    host.commit("t2")
+    for d in lab.disks:                              # exactly the writes since t1
+        assert lab.image("t2", d) == lab.workload.clusters(d, base, cut.seq)
+    lab.assert_restores("t2", cut)
+    lab.assert_checkpoint_exact("blocktxn:t2", cut.seq)
+
+
+def test_a_checkpoint_whose_bitmap_is_gone_is_not_redefined_and_the_backup_is_full(
+        make_libvirt_host: Callable[..., LibvirtHost]) -> None:
+    host = make_libvirt_host()
+    lab = LibvirtLab(host)
+    lab.write(range(0, 8))
+    lab.backup("t1")
+    vm = host.domain("vm1")
+    vm.dom.checkpointLookupByName("blocktxn.t1").delete(
+        libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    host.kill_agent()
+    vm.stop()                                        # QEMU stores the bitmaps in the images
+    for d in vm.disks:                               # ... and they are removed from there
+        subprocess.run(["qemu-img", "bitmap", "--remove", str(d.image), "blocktxn.t1"],
+                       check=True)
+    vm.start()
+    host.start_agent()
+    host.inventory()
+    assert checkpoint_names(host) == []              # no checkpoint without its bitmap
+    assert not list((host.agent.repo / "libvirt" / "vm1").glob("*.xml"))  # record gone
+    lab.write(range(2, 4))
+    resp, cut = lab.cut("t2")
+    assert [m.mode for m in resp.members] == [pb.BACKUP_MODE_FULL] * 2, resp
+    assert all("checkpoint bitmap missing" in m.mode_reason for m in resp.members), resp
+    host.thaw("t2")
+    assert host.prepare("t2").yes
+    host.commit("t2")
+    lab.assert_restores("t2", cut)
+    assert checkpoint_names(host) == ["blocktxn.t2"]
+    lab.assert_checkpoint_exact("blocktxn:t2", cut.seq)
