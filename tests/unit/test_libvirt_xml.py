@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
 from blocktxn.agent.config import parse_vm
 from blocktxn.agent.libvirt import domxml
+from blocktxn.agent.libvirt.redefine import CheckpointRecords, redefine_xml
 
 DOMAIN = """<domain type='qemu'><name>db</name><devices>
 <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
@@ -57,3 +59,25 @@ def test_libvirt_vm_spec() -> None:
     for bad in ("db=libvirt:", "db=libvirt:x,ga=/s", "db=libvirt:a/b"):
         with pytest.raises(ValueError, match="libvirt:DOMAIN"):
             parse_vm(bad)
+
+
+def test_a_redefine_holds_the_cut_checkpoint_and_its_creation_time() -> None:
+    cut = domxml.checkpoint_xml("blocktxn.t1", ["vda"], ["vda", "vdb"])
+    root = ET.fromstring(redefine_xml(cut, 1796340118))
+    assert root.findtext("name") == "blocktxn.t1"
+    assert root.findtext("creationTime") == "1796340118"
+    assert [(d.get("name"), d.get("checkpoint")) for d in root.findall("./disks/disk")] == [
+        ("vda", "bitmap"), ("vdb", "no")]
+
+
+def test_checkpoint_records_are_one_file_each_and_go_with_their_checkpoint(
+        tmp_path: Path) -> None:
+    records = CheckpointRecords(tmp_path / "libvirt" / "vm1")
+    assert records.names() == set()
+    records.save("blocktxn.t1", "<domaincheckpoint/>")
+    records.save("blocktxn.t2", "<x/>")
+    assert records.names() == {"blocktxn.t1", "blocktxn.t2"}
+    assert records.xml("blocktxn.t2") == "<x/>"
+    records.forget("blocktxn.t1")
+    records.forget("blocktxn.t1")  # idempotent
+    assert records.names() == {"blocktxn.t2"}
