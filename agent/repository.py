@@ -7,6 +7,9 @@ Layout under the repository root::
                                         committed image, per checksum, per rebase,
                                         per removal
     journal.jsonl                       the participant journal
+    libvirt/<vm>/<checkpoint>.xml       a libvirt VM's checkpoints as created (the
+                                        libvirt backend redefines one whose metadata
+                                        libvirt lost: agent/libvirt/redefine.py)
 
 An incremental image's backing file is the disk's previous image (a relative
 name, so a repository can be moved). Image data is only ever read by QEMU
