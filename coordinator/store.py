@@ -430,26 +430,40 @@ class Store:
 
     async def get_txn(self, txn_id: str) -> TxnRecord | None:
         """Raises: StoreUnavailableError, StoreCorruptError."""
-        key = _key("txn", txn_id)
-        members = _key("member", txn_id) + b"/"
-        headers, parts = await self._ranges("get txn", [
-            (key, key + b"\0"), (members, prefix_range_end(members))],
-            (self.page, PART_PAGE))
-        if not headers:
-            return None
-        return join_txn(_decode(headers[0].value, key, TxnRecord),
-                        [_decode(kv.value, kv.key, TxnPart) for kv in parts], key.decode())
+        return await self._get_joined("txn", "member", txn_id, TxnRecord, TxnPart, join_txn)
 
     async def txns(self) -> list[TxnRecord]:
         """Every record; a malformed one is quarantined (see ``_records``).
 
         Raises: StoreUnavailableError."""
-        start, members = _key("txn") + b"/", _key("member") + b"/"
-        headers, parts = await self._ranges("list txn", [
-            (start, prefix_range_end(start)), (members, prefix_range_end(members))],
-            (self.page, PART_PAGE))
-        return self._joined(self._records(headers, TxnRecord),
-                            self._records(parts, TxnPart), members, join_txn)
+        return await self._list_joined("txn", "member", TxnRecord, TxnPart, join_txn)
+
+    async def _get_joined(self, kind: str, parts: str, owner: str, header: type[H],
+                          part: type[P], join: Callable[[H, list[P], str], H]) -> H | None:
+        """The *kind* record of *owner* joined with its *parts* (coordinator/parts.py),
+        read at one revision.
+
+        Raises: StoreUnavailableError, StoreCorruptError."""
+        key, start = _key(kind, owner), _key(parts, owner) + b"/"
+        headers, found = await self._ranges(f"get {kind}", [
+            (key, key + b"\0"), (start, prefix_range_end(start))], (self.page, PART_PAGE))
+        if not headers:
+            return None
+        return join(_decode(headers[0].value, key, header),
+                    [_decode(kv.value, kv.key, part) for kv in found], key.decode())
+
+    async def _list_joined(self, kind: str, parts: str, header: type[H], part: type[P],
+                           join: Callable[[H, list[P], str], H]) -> list[H]:
+        """Every *kind* record joined with its *parts*, read at one revision; a malformed
+        one is quarantined.
+
+        Raises: StoreUnavailableError."""
+        start, parts_start = _key(kind) + b"/", _key(parts) + b"/"
+        headers, found = await self._ranges(f"list {kind}", [
+            (start, prefix_range_end(start)),
+            (parts_start, prefix_range_end(parts_start))], (self.page, PART_PAGE))
+        return self._joined(self._records(headers, header), self._records(found, part),
+                            parts_start, join)
 
     def _joined(self, headers: list[tuple[Any, H]], parts: list[tuple[Any, P]],
                 prefix: bytes, join: Callable[[H, list[P], str], H]) -> list[H]:
@@ -592,26 +606,13 @@ class Store:
     # ------------------------------------------------------------------ sets
     async def get_set(self, set_id: str) -> BackupSet | None:
         """Raises: StoreUnavailableError, StoreCorruptError."""
-        key = _key("set", set_id)
-        images = _key("image", set_id) + b"/"
-        headers, parts = await self._ranges("get set", [
-            (key, key + b"\0"), (images, prefix_range_end(images))],
-            (self.page, PART_PAGE))
-        if not headers:
-            return None
-        return join_set(_decode(headers[0].value, key, BackupSet),
-                        [_decode(kv.value, kv.key, SetPart) for kv in parts], key.decode())
+        return await self._get_joined("set", "image", set_id, BackupSet, SetPart, join_set)
 
     async def sets(self) -> list[BackupSet]:
         """Every set; a malformed one is quarantined (see ``_records``).
 
         Raises: StoreUnavailableError."""
-        start, images = _key("set") + b"/", _key("image") + b"/"
-        headers, parts = await self._ranges("list set", [
-            (start, prefix_range_end(start)), (images, prefix_range_end(images))],
-            (self.page, PART_PAGE))
-        return self._joined(self._records(headers, BackupSet),
-                            self._records(parts, SetPart), images, join_set)
+        return await self._list_joined("set", "image", BackupSet, SetPart, join_set)
 
     # ---------------------------------------------------------------- agents
     async def get_agent(self, agent_id: str) -> tuple[AgentEntry | None, int]:
