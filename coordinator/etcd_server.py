@@ -21,10 +21,23 @@ from pathlib import Path
 from blocktxn import procs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int, taken: tuple[int, ...] = ()) -> list[int]:
+    """*n* different free loopback ports, none in *taken*: the sockets are held open
+    together while they are chosen (a port is handed out again once its socket closes)."""
+    held: list[socket.socket] = []
+    try:
+        ports: list[int] = []
+        while len(ports) < n:
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            if port not in taken:
+                ports.append(port)
+        return ports
+    finally:
+        for s in held:
+            s.close()
 
 
 #: etcd's own history compaction: keep one hour of revisions (etcd 3.4 flags)
@@ -42,8 +55,9 @@ class EtcdServer:
     def __init__(self, data_dir: Path, client_port: int = 0, peer_port: int = 0,
                  name: str = "blocktxn", quota: int = 0, max_request: int = 0) -> None:
         self.data_dir = data_dir
-        self.client_port = client_port or _free_port()
-        self.peer_port = peer_port or _free_port()
+        free = iter(_free_ports(2, (client_port, peer_port)))
+        self.client_port = client_port or next(free)
+        self.peer_port = peer_port or next(free)
         self.name = name
         self.quota = quota
         self.max_request = max_request
