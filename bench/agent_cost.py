@@ -43,6 +43,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.measures import proc_table
 from blocktxn import procs
 from blocktxn.coordinator.etcd_server import EtcdServer
 from blocktxn.demo.lab import AgentProcess, LabVm, free_port
@@ -93,16 +94,7 @@ def threads(pid: int) -> dict[str, tuple[float, float]]:
 
 
 def usage(root: int) -> Usage:
-    stats: dict[int, tuple[int, float, float, float]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stats[int(entry)] = _stat(int(entry))
-            except (OSError, ValueError):
-                continue
-    kids: dict[int, list[int]] = {}
-    for pid, (ppid, _, _, _) in stats.items():
-        kids.setdefault(ppid, []).append(pid)
+    stats, kids = proc_table(_stat)
     cpu, todo, seen = 0.0, [root], 0
     waited = stats[root][2] if root in stats else 0.0
     while todo:

@@ -9,9 +9,10 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from aetcd.utils import prefix_range_end
 
@@ -20,6 +21,8 @@ from blocktxn.coordinator.encoding import final_write_bound
 from blocktxn.coordinator.parts import requests
 from blocktxn.coordinator.store import PREFIX, Store
 from blocktxn.v1 import coordinator_pb2 as cpb
+
+S = TypeVar("S", bound=tuple[Any, ...])  # a process' row: (parent pid, ...)
 
 #: the coordinator's targets the benchmarks report against (never asserted)
 DECISION_TARGET = 2.0        # s from the last vote to the durable decision
@@ -77,6 +80,23 @@ async def written_since(store: Store, revision: int) -> list[str]:
     kvs = await store._range("bench", start, prefix_range_end(start))
     return [f"{bytes(kv.key).decode()}@{int(kv.mod_revision)}" for kv in kvs
             if int(kv.mod_revision) > revision]
+
+
+def proc_table(read: Callable[[int], S]) -> tuple[dict[int, S], dict[int, list[int]]]:
+    """*read(pid)* (a tuple that starts with the parent pid) of every live process (one
+    that vanished meanwhile left out), and each pid's children: what the benchmarks
+    walk a process tree with."""
+    table: dict[int, S] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                table[int(entry)] = read(int(entry))
+            except (OSError, ValueError):
+                continue
+    children: dict[int, list[int]] = {}
+    for pid, row in table.items():
+        children.setdefault(int(row[0]), []).append(pid)
+    return table, children
 
 
 def proc_usage(pid: int) -> tuple[float, int]:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.fleet import Bench, Member
-from bench.measures import Case, Result, bad_lines, distinct, log_notes, table
+from bench.measures import Case, Result, bad_lines, distinct, log_notes, proc_table, table
 from bench.report import Row, write_csv
 from blocktxn.demo.lab import AgentProcess, LabVm
 
@@ -87,16 +87,7 @@ def _rss(pid: int) -> int:
 def tree_usage(roots: Sequence[int]) -> tuple[float, int]:
     """CPU seconds (own, children waited for, and live descendants) and resident bytes
     (own and live descendants) of the processes *roots*, summed."""
-    stats: dict[int, tuple[int, float, float]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stats[int(entry)] = _stat(int(entry))
-            except (OSError, ValueError):
-                continue
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
+    stats, children = proc_table(_stat)
     cpu, rss = 0.0, 0
     todo = [p for p in roots if p in stats]
     seen = set()
