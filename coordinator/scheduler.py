@@ -112,7 +112,8 @@ class Scheduler:
         run, missed = schedule.due(self.states[schedule.name].last_at, now)
         if run is not None:
             state = await self._start(schedule, run, now)
-            failpoints.hit("schedule_started")  # started, but not yet recorded as such
+            if state.outcome == "started":
+                failpoints.hit("schedule_started")  # started, but not yet recorded as such
         elif missed is not None:
             # a former leader may have started it just before it went
             txn_id = await self.store.txn_of_request(schedule.request_id(missed))

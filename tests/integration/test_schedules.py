@@ -120,7 +120,9 @@ def test_a_leader_dying_after_starting_a_run_does_not_run_it_twice(
     cluster.wait_registered(1)
     first = cluster.coordinators[0].proc
     assert first is not None
-    wait_until(lambda: first.poll() is not None, timeout=45,
+    # an occurrence before the agent registered is refused (no transaction, no failpoint):
+    # the next one, 30 s on, is then the first started
+    wait_until(lambda: first.poll() is not None, timeout=75,
                what="the first leader to die at the failpoint")
     (txn,) = scheduled(cluster)      # it started one transaction, then died
     occurrence = float(txn.request_id.rsplit("-", 1)[1])

@@ -4,13 +4,22 @@ schedules refused at start-up with one line naming the schedule."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from blocktxn import failpoints
 from blocktxn.coordinator.main import build_parser, config_from_args
+from blocktxn.coordinator.metrics import CoordinatorMetrics
+from blocktxn.coordinator.notify import Notifier
+from blocktxn.coordinator.records import ScheduleState, TxnRecord
 from blocktxn.coordinator.schedule import ON_TIME, Schedule, parse_schedule_spec
-from blocktxn.coordinator.scheduler import schedule_of
+from blocktxn.coordinator.scheduler import Scheduler, schedule_of
+from blocktxn.errors import NotFound
+from blocktxn.requests import BackupRequest
 
 DAY = 86400.0
 
@@ -108,3 +117,30 @@ def test_schedule_tables_in_the_config_file(tmp_path: Path) -> None:
     (s,) = cfg.schedules
     assert (s.name, s.targets, s.options.quiesce, s.options.group, s.notify) == (
         "nightly", ("h1/web", "h2/db"), "freeze", "web", "all")
+
+
+def test_a_refused_occurrence_is_not_taken_for_a_started_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The point ``schedule_started`` marks a transaction started and not yet recorded;
+    an occurrence the cluster refused (e.g. its agent not registered yet) started none,
+    so the point must not be reached (CI saw a leader exit there with no transaction)."""
+    schedule = parse_schedule_spec("s=cron=* * * * * */30;targets=h1/vm1")
+    written: list[ScheduleState] = []
+
+    class Store:
+        async def put_schedule_state(self, epoch: int, state: ScheduleState) -> None:
+            written.append(state)
+
+    async def refuse(request: BackupRequest) -> TxnRecord:
+        raise NotFound("unknown agent h1")
+
+    async def tick() -> None:
+        scheduler = Scheduler([schedule], cast(Any, Store()), refuse, lambda: 1,
+                              CoordinatorMetrics(CollectorRegistry()), Notifier())
+        scheduler.states = {"s": ScheduleState("s", 0.0, "created", handled_at=0.0)}
+        await scheduler._tick(schedule, 90.0)
+
+    monkeypatch.setitem(failpoints.ACTIVE, "schedule_started", "fail")
+    asyncio.run(tick())
+    assert [(s.last_at, s.outcome, s.txn_id) for s in written] == [(90.0, "refused", "")]
