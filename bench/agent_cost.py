@@ -116,6 +116,7 @@ class Lab:
         self.work, self.via = work, via
         self.disks = [f"d{i}" for i in range(disks)]
         self.vm = LabVm.create(VM, work / VM, self.disks, size=DISK_SIZE)
+        self.vm.prefix = procs.DIE_WITH_PARENT  # nothing outlives a killed bench
         self.etcd: EtcdServer | None = None
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.cstub: cpb_grpc.CoordinatorServiceStub | None = None
@@ -128,14 +129,16 @@ class Lab:
             address = f"127.0.0.1:{free_port()}"
             (work / "c0").mkdir()
             self.coordinator = subprocess.Popen(
-                [sys.executable, "-m", "blocktxn.coordinator", "--name", "c0", "--listen",
+                [*procs.DIE_WITH_PARENT, sys.executable, "-m", "blocktxn.coordinator",
+                 "--name", "c0", "--listen",
                  address, "--etcd", self.etcd.endpoint, "--data-dir", str(work / "c0")],
                 stdout=subprocess.DEVNULL, stderr=open(work / "c0" / "c0.log", "ab"))
             extra = ["--coordinator", address]
             ch = grpc.insecure_channel(address)
             self.channels.append(ch)
             self.cstub = cpb_grpc.CoordinatorServiceStub(ch)
-        self.agent = AgentProcess("a1", work / "agent", [self.vm], {}, extra)
+        self.agent = AgentProcess("a1", work / "agent", [self.vm], {}, extra,
+                                  prefix=procs.DIE_WITH_PARENT)
         self.agent.start()
         ch = grpc.insecure_channel(self.agent.address)
         self.channels.append(ch)

@@ -32,6 +32,7 @@ from bench.measures import (
     proc_usage,
     written_since,
 )
+from blocktxn import procs
 from blocktxn.coordinator.etcd_server import EtcdServer
 from blocktxn.coordinator.store import Store
 from blocktxn.v1 import agent_pb2 as apb
@@ -98,6 +99,7 @@ class Bench:
         self.workdir = workdir
         self.etcd = EtcdServer(workdir / "etcd", max_request=REQUEST_TARGET)  # refuses more
         self.coordinator = CoordinatorProcess("c0", workdir / "c0", self.etcd.endpoint)
+        self.coordinator.prefix = procs.DIE_WITH_PARENT  # nothing outlives a killed bench
         self.side = side(self.coordinator.address)
         self.idle_s, self.prefix = idle_s, prefix
         self.notes: list[str] = []

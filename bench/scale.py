@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 from bench.fleet import Bench, Member
 from bench.measures import Case, Result, bad_lines, distinct, log_notes, proc_table, table
 from bench.report import Row, write_csv
+from blocktxn import procs
 from blocktxn.demo.lab import AgentProcess, LabVm
 
 if TYPE_CHECKING:
@@ -125,9 +126,13 @@ class RealFleet:
     def _start(self, agent_id: str, disks: int) -> RealHost:
         root = self.workdir / agent_id
         vm = LabVm.create(VM, root / VM, [f"d{i}" for i in range(disks)], size=DISK_SIZE)
+        # started on one of the event loop's executor threads, which last until the run
+        # ends: killed with the bench, never before
+        vm.prefix = procs.DIE_WITH_PARENT
         vm.start()
         agent = AgentProcess(agent_id, root / "agent", [vm], {},
-                             extra=["--coordinator", self.coordinator])
+                             extra=["--coordinator", self.coordinator],
+                             prefix=procs.DIE_WITH_PARENT)
         try:
             agent.start()
         except BaseException:

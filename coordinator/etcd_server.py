@@ -68,7 +68,17 @@ class EtcdServer:
         return f"127.0.0.1:{self.client_port}"
 
     def start(self, timeout: float = 20.0) -> None:
-        """Raises: FileNotFoundError (no etcd binary), TimeoutError."""
+        """Launch etcd and wait until it listens.
+
+        Raises: FileNotFoundError (no etcd binary), RuntimeError, TimeoutError."""
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start etcd; it is killed when the calling thread's process dies (call it from
+        a long-lived thread: see :data:`procs.DIE_WITH_PARENT`).
+
+        Raises: FileNotFoundError (no etcd binary)."""
         binary = shutil.which("etcd")
         if binary is None:
             raise FileNotFoundError("etcd not found: apt-get install etcd-server")
@@ -76,7 +86,8 @@ class EtcdServer:
         client = f"http://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
         self.proc = subprocess.Popen(
-            [binary, "--name", self.name, "--data-dir", str(self.data_dir / "etcd"),
+            [*procs.DIE_WITH_PARENT, binary, "--name", self.name,
+             "--data-dir", str(self.data_dir / "etcd"),
              "--listen-client-urls", client, "--advertise-client-urls", client,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", f"{self.name}={peer}", "--logger", "zap",
@@ -84,6 +95,10 @@ class EtcdServer:
              *(["--quota-backend-bytes", str(self.quota)] if self.quota else []),
              *(["--max-request-bytes", str(self.max_request)] if self.max_request else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Raises: RuntimeError (etcd exited), TimeoutError."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

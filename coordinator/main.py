@@ -162,7 +162,8 @@ async def start(config: CoordinatorConfig) -> daemon.Stops:
     endpoints = config.etcd
     if endpoints is None:
         etcd = EtcdServer(config.data_dir)
-        await asyncio.to_thread(etcd.start)
+        etcd.launch()  # from the event loop's thread: etcd dies with this process
+        await asyncio.to_thread(etcd.wait_ready)
         endpoints = etcd.endpoint
     supervisor = asyncio.create_task(supervise(etcd)) if etcd is not None else None
     store = Store(endpoints, config.etcd_timeout, observe=replica_metrics.etcd_request,
@@ -198,7 +199,8 @@ async def supervise(etcd: EtcdServer) -> None:
         if etcd.proc is not None and etcd.proc.poll() is not None:
             log.warning("private etcd exited (%s); restarting it", etcd.proc.returncode)
             try:
-                await asyncio.to_thread(etcd.start)
+                etcd.launch()
+                await asyncio.to_thread(etcd.wait_ready)
             except (OSError, RuntimeError, TimeoutError) as err:
                 log.error("private etcd did not restart: %s", err)
 

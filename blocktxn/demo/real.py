@@ -24,6 +24,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from blocktxn import procs
 from blocktxn.client import BackupOptions, ClientError, SyncClient
 from blocktxn.demo.lab import AgentProcess, free_port
 from blocktxn.demo.realguest.image import build_guest_image, cache_dir
@@ -80,7 +81,8 @@ class RealGuestDemo:
         self.console.print(f"   kernel {image.kernel_release}, build {image.key}")
         self.say("starting a coordinator with its private etcd")
         self.coordinator = subprocess.Popen(
-            [sys.executable, "-m", "blocktxn.coordinator", "--listen", self.address,
+            [*procs.DIE_WITH_PARENT, sys.executable, "-m", "blocktxn.coordinator",
+             "--listen", self.address,
              "--name", "coord1", "--data-dir", str(self.workdir / "coordinator")],
             stdout=subprocess.DEVNULL, stderr=open(self.workdir / "coordinator.log", "ab"))
         self.say(f"booting {len(HOSTS)} guests (one per host, ext4 data disk as qcow2, "
@@ -101,7 +103,8 @@ class RealGuestDemo:
         for host, g in self.guests.items():
             agent = AgentProcess(host, self.workdir / host / "agent", [], {}, extra=[
                 "--coordinator", self.address,
-                "--vm", f"{HOSTS[host]}={g.agent_qmp_socket},ga={g.agent_socket}"])
+                "--vm", f"{HOSTS[host]}={g.agent_qmp_socket},ga={g.agent_socket}"],
+                prefix=procs.DIE_WITH_PARENT)
             agent.start()
             self.agents[host] = agent
         client = SyncClient(self.address, timeout=5)

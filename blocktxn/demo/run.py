@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from blocktxn import procs
 from blocktxn.client import BackupOptions, SyncClient
 from blocktxn.demo.guest import StandInGuestAgent, Workload, close_guests
 from blocktxn.demo.lab import (
@@ -79,7 +80,8 @@ class Demo:
 
         self.say("starting a coordinator with its private etcd")
         self.coordinator = subprocess.Popen(
-            [sys.executable, "-m", "blocktxn.coordinator", "--listen", self.address,
+            [*procs.DIE_WITH_PARENT, sys.executable, "-m", "blocktxn.coordinator",
+             "--listen", self.address,
              "--name", "coord1", "--data-dir", str(self.workdir / "coordinator")],
             stdout=subprocess.DEVNULL, stderr=open(self.workdir / "coordinator.log", "ab"))
         self.say(f"starting {len(HOSTS)} hosts x {len(VMS)} VMs x {len(DISKS)} disks "
@@ -90,6 +92,7 @@ class Demo:
                 faulty = (h, v) == FAULTY[:2]
                 vm = LabVm.create(v, self.workdir / h / v, list(DISKS),
                                   read_error_disks=(FAULTY[2],) if faulty else ())
+                vm.prefix = procs.DIE_WITH_PARENT  # nothing outlives a killed demo
                 vm.start()
                 wl = Workload(vm)
                 wl.attach()
@@ -98,7 +101,8 @@ class Demo:
                 lab_vms.append(vm)
             agent = AgentProcess(h, self.workdir / h / "agent", lab_vms,
                                  {v: self.gas[(h, v)].path for v in VMS},
-                                 extra=["--coordinator", self.address])
+                                 extra=["--coordinator", self.address],
+                                 prefix=procs.DIE_WITH_PARENT)
             agent.start()
             self.agents.append(agent)
         client = SyncClient(self.address, timeout=5)

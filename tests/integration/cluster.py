@@ -26,6 +26,7 @@ class CoordinatorProcess:
                  env: dict[str, str] | None = None, extra: list[str] | None = None) -> None:
         self.name, self.workdir, self.etcd, self.env = name, workdir, etcd, env or {}
         self.extra = extra or []
+        self.prefix: list[str] = []  # e.g. procs.DIE_WITH_PARENT
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -36,7 +37,7 @@ class CoordinatorProcess:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "blocktxn.coordinator", "--name", self.name,
+            [*self.prefix, sys.executable, "-m", "blocktxn.coordinator", "--name", self.name,
              "--listen", self.address, "--etcd", self.etcd, "--data-dir", str(self.workdir),
              *self.extra],
             stdout=subprocess.DEVNULL, stderr=open(self.workdir / f"{self.name}.log", "ab"),

@@ -147,3 +147,43 @@ def test_demo_runs_end_to_end_passes_every_check_and_stops_everything_on_sigterm
                  "exactly every change"):
         assert word in out
     assert left == []
+
+
+def test_a_killed_demo_leaves_no_process_behind(tmp_path: Path) -> None:
+    """SIGKILL gives the demo no ``finally``: the kernel must stop what it started
+    (coordinator, its etcd, agents, storage daemons) on its own."""
+    import signal
+
+    workdir = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "-m", "blocktxn", "demo", "--keep", "--workdir",
+                             str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    up: list[str] = []
+    left: list[str] = []
+    try:
+        assert proc.stdout is not None
+        out = ""
+        deadline = time.monotonic() + 300
+        while "workload:" not in out and time.monotonic() < deadline:  # agents registered
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out += line
+        assert "workload:" in out, out[-3000:]
+        up = _running_under(workdir)
+        proc.kill()
+        proc.wait(30)
+        deadline = time.monotonic() + 20
+        while (left := _running_under(workdir)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for line in _running_under(workdir):  # never leave them behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split(":")[0]), signal.SIGKILL)
+    kinds = " ".join(up)
+    assert "blocktxn.coordinator" in kinds and "blocktxn.agent" in kinds and "etcd" in kinds \
+        and "qemu-storage-daemon" in kinds, up
+    assert left == []
