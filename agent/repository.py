@@ -45,7 +45,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from blocktxn import failpoints
+from blocktxn import failpoints, procs
 from blocktxn.ids import IdentifierError, confine
 
 from . import qcow2
@@ -60,15 +60,16 @@ COMPACT_SLACK = 1000  # catalog lines beyond twice the live images before a rewr
 
 
 async def run_tool(*argv: str, timeout: float | None = 600.0) -> str:
-    """Run a QEMU tool; return stdout. The child is killed if the
-    caller is cancelled or the *timeout* (None: no limit) passes.
+    """Run a QEMU tool; return stdout. The child is killed if the caller is cancelled,
+    the *timeout* (None: no limit) passes, or the agent dies (a restarted agent redoes
+    the step; it must not race a rebase still running from before).
 
     Raises:
         QemuError: non-zero exit or timeout.
     """
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
+        *procs.DIE_WITH_PARENT, *argv,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError as exc:
