@@ -98,6 +98,7 @@ PAGE = 500
 PART_PAGE = 10
 #: bytes of one etcd reply this client takes (gRPC's default: 4 MiB)
 MAX_REPLY = 16 << 20
+KEEPALIVE_MS = 10_000  # ms between pings on an open call: twice etcd's minimum of 5 s
 #: finished records deleted per fenced etcd transaction (4 deletes each; etcd's
 #: --max-txn-ops is 128 by default)
 COLLECT_BATCH = 25
@@ -165,8 +166,13 @@ class Store:
         self.observe = observe
         self.client = EtcdClient(
             host, port, access or EtcdAccess(), timeout=int(max(1, timeout)),
-            options={"grpc.keepalive_time_ms": 5000, "grpc.keepalive_timeout_ms": 5000,
-                     "grpc.keepalive_permit_without_calls": 1,
+            # etcd refuses pings closer than --grpc-keepalive-min-time (5 s) and any ping
+            # while no call is open, answering a third with GOAWAY "too_many_pings" (seen
+            # in a scale run with a 5 s interval: jitter put two pings under 5 s apart).
+            # Ping at twice its minimum, and only while a call or stream is open: every
+            # call has its own deadline, so an idle connection needs no ping.
+            options={"grpc.keepalive_time_ms": KEEPALIVE_MS, "grpc.keepalive_timeout_ms": 5000,
+                     "grpc.keepalive_permit_without_calls": 0,
                      "grpc.max_receive_message_length": MAX_REPLY},
         )
         self.tx = self.client.transactions
