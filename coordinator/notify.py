@@ -6,6 +6,7 @@ when a webhook stays down."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import http.client
 import json
 import logging
@@ -17,7 +18,12 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 log = logging.getLogger(__name__)
 
-TIMEOUT = 10.0      # s per POST
+TIMEOUT = 10.0      # s per POST (connect, send, answer); the name lookup has no timeout
+#: of its own, so each attempt as a whole is given up TIMEOUT + LOOKUP_SLACK s after it began
+LOOKUP_SLACK = 5.0
+#: threads for POSTs, apart from the event loop's default executor: a resolver that hangs
+#: holds these, never the threads of the replica's other blocking work
+POST_THREADS = 4
 ATTEMPTS = 6        # over about a minute (1, 2, 4, 8, 16 s between)
 MAX_PENDING = 100   # notifications retrying at once; past it the oldest is dropped
 
@@ -26,8 +32,10 @@ class WebhookError(Exception):
     """A POST that did not get a 2xx answer."""
 
 
-#: what a POST can fail with: no answer, a bad answer, a URL http.client refuses
+#: what a POST can fail with: no answer (TimeoutError included), a bad answer, a URL
+#: http.client refuses
 _FAILURES = (WebhookError, OSError, http.client.HTTPException, ValueError)
+_pool = concurrent.futures.ThreadPoolExecutor(POST_THREADS, thread_name_prefix="webhook")
 
 
 class Notifier:
@@ -52,7 +60,8 @@ class Notifier:
                     wait=wait_exponential(multiplier=self.first_wait, max=60),
                     retry=retry_if_exception_type(_FAILURES), reraise=True):
                 with attempt:
-                    await asyncio.to_thread(_post, url, data)
+                    posting = asyncio.get_running_loop().run_in_executor(_pool, _post, url, data)
+                    await asyncio.wait_for(posting, TIMEOUT + LOOKUP_SLACK)
         except _FAILURES as err:
             log.error("webhook %s: gave up after %d attempts: %s", url, self.attempts, err)
 
