@@ -6,12 +6,13 @@ deadline passed, or the VM's watchdog did it), bytes copied, and the transaction
 block jobs open now (a PREPARED transaction is in doubt until its decision arrives: that
 gauge must return to 0). Read at scrape time (from the HTTP thread; it reads only values
 the loop replaces whole, never changes in place): the repository's capacity, free bytes
-and catalog, and per disk the recovery point of its newest committed backup (the metric
-an alert on missed backups reads)."""
+and catalog, per disk the recovery point of its newest committed backup (the metric an
+alert on missed backups reads), and per disk of the last inventory whether it has none
+(a disk never backed up has no recovery point to grow old: a second alert reads this)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -57,10 +58,11 @@ class AgentMetrics:
         for phase in OPEN_PHASES:
             self.open.labels(phase.value).set(0)
 
-    def watch(self, repo: Repository, vms_connected: Callable[[], Mapping[str, bool]]
-              ) -> None:
-        """Collect the repository and VM metrics at each scrape."""
-        self.registry.register(_RepositoryCollector(repo, vms_connected))
+    def watch(self, repo: Repository, vms_connected: Callable[[], Mapping[str, bool]],
+              disks: Callable[[], Mapping[str, Sequence[str]]]) -> None:
+        """Collect the repository and VM metrics at each scrape (*disks*: vm -> its
+        disks, from the last inventory)."""
+        self.registry.register(_RepositoryCollector(repo, vms_connected, disks))
 
     def observe(self, event: Event, old: Phase | None, st: TxnState | None,
                 txns: Mapping[str, TxnState]) -> None:
@@ -89,9 +91,9 @@ class AgentMetrics:
 
 
 class _RepositoryCollector:
-    def __init__(self, repo: Repository, vms_connected: Callable[[], Mapping[str, bool]]
-                 ) -> None:
-        self.repo, self.vms_connected = repo, vms_connected
+    def __init__(self, repo: Repository, vms_connected: Callable[[], Mapping[str, bool]],
+                 disks: Callable[[], Mapping[str, Sequence[str]]]) -> None:
+        self.repo, self.vms_connected, self.disks = repo, vms_connected, disks
 
     def collect(self) -> Iterator[Metric]:
         capacity, free = self.repo.space()
@@ -116,6 +118,15 @@ class _RepositoryCollector:
         for (vm, disk, mode), at in sorted(newest.items()):
             last.add_metric([vm, disk, mode], at)
         yield last
+        backed_up = {(vm, disk) for vm, disk, _ in newest}
+        none = GaugeMetricFamily(
+            "blocktxn_agent_disk_without_backup",
+            "1 if the disk (of the agent's last inventory) has no committed backup in this "
+            "repository, else 0", labels=["vm", "disk"])
+        for vm, names in sorted(self.disks().items()):
+            for disk in names:
+                none.add_metric([vm, disk], 0.0 if (vm, disk) in backed_up else 1.0)
+        yield none
         up = GaugeMetricFamily("blocktxn_agent_vm_connected",
                                "1 if the agent is connected to the VM's monitor",
                                labels=["vm"])

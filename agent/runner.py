@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -103,7 +103,10 @@ class AgentRunner:
 
         self.started = False
         self.metrics = metrics or AgentMetrics()
-        self.metrics.watch(self.repo, lambda: {n: b.connected for n, b in self.backends.items()})
+        #: vm -> its disks at the last inventory (a VM not connected then keeps what it had)
+        self.disks_seen: Mapping[str, tuple[str, ...]] = {}
+        self.metrics.watch(self.repo, lambda: {n: b.connected for n, b in self.backends.items()},
+                           lambda: self.disks_seen)
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -245,8 +248,12 @@ class AgentRunner:
 
     # ------------------------------------------------------------------ calls
     async def inventory(self) -> list[views.VmView]:
-        return await views.inventory(self.backends, self.machine, self.repo,
-                                     self.freeze.frozen_by())
+        taken = await views.inventory(self.backends, self.machine, self.repo,
+                                      self.freeze.frozen_by())
+        seen = {vm: d for vm, d in self.disks_seen.items() if vm in self.backends}
+        seen.update((v.name, tuple(d.name for d in v.disks)) for v in taken if v.connected)
+        self.disks_seen = seen  # replaced whole: the metrics thread reads it
+        return taken
 
     async def cut(self, txn_id: str, disks: Sequence[DiskRequest], quiesce: str = "none",
                   freeze_timeout: float = 0.0, individual: bool = False,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,6 +66,15 @@ def test_prometheus_scrapes_what_a_commit_and_an_abort_did(
                     wl.write(d, c)
     prom = make_prometheus({"blocktxn-coordinator": [coord],
                             "blocktxn-agent": list(agents.values())})
+    # before any backup: every disk of every agent is known and has none
+    disks = {(a, vm, d) for a in agents.values() for vm, ds in VMS.items() for d in ds}
+
+    def without_backup(r: dict[tuple[tuple[str, str], ...], float]) -> dict[Any, float]:
+        return {(x["instance"], x["vm"], x["disk"]): v for x, v in ((dict(k), v)
+                                                                   for k, v in r.items())}
+
+    prom.wait_for("blocktxn_agent_disk_without_backup",
+                  lambda r: without_backup(r) == dict.fromkeys(disks, 1.0))
 
     good = cluster.wait_done(cluster.start(TARGETS, quiesce=apb.QUIESCE_FREEZE).txn_id)
     assert good.decision == cpb.DECISION_COMMIT, good.reason
@@ -87,6 +97,8 @@ def test_prometheus_scrapes_what_a_commit_and_an_abort_did(
     assert got.keys() == expected.keys()
     for key, at in expected.items():
         assert got[key] == pytest.approx(at, abs=1e-6), key
+    prom.wait_for("blocktxn_agent_disk_without_backup",
+                  lambda r: without_backup(r) == dict.fromkeys(disks, 0.0))
 
     # nothing left undecided or open, on the coordinator or on any agent
     assert one(prom.query("blocktxn_transactions_undecided")) == 0
