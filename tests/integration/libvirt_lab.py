@@ -18,7 +18,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,28 @@ class OwnedDomains:
 
 # Every domain the libvirt fixtures create; the session fixture reaps what is left.
 OWNED = OwnedDomains()
+
+
+@contextlib.contextmanager
+def monitor_log(path: Path) -> Iterator[Path]:
+    """While inside, libvirtd also writes every QMP command it sends QEMU to *path*
+    (``QEMU_MONITOR_SEND_MSG ... msg={...}``, from its qemu.qemu_monitor log source);
+    the daemon's own log settings are restored after."""
+    def admin(*argv: str) -> str:
+        return subprocess.run(["virt-admin", *argv], check=True, capture_output=True,
+                              text=True, timeout=30).stdout.split(":", 1)[1].strip()
+
+    filters, outputs = admin("daemon-log-filters"), admin("daemon-log-outputs")
+    path.touch()
+    subprocess.run(["virt-admin", "daemon-log-filters", "2:qemu.qemu_monitor"],
+                   check=True, timeout=30)
+    subprocess.run(["virt-admin", "daemon-log-outputs", f"2:file:{path} {outputs}".strip()],
+                   check=True, timeout=30)
+    try:
+        yield path
+    finally:
+        subprocess.run(["virt-admin", "daemon-log-filters", filters], timeout=30)
+        subprocess.run(["virt-admin", "daemon-log-outputs", outputs], timeout=30)
 
 
 class LibvirtDaemons:

@@ -19,11 +19,10 @@ from blocktxn.demo.guest import Cut
 from blocktxn.demo.lab import CLUSTER, images_equal, top_layer_clusters
 from blocktxn.v1 import agent_pb2 as pb
 from tests.integration.harness import Host, restore, wait_until
-from tests.integration.libvirt_lab import LibvirtHost
+from tests.integration.libvirt_lab import LibvirtHost, monitor_log
 from tests.integration.smallfs import SmallFs
 
 HELD_SPEED = 16 << 10  # bytes/s: a bare-QEMU copy of a few clusters runs for many seconds
-CANCEL_SETTLE = 2.0  # seconds the abort of a held libvirt copy is given to reach QEMU
 
 
 class Lab(abc.ABC):
@@ -184,11 +183,14 @@ class LibvirtLab(Lab):
         jobs = vm.qmp("query-jobs")
         assert len(jobs) == 2 and all(j["status"] == "running" for j in jobs), jobs
         aborting = threading.Thread(target=self.host.abort, args=(txn,))
-        aborting.start()
-        try:  # the abort reaches libvirt while both copies wait on the frozen target;
-            # nothing outside libvirtd shows when it sent QEMU the cancel, so wait a little
-            # and then check that the job really ended cancelled, not completed
-            aborting.join(CANCEL_SETTLE)
+        log = self.host.agent.workdir / "libvirtd-monitor.log"
+        try:  # the abort reaches libvirt while both copies wait on the frozen target: the
+            # frozen target is thawed only once libvirtd has sent QEMU a cancel of each job
+            with monitor_log(log):
+                aborting.start()
+                wait_until(lambda: sum("QEMU_MONITOR_SEND_MSG" in line and '-cancel"' in line
+                                       for line in log.read_text().splitlines()) >= len(jobs),
+                           timeout=60, what="libvirtd to send QEMU a cancel of each job")
             assert aborting.is_alive(), "the abort returned while the copy was held"
         finally:
             self._fs.thaw()
