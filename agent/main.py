@@ -100,7 +100,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 async def start(config: AgentConfig) -> daemon.Stops:
     """Bring the agent up; return its stop hooks, in order."""
     agent_metrics = AgentMetrics()
-    stop_metrics = metrics.serve(config.metrics_listen, agent_metrics.registry)
+    stop_metrics = metrics.serve(config.metrics_listen, agent_metrics.registry, config.tls)
     runner = AgentRunner(config, agent_metrics)
     await runner.start()
     server = await serve(runner, config.listen, config.tls)

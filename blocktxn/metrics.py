@@ -2,11 +2,15 @@
 ``/metrics`` endpoint. Off by default; each daemon keeps its metrics in a registry of its
 own (never prometheus_client's global one), so two daemons in one process do not mix.
 
-The endpoint is plaintext HTTP served from a thread: bind it to loopback or to a
-management network. What a daemon exports is in ``coordinator/metrics.py`` and
-``agent/metrics.py``; names and labels follow Prometheus' conventions (base units in
-the name, ``_total`` for counters, label values from small fixed sets or from the
-daemon's own configured disks)."""
+The endpoint is served from a thread. It follows the daemon's TLS: with
+``--tls-cert``/``--tls-key`` it is HTTPS with the same certificate, and with ``--tls-ca``
+too it asks every scraper for a client certificate from that CA (as the gRPC port does);
+without them it is plain HTTP: bind it to loopback or to a management network.
+
+What a daemon exports is in ``coordinator/metrics.py`` and ``agent/metrics.py``; names
+and labels follow Prometheus' conventions (base units in the name, ``_total`` for
+counters, label values from small fixed sets or from the daemon's own configured
+disks)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import argparse
 import logging
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -22,6 +27,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from blocktxn import __version__
 from blocktxn.errors import BlocktxnError
+from blocktxn.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +43,10 @@ class MetricsError(BlocktxnError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-listen", metavar="HOST:PORT",
-                        help="serve Prometheus metrics over plain HTTP at "
-                        "http://HOST:PORT/metrics (default: off; use loopback or a "
-                        "management network)")
+                        help="serve Prometheus metrics at HOST:PORT/metrics (default: off): "
+                        "HTTPS with the daemon's --tls-cert/--tls-key (and a client "
+                        "certificate from --tls-ca when given), else plain HTTP (use "
+                        "loopback or a management network)")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -71,22 +78,32 @@ def new_registry(daemon: str) -> CollectorRegistry:
     return registry
 
 
-def serve(listen: str | None, registry: CollectorRegistry) -> Callable[[], Awaitable[None]]:
-    """Start serving *registry* at *listen* (None: nothing) and return the stop hook.
-    Call it before anything else starts: a busy address must stop the daemon at once.
+def serve(listen: str | None, registry: CollectorRegistry,
+          tls: TlsFiles | None = None) -> Callable[[], Awaitable[None]]:
+    """Start serving *registry* at *listen* (None: nothing) and return the stop hook;
+    over HTTPS when *tls* has a certificate (client certificates required when it has a
+    CA). Call it before anything else starts: a busy address must stop the daemon at once.
 
     Raises:
-        MetricsError: the address cannot be bound (in use, not local, bad name).
+        MetricsError: the address cannot be bound (in use, not local, bad name) or the
+            certificate files cannot be loaded.
     """
     server: WSGIServer | None = None
     thread: threading.Thread | None = None
     if listen is not None:
         host, port = parse_listen(listen)
+        options: dict[str, Any] = {}
+        if tls is not None and tls.cert is not None:  # HTTPS
+            options = {"certfile": str(tls.cert), "keyfile": str(tls.key),
+                       "client_cafile": str(tls.ca) if tls.ca else None,
+                       "client_auth_required": tls.ca is not None}
         try:
-            server, thread = start_http_server(port, host, registry)
-        except OSError as err:
+            server, thread = start_http_server(port, host, registry, **options)
+        except OSError as err:  # ssl.SSLError is one too
             raise MetricsError(f"--metrics-listen {listen}: {err.strerror or err}") from err
-        log.info("metrics on http://%s/metrics", listen)
+        log.info("metrics on %s://%s/metrics%s", "https" if options else "http", listen,
+                 " (client certificates required)" if options.get("client_auth_required")
+                 else "")
 
     async def stop() -> None:
         if server is not None:

@@ -157,7 +157,7 @@ def parse_schedules(given: object) -> tuple[Schedule, ...]:
 async def start(config: CoordinatorConfig) -> daemon.Stops:
     """Bring the replica up; return its stop hooks, in order."""
     replica_metrics = CoordinatorMetrics()
-    stop_metrics = metrics.serve(config.metrics_listen, replica_metrics.registry)
+    stop_metrics = metrics.serve(config.metrics_listen, replica_metrics.registry, config.tls)
     etcd = None
     endpoints = config.etcd
     if endpoints is None:

@@ -19,9 +19,11 @@ RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "blocktx
 
 
 class PrometheusServer:
-    def __init__(self, workdir: Path, jobs: dict[str, list[str]]) -> None:
-        """*jobs*: scrape job name -> HOST:PORT targets."""
-        self.workdir, self.jobs = workdir, jobs
+    def __init__(self, workdir: Path, jobs: dict[str, list[str]],
+                 tls: dict[str, dict[str, str]] | None = None) -> None:
+        """*jobs*: scrape job name -> HOST:PORT targets; *tls*: job name -> its
+        ``tls_config`` (the job then scrapes over HTTPS)."""
+        self.workdir, self.jobs, self.tls = workdir, jobs, tls or {}
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -40,7 +42,9 @@ class PrometheusServer:
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s",
                        "scrape_timeout": "900ms"},
             "rule_files": [RULES.name],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}],
+                                **({"scheme": "https", "tls_config": self.tls[job]}
+                                   if job in self.tls else {})}
                                for job, targets in self.jobs.items()],
         }
         (self.workdir / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML

@@ -4,9 +4,12 @@ series say what happened, and the shipped alert rules load and evaluate."""
 
 from __future__ import annotations
 
+import http.client
 import socket
+import ssl
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from blocktxn.demo.lab import free_port
 from blocktxn.v1 import agent_pb2 as apb
 from blocktxn.v1 import coordinator_pb2 as cpb
 from tests.integration.cluster import Cluster
+from tests.integration.pki import make_certs
 from tests.integration.prometheus import RULES, PrometheusServer
 
 VMS = {"vm1": ["d0", "d1"], "vm2": ["d0"]}
@@ -24,12 +28,12 @@ TARGETS = ["h1/vm1", "h1/vm2", "h2/vm1", "h2/vm2"]
 
 
 @pytest.fixture
-def make_prometheus(tmp_path: Path) -> Iterator[Callable[[dict[str, list[str]]],
-                                                         PrometheusServer]]:
+def make_prometheus(tmp_path: Path) -> Iterator[Callable[..., PrometheusServer]]:
     servers: list[PrometheusServer] = []
 
-    def make(jobs: dict[str, list[str]]) -> PrometheusServer:
-        server = PrometheusServer(tmp_path / f"prometheus{len(servers)}", jobs)
+    def make(jobs: dict[str, list[str]],
+             tls: dict[str, dict[str, str]] | None = None) -> PrometheusServer:
+        server = PrometheusServer(tmp_path / f"prometheus{len(servers)}", jobs, tls)
         servers.append(server)
         server.start()
         return server
@@ -50,7 +54,7 @@ def by(label: str, result: dict[tuple[tuple[str, str], ...], float]) -> dict[str
 
 def test_prometheus_scrapes_what_a_commit_and_an_abort_did(
     make_cluster: Callable[..., Cluster],
-    make_prometheus: Callable[[dict[str, list[str]]], PrometheusServer],
+    make_prometheus: Callable[..., PrometheusServer],
 ) -> None:
     coord = f"127.0.0.1:{free_port()}"
     agents = {h: f"127.0.0.1:{free_port()}" for h in ("h1", "h2")}
@@ -190,3 +194,40 @@ def test_a_busy_or_bad_metrics_address_stops_the_daemon_with_one_line(
     # nothing was started: no private etcd, no repository
     assert not (tmp_path / "data" / "etcd").exists()
     assert not (tmp_path / "repo").exists()
+
+
+def test_with_tls_the_endpoint_is_https_and_asks_for_a_client_certificate(
+    tmp_path: Path, make_prometheus: Callable[..., PrometheusServer],
+) -> None:
+    """A daemon with --tls-cert/--tls-key/--tls-ca serves /metrics over HTTPS with its
+    certificate and answers only scrapers with a certificate from its CA."""
+    pki = make_certs(tmp_path / "pki", ["h9", "prometheus"])
+    address = f"127.0.0.1:{free_port()}"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "blocktxn.agent", "--id", "h9", "--listen",
+         f"127.0.0.1:{free_port()}", "--repo", str(tmp_path / "repo"),
+         "--tls-cert", str(pki / "h9.crt"), "--tls-key", str(pki / "h9.key"),
+         "--tls-ca", str(pki / "ca.crt"), "--metrics-listen", address],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        prom = make_prometheus({"blocktxn-agent": [address]}, tls={"blocktxn-agent": {
+            "ca_file": str(pki / "ca.crt"), "cert_file": str(pki / "prometheus.crt"),
+            "key_file": str(pki / "prometheus.key")}})
+        up = prom.wait_for("up", lambda r: set(r.values()) == {1.0}, timeout=60)
+        assert len(up) == 1
+        assert one(prom.query('blocktxn_build_info{daemon="agent"}')) == 1
+        # plain HTTP, and HTTPS without a client certificate, get no metrics
+        with pytest.raises((OSError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read()
+        anonymous = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        with pytest.raises((OSError, http.client.HTTPException)):
+            urllib.request.urlopen(f"https://{address}/metrics", timeout=5,
+                                   context=anonymous).read()
+        known = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        known.load_cert_chain(str(pki / "prometheus.crt"), str(pki / "prometheus.key"))
+        with urllib.request.urlopen(f"https://{address}/metrics", timeout=5,
+                                    context=known) as reply:
+            assert b"blocktxn_build_info" in reply.read()
+    finally:
+        agent.terminate()
+        agent.wait(30)
