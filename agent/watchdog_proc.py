@@ -3,14 +3,17 @@
 A backend's watchdog is a separate process (``python -m MODULE ARGS...``) that ends a
 quiesce at its deadline even if the agent dies; it speaks the line protocol of
 ``watchdog.py`` (``ready`` on stdout; ``arm DEADLINE`` and ``disarm``
-on stdin; end of input: an unarmed one exits, an armed one ends the quiesce at its
-deadline first). This class starts, arms, disarms and retires one, and keeps it from
-one freeze to the next as long as it watches the same way.
+on stdin, ``arm`` answered on stdout; end of input: an unarmed one exits, an armed
+one ends the quiesce at its deadline first). This class starts, arms, disarms and
+retires one, and keeps it from one freeze to the next as long as it watches the same
+way. One that does not answer its ``arm`` in time is killed (the next freeze gets a
+new one) and the guest is not frozen.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +22,9 @@ from . import watchdog
 from .errors import QemuError
 
 WATCHDOG_START = 10.0  # seconds a watchdog may take to say it is ready
+#: Seconds a watchdog may take to acknowledge ``arm``: inside the cut, before the
+#: freeze (a healthy one answers in well under a millisecond; see test_watchdog_ack).
+ARM_ACK_TIMEOUT = 1.0
 
 
 def alive(proc: asyncio.subprocess.Process) -> bool:
@@ -81,17 +87,36 @@ class WatchdogHandle:
         self._ready = proc
 
     async def arm(self, deadline: float) -> None:
-        """Give the watchdog its deadline: from now on it will thaw by itself.
+        """Give the watchdog its deadline and wait for its answer: from then on it
+        will thaw by itself.
 
         Raises:
-            QemuError: no watchdog is running, so the guest must not be frozen.
+            QemuError: no watchdog is running or it did not acknowledge the deadline
+                (it is then killed: the next freeze gets a new one), so the guest must
+                not be frozen.
         """
         proc = self.proc
         if proc is None or proc.stdin is None or proc.stdout is None or not alive(proc):
             raise QemuError(f"VM {self.vm}: freeze watchdog is not running; not freezing")
         await self.ready()
-        if not await self._tell(watchdog.arm_line(deadline)):
-            raise QemuError(f"VM {self.vm}: freeze watchdog is gone; not freezing")
+        acked = False
+        try:
+            if not await self._tell(watchdog.arm_line(deadline)):
+                raise QemuError(f"VM {self.vm}: freeze watchdog is gone; not freezing")
+            try:
+                line = await asyncio.wait_for(proc.stdout.readline(), ARM_ACK_TIMEOUT)
+            except TimeoutError:
+                line = b""
+            answer = line.decode(errors="replace").strip()
+            if answer != watchdog.armed_line(deadline):
+                raise QemuError(
+                    f"VM {self.vm}: freeze watchdog did not acknowledge its deadline "
+                    f"within {ARM_ACK_TIMEOUT:g}s ({answer or 'no answer'}); it is "
+                    f"replaced; not freezing")
+            acked = True
+        finally:
+            if not acked:  # in any state, cancelled included: never freeze under it
+                self.kill()
         self.armed = True
 
     async def disarm(self) -> None:
@@ -120,6 +145,18 @@ class WatchdogHandle:
         except (BrokenPipeError, ConnectionResetError):
             return False
         return True
+
+    def kill(self) -> None:
+        """Kill the watchdog (our child, not yet reaped: its pid is still its own) and
+        forget it; the next ``prepare`` starts a new one."""
+        proc, self.proc = self.proc, None
+        self.armed = self._stale = False
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            task = asyncio.ensure_future(proc.wait())
+            self._reaping.add(task)
+            task.add_done_callback(self._reaping.discard)
 
     def stop(self) -> None:
         """Retire the watchdog: the end of its input makes an unarmed one exit, and an

@@ -546,3 +546,33 @@ def test_pause_is_refused_without_a_watchdog_monitor(make_host: Callable[..., Ho
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "cannot pause" in (err.value.details() or "")
     assert host.jobs("vm1") == [] and set(host.bitmaps("vm1", "d0")) == set()
+
+
+def test_a_watchdog_that_does_not_acknowledge_its_deadline_is_replaced_unfrozen(
+    make_host: Callable[..., Host],
+) -> None:
+    """A wedged watchdog (SIGSTOPped: its pipe is still open) does not acknowledge
+    its arm: the agent does not freeze, the cut fails naming the VM, and the next cut
+    gets a new watchdog (on the old code the arm line went into the pipe unread and
+    the guest froze with no working watchdog)."""
+    host = make_host()
+    ga = host.gas["vm1"]
+    assert host.backup("t1", DISKS).yes
+    [wedged] = watchdog_pids(host)
+    os.kill(wedged, signal.SIGSTOP)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            host.cut("t2", DISKS, freeze_timeout=5)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        details = err.value.details() or ""
+        assert "vm1" in details and "watchdog" in details, details
+        assert len(ga.cuts) == 1 and not ga.is_frozen   # never frozen without a watchdog
+        assert_nothing_left(host, "t2")
+        wait_until(lambda: not alive(wedged), timeout=10, what="the wedged watchdog's end")
+        assert host.backup("t3", DISKS).yes
+        assert len(ga.cuts) == 2 and not ga.is_frozen
+        new = watchdog_pids(host)
+        assert len(new) == 1 and new != [wedged]
+    finally:
+        if alive(wedged):
+            os.kill(wedged, signal.SIGCONT)

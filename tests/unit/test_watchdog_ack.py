@@ -1,0 +1,68 @@
+"""A freeze watchdog acknowledges every arm before the agent freezes; one that does not
+(wedged: SIGSTOPped, its pipe still open) is killed and the arm fails. Real watchdog
+processes; no guest is involved (nothing reaches the deadline)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from blocktxn.agent.errors import QemuError
+from blocktxn.agent.watchdog_proc import ARM_ACK_TIMEOUT, WatchdogHandle, alive
+
+MODULE = "blocktxn.agent.qemu.watchdog"
+
+
+async def started(tmp_path: Path, name: str = "vm-a") -> WatchdogHandle:
+    handle = WatchdogHandle(name)
+    await handle.prepare(MODULE, ["--ga", str(tmp_path / f"{name}-ga.sock")])
+    await handle.ready()
+    return handle
+
+
+def test_arm_is_acknowledged_and_cheap(tmp_path: Path) -> None:
+    async def run() -> list[float]:
+        handle = await started(tmp_path)
+        took = []
+        try:
+            for _ in range(50):
+                t0 = time.perf_counter()
+                await handle.arm(time.time() + 60)
+                took.append(time.perf_counter() - t0)
+                assert handle.armed
+                await handle.disarm()
+        finally:
+            handle.stop()  # its input ends: the disarmed watchdog exits
+            await asyncio.wait_for(asyncio.gather(*handle._reaping), 10)
+        return took
+
+    took = asyncio.run(run())
+    median = statistics.median(took)
+    print(f"arm+ack over {len(took)} arms: median {median * 1e3:.3f} ms, "
+          f"max {max(took) * 1e3:.3f} ms")
+    assert median < ARM_ACK_TIMEOUT / 10
+
+
+def test_a_wedged_watchdog_fails_the_arm_and_is_killed(tmp_path: Path) -> None:
+    async def run() -> tuple[str, float, bool, bool]:
+        handle = await started(tmp_path)
+        proc = handle.proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(QemuError) as err:
+            await handle.arm(time.time() + 60)
+        took = time.monotonic() - t0
+        await asyncio.wait_for(proc.wait(), 5)  # killed, even though stopped
+        return str(err.value), took, handle.proc is None, alive(proc)
+
+    message, took, forgotten, still_alive = asyncio.run(run())
+    assert "vm-a" in message and "did not acknowledge" in message
+    assert took < ARM_ACK_TIMEOUT + 1.0
+    assert forgotten and not still_alive
