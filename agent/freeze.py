@@ -4,6 +4,13 @@ thaw, and the agent's own auto-thaw at the freeze deadline.
 A freeze is VM-wide, so one transaction at a time owns it. Bounded freeze does not
 depend on this file alone: the backend's ``freeze`` also arms something outside the
 agent (QEMU: the watchdog process) that thaws at the deadline if the agent cannot.
+
+That watchdog may outlive what this file knows: after a failed thaw it keeps trying
+until ``watchdog.ENDING_WINDOW`` past the deadline, so the VM stays owned until then;
+and one armed by an earlier agent process (SIGKILLed while a guest was frozen) is
+unknown here. Neither can end a later freeze early: a VM has one armed watchdog at a
+time (``watchdog.VmClaim``), and a freeze waits for its ``armed`` answer, so a new
+freeze of that VM is refused ("busy") until the old one is over.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from .aio import gather_all
 from .backend import VmBackend
 from .errors import AgentError
+from .watchdog import ENDING_WINDOW
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +70,8 @@ class FreezeControl:
                    after_restart: bool = False) -> list[str]:
         """Thaw the VMs *txn_id* froze; release what was prepared for a freeze that
         never came. Return what failed: a VM whose thaw failed stays owned by *txn_id*
-        until its deadline, when the safety net armed by the freeze thaws it.
+        until the safety net armed by the freeze has thawed it (its deadline, plus its
+        retries: no other freeze of the VM may start while it may still thaw).
 
         *after_restart*: this process does not know whether it froze them (the journal
         says it may have): thaw every one no other transaction holds."""
@@ -95,7 +104,7 @@ class FreezeControl:
             if self.owner.get(vm) == txn_id:
                 del self.owner[vm]
 
-        delay = max(0.0, self.deadline.get(vm, 0.0) - time.time()) + 1.0
+        delay = max(0.0, self.deadline.get(vm, 0.0) - time.time()) + ENDING_WINDOW + 1.0
         self._releases[vm] = asyncio.get_running_loop().call_later(delay, release)
 
     # ---------------------------------------------------------- auto-thaw

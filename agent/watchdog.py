@@ -11,13 +11,23 @@ that reads nothing, is noticed before the freeze, not at the deadline). End of
 input means the agent is gone: an armed watchdog still ends the quiesce at its
 deadline, then exits; an unarmed one exits at once. (The agent's side is
 ``watchdog_proc.py``.)
+
+A watchdog that outlived its agent (SIGKILLed while a guest was frozen), or one still
+ending a quiesce whose thaw failed, must not end a LATER freeze of the same VM early.
+So a VM has at most one armed watchdog, across processes (``VmClaim``): an ``arm``
+while another one of this VM is armed or still ending its quiesce is answered
+``busy WHY`` and the agent does not freeze. A claim lasts from ``arm`` to ``disarm``
+before the deadline, or to the end of the thaw attempts after it (to the end of the
+whole retry window if an attempt timed out: the guest agent may still carry it out).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -27,7 +37,13 @@ from qemu.qmp.error import QMPError
 from .errors import AgentError
 
 READY = "ready"
+BUSY = "busy"
 TRIES = 3
+END_TIMEOUT = 5.0  # seconds one attempt to end the quiesce may take
+RETRY_PAUSE = 0.5
+#: From the deadline on, how long an armed watchdog may still be ending its quiesce
+#: (every attempt timed out). No other freeze of the VM may start meanwhile.
+ENDING_WINDOW = TRIES * (END_TIMEOUT + RETRY_PAUSE)
 
 
 def arm_line(deadline: float) -> bytes:
@@ -44,17 +60,72 @@ DISARM = b"disarm\n"
 End = Callable[[], Awaitable[object]]
 
 
-async def _end_at(deadline: float, what: str, end: End) -> None:
-    """Sleep until *deadline*, then *end* the quiesce (retried a few times)."""
-    await asyncio.sleep(max(0.0, deadline - time.time()))
-    for _ in range(TRIES):
+class VmClaim:
+    """At most one armed watchdog per VM on this host, whichever process it is: an
+    abstract unix socket named after the VM, bound while armed. The kernel lets go of
+    it when the process exits, however it dies (no file to clean up, no pid to trust).
+    Abstract names are per network namespace: an agent and its watchdogs share one."""
+
+    def __init__(self, key: str) -> None:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:40]
+        self.address = "\0blocktxn-freeze-watchdog-" + digest
+        self._sock: socket.socket | None = None
+        self._owner: object = None
+
+    def take(self, owner: object) -> bool:
+        """Claim the VM for *owner*; False if another process holds it."""
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(self.address)
+            except OSError:
+                sock.close()
+                return False
+            self._sock = sock
+        self._owner = owner
+        return True
+
+    def release(self, owner: object) -> None:
+        """Let go of the claim, if *owner* still holds it."""
+        if self._owner is owner and self._sock is not None:
+            self._sock.close()
+            self._sock = self._owner = None
+
+
+class _Armed:
+    """One armed deadline: sleep until it, then end the quiesce (a few tries); the
+    claim on the VM is given back when this is over (or disarmed before the deadline)."""
+
+    def __init__(self, deadline: float, what: str, end: End, claim: VmClaim) -> None:
+        self.deadline = deadline
+        self.ending = False  # the deadline passed: thaw attempts may be in flight
+        self.task = asyncio.create_task(self._run(what, end, claim))
+
+    async def _run(self, what: str, end: End, claim: VmClaim) -> None:
         try:
-            await end()
-            logging.warning("freeze deadline passed: watchdog ended the quiesce of %s", what)
-            return
-        except (AgentError, QMPError, OSError, TimeoutError) as err:
-            logging.warning("watchdog: ending the quiesce of %s failed: %s", what, err)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(max(0.0, self.deadline - time.time()))
+            self.ending = True
+            gave_up_waiting = False
+            for attempt in range(TRIES):
+                try:
+                    await asyncio.wait_for(end(), END_TIMEOUT)
+                    logging.warning("freeze deadline passed: watchdog ended the quiesce "
+                                    "of %s", what)
+                    break
+                except (AgentError, QMPError, OSError, TimeoutError) as err:
+                    gave_up_waiting |= isinstance(err, TimeoutError)
+                    logging.warning("watchdog: ending the quiesce of %s failed: %s",
+                                    what, err)
+                    if attempt + 1 < TRIES:
+                        await asyncio.sleep(RETRY_PAUSE)
+            if gave_up_waiting:  # that request may still be carried out, late
+                await asyncio.sleep(max(0.0, self.deadline + ENDING_WINDOW - time.time()))
+        finally:
+            claim.release(self)
+
+    @property
+    def over(self) -> bool:
+        return self.task.done()
 
 
 def _say(line: str) -> None:
@@ -62,11 +133,13 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-async def serve(what: str, end: End) -> None:
-    """Say ready, then follow the agent's commands until the end of its input."""
+async def serve(what: str, end: End, vm_key: str) -> None:
+    """Say ready, then follow the agent's commands until the end of its input.
+    *vm_key* names the VM for the claim (the same for every watchdog of one VM)."""
     loop = asyncio.get_running_loop()
+    claim = VmClaim(vm_key)
     _say(READY)
-    armed: asyncio.Task[None] | None = None
+    armed: _Armed | None = None
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         word, _, arg = line.strip().partition(" ")
         try:
@@ -76,12 +149,27 @@ async def serve(what: str, end: End) -> None:
         if word not in ("arm", "disarm"):  # never disarms by mistake
             logging.error("watchdog: unknown command %r ignored", line.strip())
             continue
-        if armed is not None:
-            armed.cancel()
+        if armed is not None and armed.over:
             armed = None
-        if deadline is not None:
-            armed = asyncio.create_task(_end_at(deadline, what, end))
-            _say(armed_line(deadline))
+        if deadline is None:  # disarm
+            if armed is not None and not armed.ending:
+                armed.task.cancel()  # only sleeping: nothing is in flight
+                claim.release(armed)
+                armed = None
+            continue
+        if armed is not None:
+            state = "ending it" if armed.ending else "armed"
+            _say(f"{BUSY} its freeze watchdog is still {state} for an earlier quiesce "
+                 f"(deadline {armed.deadline:.3f}); wait for its end")
+        else:
+            candidate = _Armed(deadline, what, end, claim)
+            if claim.take(candidate):
+                armed = candidate
+                _say(armed_line(deadline))
+            else:
+                candidate.task.cancel()
+                _say(f"{BUSY} another freeze watchdog of this VM (of an earlier agent "
+                     f"process?) is still armed or ending its quiesce; wait for its end")
     if armed is not None:  # the agent is gone: the armed deadline still holds
         with contextlib.suppress(asyncio.CancelledError):
-            await armed
+            await armed.task

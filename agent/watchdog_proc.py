@@ -99,7 +99,7 @@ class WatchdogHandle:
         if proc is None or proc.stdin is None or proc.stdout is None or not alive(proc):
             raise QemuError(f"VM {self.vm}: freeze watchdog is not running; not freezing")
         await self.ready()
-        acked = False
+        answered = False  # the watchdog works (armed, or refused with a reason)
         try:
             if not await self._tell(watchdog.arm_line(deadline)):
                 raise QemuError(f"VM {self.vm}: freeze watchdog is gone; not freezing")
@@ -108,14 +108,18 @@ class WatchdogHandle:
             except TimeoutError:
                 line = b""
             answer = line.decode(errors="replace").strip()
+            word, _, why = answer.partition(" ")
+            if word == watchdog.BUSY:  # it works, and it stays (it may owe a thaw)
+                answered = True
+                raise QemuError(f"VM {self.vm}: not freezing: {why}")
             if answer != watchdog.armed_line(deadline):
                 raise QemuError(
                     f"VM {self.vm}: freeze watchdog did not acknowledge its deadline "
                     f"within {ARM_ACK_TIMEOUT:g}s ({answer or 'no answer'}); it is "
                     f"replaced; not freezing")
-            acked = True
+            answered = True
         finally:
-            if not acked:  # in any state, cancelled included: never freeze under it
+            if not answered:  # in any state, cancelled included: never freeze under it
                 self.kill()
         self.armed = True
 

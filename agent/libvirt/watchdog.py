@@ -16,9 +16,9 @@ from typing import Any
 import libvirt
 
 from ..errors import QemuError
-from ..watchdog import serve
+from ..watchdog import END_TIMEOUT, serve
 
-CALL_TIMEOUT = 5.0
+CALL_TIMEOUT = END_TIMEOUT
 
 
 class _Domain:
@@ -59,7 +59,8 @@ class _Domain:
 async def watch(uri: str, domain: str, how: str) -> None:
     dom = _Domain(uri, domain)
     await dom.run(dom._open)
-    await serve(f"libvirt domain {domain}", dom.thaw if how == "freeze" else dom.resume)
+    await serve(f"libvirt domain {domain}", dom.thaw if how == "freeze" else dom.resume,
+                f"libvirt {uri} {domain}")
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ qemu-ga socket, with a watchdog process that thaws the guest at its deadline."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -30,6 +31,9 @@ class QemuVm(VmBackend):
         self.watch_socket = watch_socket  # a monitor for the watchdog alone (pause)
         self.guest_agent = GuestAgentClient(ga_socket) if ga_socket else None
         self.watchdog = WatchdogHandle(name)
+        # names the VM for its watchdogs: one armed at a time, whatever it watches and
+        # whichever agent process started it (see agent/watchdog.py)
+        self.vm_key = os.path.realpath(qmp_socket)
 
     async def _lost(self, _: VmConnection) -> None:
         self.watchdog.renew()
@@ -90,7 +94,7 @@ class QemuVm(VmBackend):
         else:
             assert self.watch_socket is not None
             args = ["--qmp", self.watch_socket]
-        await self.watchdog.prepare(WATCHDOG_MODULE, args)
+        await self.watchdog.prepare(WATCHDOG_MODULE, [*args, "--vm-key", self.vm_key])
 
     async def freeze_abandon(self) -> None:
         """Nothing to undo: the watchdog stays, unarmed, for the next freeze."""

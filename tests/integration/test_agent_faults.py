@@ -548,6 +548,94 @@ def test_pause_is_refused_without_a_watchdog_monitor(make_host: Callable[..., Ho
     assert host.jobs("vm1") == [] and set(host.bitmaps("vm1", "d0")) == set()
 
 
+# The old watchdog's whole retry window after its deadline: 3 tries of at most 5 s
+# each, 0.5 s apart (agent/watchdog.py).
+WATCHDOG_ENDING = 3 * (5.0 + 0.5)
+
+
+def test_the_watchdog_of_a_killed_agent_cannot_end_a_later_freeze(
+    make_host: Callable[..., Host],
+) -> None:
+    """The agent is SIGKILLed while the guest is frozen; its restarted self thaws at
+    once, but the old watchdog (it outlives the agent on purpose) is still armed. A
+    later transaction's freeze of the same VM must not be ended by that old watchdog:
+    it is refused while the old one is armed, or it is still frozen once the old one
+    is gone (on the old code the old watchdog thawed it at the first deadline)."""
+    host = make_host()
+    ga = host.gas["vm1"]
+    host.cut("t1", DISKS, freeze_timeout=3)
+    assert ga.is_frozen
+    old = watchdog_pids(host)
+    assert len(old) == 1
+    host.restart_agent()
+    wait_until(lambda: not ga.is_frozen, timeout=10, what="thaw after restart")
+    host.abort("t1")
+    later, refused = "t2", ""
+    try:
+        host.cut(later, DISKS, freeze_timeout=60)
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        refused = err.details() or ""
+        assert "vm1" in refused and "watchdog" in refused, refused
+        assert not ga.is_frozen
+    wait_until(lambda: not alive(old[0]), timeout=30, what="the old watchdog's exit")
+    if refused:                                   # the old one is gone: freezes work again
+        later = "t3"
+        host.cut(later, DISKS, freeze_timeout=60)
+    assert ga.is_frozen, "the later freeze was ended by the killed agent's watchdog"
+    assert not host.thaw(later).thawed_on_own
+    assert host.prepare(later).yes
+    host.commit(later)
+
+
+def test_a_watchdog_still_retrying_a_failed_thaw_cannot_end_a_later_freeze(
+    make_host: Callable[..., Host],
+) -> None:
+    """The agent's thaw fails, and the watchdog's thaw at the deadline is carried out
+    by the guest agent only after the watchdog gave up waiting for it (it then
+    retries). No later freeze of the VM may start within the watchdog's retry window,
+    or that late thaw ends it early (on the old code the VM was released 1 s after the
+    deadline, and the late thaw ended the next freeze)."""
+    import threading
+
+    host = make_host()
+    ga = host.gas["vm1"]
+    original = ga._dispatch
+    thaws = [0]
+
+    def dispatch(msg: dict[str, object]) -> dict[str, object] | None:
+        if msg.get("execute") == "guest-fsfreeze-thaw":
+            thaws[0] += 1
+            if thaws[0] == 2:                     # the watchdog's first try is done late:
+                time.sleep(6)                     # after the watchdog's 5 s timeout
+        return original(msg)
+
+    ga._dispatch = dispatch  # type: ignore[method-assign]
+    first = host.cut("t1", DISKS, freeze_timeout=2)
+    deadline = first.freeze_deadline
+    ga.fail_thaws = 1                             # the agent's own thaw fails
+    assert host.thaw("t1").thawed_on_own
+    host.abort("t1")
+    stop = time.time() + 60
+    n, later = 2, ""
+    while not later:                              # the next freeze, as soon as allowed
+        try:
+            host.cut(f"t{n}", DISKS, freeze_timeout=60)
+            later = f"t{n}"
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "vm1" in (err.details() or "")
+            assert time.time() < stop, err.details()
+            n += 1
+            threading.Event().wait(0.2)
+    wait_until(lambda: time.time() > deadline + WATCHDOG_ENDING + 1, timeout=30,
+               what="the end of the old watchdog's retries")
+    assert ga.is_frozen, "the later freeze was ended by the watchdog's retry of an old thaw"
+    assert not host.thaw(later).thawed_on_own
+    assert host.prepare(later).yes
+    host.commit(later)
+
+
 def test_a_watchdog_that_does_not_acknowledge_its_deadline_is_replaced_unfrozen(
     make_host: Callable[..., Host],
 ) -> None:

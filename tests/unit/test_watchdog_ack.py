@@ -1,6 +1,8 @@
 """A freeze watchdog acknowledges every arm before the agent freezes; one that does not
-(wedged: SIGSTOPped, its pipe still open) is killed and the arm fails. Real watchdog
-processes; no guest is involved (nothing reaches the deadline)."""
+(wedged: SIGSTOPped, its pipe still open) is killed and the arm fails. A VM has one
+armed watchdog at a time, whichever process it is: another one's arm is refused until
+the first is disarmed or gone. Real watchdog processes; no guest is involved (nothing
+reaches the deadline)."""
 
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ from blocktxn.agent.watchdog_proc import ARM_ACK_TIMEOUT, WatchdogHandle, alive
 MODULE = "blocktxn.agent.qemu.watchdog"
 
 
-async def started(tmp_path: Path, name: str = "vm-a") -> WatchdogHandle:
+async def started(tmp_path: Path, name: str = "vm-a", key: str = "") -> WatchdogHandle:
     handle = WatchdogHandle(name)
-    await handle.prepare(MODULE, ["--ga", str(tmp_path / f"{name}-ga.sock")])
+    await handle.prepare(MODULE, ["--ga", str(tmp_path / f"{name}-ga.sock"),
+                                  "--vm-key", key or str(tmp_path / name)])
     await handle.ready()
     return handle
 
@@ -66,3 +69,38 @@ def test_a_wedged_watchdog_fails_the_arm_and_is_killed(tmp_path: Path) -> None:
     assert "vm-a" in message and "did not acknowledge" in message
     assert took < ARM_ACK_TIMEOUT + 1.0
     assert forgotten and not still_alive
+
+
+def test_one_armed_watchdog_per_vm_whichever_process(tmp_path: Path) -> None:
+    """Two watchdog processes of one VM (an agent's, and the one its killed
+    predecessor left armed): the second's arm is refused while the first is armed,
+    it works once the first is disarmed, and again once an armed one is killed."""
+    async def run() -> None:
+        key = str(tmp_path / "vm-a.qmp")
+        old, new = await started(tmp_path, "vm-a", key), await started(tmp_path, "vm-a", key)
+        other = await started(tmp_path, "vm-b")
+        try:
+            await old.arm(time.time() + 60)
+            with pytest.raises(QemuError) as err:
+                await new.arm(time.time() + 60)
+            assert "busy" not in str(err.value) and "another freeze watchdog" in str(err.value)
+            assert new.proc is not None and alive(new.proc)  # refused, not replaced
+            await other.arm(time.time() + 60)              # another VM is not held
+            with pytest.raises(QemuError):                 # nor is a re-arm of the same one
+                await old.arm(time.time() + 60)
+            await old.disarm()
+            await new.arm(time.time() + 60)
+            with pytest.raises(QemuError):
+                await old.arm(time.time() + 60)
+            assert new.proc is not None
+            new.proc.kill()                                # an armed one dies: VM free
+            await new.proc.wait()
+            await old.arm(time.time() + 60)
+            await old.disarm()
+            await other.disarm()
+        finally:
+            for handle in (old, new, other):
+                handle.kill()
+                await asyncio.wait_for(asyncio.gather(*handle._reaping), 10)
+
+    asyncio.run(run())
