@@ -81,8 +81,11 @@ async def progress(backends: Mapping[str, VmBackend], st: TxnState, interval: fl
         for m in st.members:
             job = jobs.get(m.vm, {}).get(m.job_id)
             if job is not None:
-                disks.append(DiskStatus(m.vm, m.disk, job.status, job.done, job.total,
-                                        job.error))
+                done, total = job.done, job.total
+                if not total:  # a job adopted after a restart: the cut said how much
+                    total = st.bytes_total.get(m.key, 0)
+                    done = total if job.status == "pending" else 0
+                disks.append(DiskStatus(m.vm, m.disk, job.status, done, total, job.error))
                 continue
             image = next((i for i in st.images if (i.vm, i.disk) == m.key), None)
             if image is not None:
