@@ -18,6 +18,7 @@ from .participant_messages import (
     CutFailed,
     CutPlanned,
     Event,
+    Freezing,
     ImageRecord,
     MemberFailed,
     MemberPlan,
@@ -34,8 +35,8 @@ KEEP_FINISHED = 200  # finished transactions remembered across compaction
 
 _EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
-    for cls in (CutPlanned, CutDone, CutFailed, Thawed, MemberFailed, Prepared, VotedNo,
-                Committed, Aborted)
+    for cls in (CutPlanned, Freezing, CutDone, CutFailed, Thawed, MemberFailed, Prepared,
+                VotedNo, Committed, Aborted)
 }
 
 
@@ -77,8 +78,9 @@ class Journal:
         self.file = JsonLines(path)
 
     def append(self, txn_id: str, event: Event) -> None:
-        """Write one event and fsync it before returning."""
-        self.file.append([event_to_record(txn_id, event)])
+        """Write one event and (unless its class says ``fsync = False``) fsync it before
+        returning."""
+        self.file.append([event_to_record(txn_id, event)], sync=event.fsync)
 
     def replay(self, machine: ParticipantMachine) -> None:
         """Feed every journaled event to *machine* (commands are not run: recovery

@@ -103,8 +103,10 @@ class JsonLines:
         self._durable = end
         return records
 
-    def append(self, records: Iterable[dict[str, Any]]) -> None:
+    def append(self, records: Iterable[dict[str, Any]], sync: bool = True) -> None:
         """Write *records* and fsync them before returning (a torn tail is cut first).
+        With *sync* False they are only written (they outlive this process, not a
+        crash of the host, until the next fsync of the file).
 
         Raises:
             JournalError: the file holds a corrupt record, or cannot be written.
@@ -127,7 +129,8 @@ class JsonLines:
             left = memoryview(data)
             while left:  # a full disk may take part of it and say so only by the count
                 left = left[os.write(self._fd, left):]
-            os.fsync(self._fd)
+            if sync:
+                os.fsync(self._fd)
         except OSError as err:  # e.g. the disk is full: nothing was promised
             self.close()
             self._durable = None  # a partial write is a torn tail: cut at the next append

@@ -28,6 +28,7 @@ from .participant_messages import (
     DeclineVote,
     Event,
     FinalizeJobs,
+    Freezing,
     ImageRecord,
     MemberFailed,
     MemberPlan,
@@ -70,6 +71,7 @@ class TxnState:
     preparing: bool = False  # a barrier is running (not journaled: it dies with the process)
     staged: bool = False     # the cut's targets are ready (not journaled either)
     cut_wanted: bool = False  # the freeze and start were asked for
+    freezing: bool = False  # the cut began to quiesce (journaled: Freezing)
 
     @property
     def members(self) -> tuple[MemberPlan, ...]:
@@ -206,6 +208,9 @@ class ParticipantMachine:
                 return [Rollback(st.txn_id, st.members, st.plan.vms, st.plan.quiesce,
                                  st.failure)]
             return [StartCut(st.txn_id, st.plan)] if st.staged else []
+        if isinstance(event, Freezing):
+            st.freezing = True
+            return []
         if isinstance(event, CutDone):
             st.frozen_at, st.cut_at = event.frozen_at, event.cut_at
             st.freeze_deadline = event.freeze_deadline
@@ -220,12 +225,16 @@ class ParticipantMachine:
             assert st.plan is not None
             return [Rollback(st.txn_id, st.members, st.plan.vms, st.plan.quiesce, event.reason)]
         if isinstance(event, Recovered):
-            # Died in the middle of the cut: the outcome is unknown, so undo it.
+            # Died in the middle of the cut: the outcome is unknown, so undo it. Only a
+            # cut that began to freeze (Freezing journaled) may have left guests frozen:
+            # those are thawed whoever holds them; otherwise the freeze state of the
+            # guests is not ours and stays as it is.
             assert st.plan is not None
-            reason = "agent restarted during the cut"
+            reason = ("agent restarted during the cut" if st.freezing or st.cut_wanted
+                      else "agent restarted with the cut staged")
             st.fail(reason)
             return [Rollback(st.txn_id, st.members, st.plan.vms, st.plan.quiesce, reason,
-                             after_restart=True)]
+                             after_restart=st.freezing)]
         return self._or_raise(st, event)
 
     def _on_frozen(self, st: TxnState, event: Event) -> list[Command]:

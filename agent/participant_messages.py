@@ -106,12 +106,31 @@ class ImageRecord:
 @dataclass(frozen=True)
 class Event:
     journaled: ClassVar[bool] = False
+    # A journaled event is fsynced before the machine sees it, unless it only has to
+    # outlive the agent's process, not the host (see Freezing).
+    fsync: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
 class CutPlanned(Event):
     journaled: ClassVar[bool] = True
     plan: TxnPlan
+
+
+@dataclass(frozen=True)
+class Freezing(Event):
+    """The cut is about to quiesce its first guest: from here on this agent may have
+    frozen them. Without it in the journal, a restarted agent knows it froze nothing
+    and leaves the guests' freeze state alone (a freeze held by someone else, e.g. an
+    operator's fsfreeze, is not ours to end).
+
+    Written just before the freeze, with no fsync: it only has to survive the agent's
+    process (a write in the page cache does), not the host: a host crash takes its
+    guests down with it, so nothing stays frozen to be thawed. A later fsynced record
+    (CutDone, Aborted) makes it durable as well."""
+
+    journaled: ClassVar[bool] = True
+    fsync: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
@@ -293,3 +312,4 @@ class Rollback(Command):
     quiesce: str
     reason: str
     after_restart: bool = False  # thaw thaw_vms even if this process did not freeze them
+    #                              (only when the journal says a freeze began: Freezing)

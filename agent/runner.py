@@ -40,6 +40,7 @@ from .participant_messages import (
     DeclineVote,
     Event,
     FinalizeJobs,
+    Freezing,
     Phase,
     PrepareRequested,
     Publish,
@@ -200,6 +201,8 @@ class AgentRunner:
         if isinstance(cmd, StageCut):
             return await self.steps.stage(cmd.plan)
         if isinstance(cmd, StartCut):
+            if cmd.plan.quiesce != "none":  # journaled before the first freeze (no fsync)
+                self._record(cmd.txn_id, Freezing())
             return await self.steps.cut(cmd.plan)
         if isinstance(cmd, ArmAutoThaw):
             self.freeze.arm(cmd.txn_id, cmd.deadline)

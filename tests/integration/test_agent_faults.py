@@ -378,6 +378,29 @@ def test_a_restarted_agent_thaws_what_it_froze_before_it_died(
     assert_nothing_left(host, "t1")
 
 
+def test_a_restart_after_the_stage_leaves_a_freeze_held_by_someone_else(
+    make_host: Callable[..., Host],
+) -> None:
+    """The agent dies after the Stage of a freeze cut, before the Cut froze anything,
+    while the guest is frozen by someone else (an operator's own fsfreeze): the
+    restarted agent rolls its staged cut back and does NOT thaw that guest."""
+    host = make_host()
+    ga = host.gas["vm1"]
+    host.stub.Cut(pb.CutRequest(
+        txn_id="t1", quiesce=pb.QUIESCE_FREEZE, freeze_timeout_s=10, stage_only=True,
+        members=[pb.CutMember(vm=v, disk=d) for v, d in DISKS]), timeout=60)
+    assert not ga.is_frozen and list((host.agent.repo / "images").glob("*/*/t1.qcow2"))
+    ga._dispatch({"execute": "guest-fsfreeze-freeze"})      # the operator's freeze
+    assert ga.is_frozen
+    host.restart_agent()                    # SIGKILL, then start again (recovery done)
+    assert ga.is_frozen and ga.frozen_intervals == [], "a freeze it never made was thawed"
+    vote = host.prepare("t1")
+    assert not vote.yes
+    assert_nothing_left(host, "t1")         # the staged targets were rolled back
+    ga._dispatch({"execute": "guest-fsfreeze-thaw"})        # the operator's thaw
+    assert host.backup("t2", DISKS).yes     # the disks are free again
+
+
 def test_an_abort_does_not_wait_behind_a_prepare_still_copying(
     make_host: Callable[..., Host],
 ) -> None:

@@ -68,3 +68,23 @@ def test_a_write_cut_short_by_a_full_disk_is_a_torn_tail_not_a_corrupt_middle(
     monkeypatch.setattr(os, "write", real_write)
     f.append([{"n": 4}])
     assert JsonLines(tmp_path / "c.jsonl").read() == [{"n": 1}, {"n": 4}]
+
+
+def test_an_unsynced_append_is_written_at_once_and_synced_by_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sync=False (the journal's Freezing marker): in the file for any reader (it outlives
+    the process) with no fsync; the next synced append fsyncs the file, both records."""
+    f = JsonLines(tmp_path / "j.jsonl")
+    f.append([{"n": 1}])
+    syncs: list[int] = []
+    real = os.fsync
+
+    def counted(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    f.append([{"n": 2}], sync=False)
+    assert syncs == [] and JsonLines(f.path).read() == [{"n": 1}, {"n": 2}]
+    f.append([{"n": 3}])
+    assert len(syncs) == 1 and JsonLines(f.path).read() == [{"n": 1}, {"n": 2}, {"n": 3}]

@@ -24,6 +24,7 @@ from blocktxn.agent.participant_messages import (
     DeclineVote,
     Event,
     FinalizeJobs,
+    Freezing,
     ImageRecord,
     MemberFailed,
     MemberPlan,
@@ -117,6 +118,45 @@ def test_a_staged_cut_is_rolled_back_on_abort_and_after_a_restart() -> None:
         assert cmd.thaw_vms == ("vm1",)  # releases what the stage prepared for the freeze
 
 
+def test_a_restart_before_any_freeze_thaws_nothing_it_did_not_freeze() -> None:
+    """Staged (or even asked to cut) but no freeze begun: the restarted agent rolls the
+    cut back without taking over the guests' freeze state (a freeze held by someone
+    else, e.g. an operator's fsfreeze, must stay)."""
+    for events in ((CutPlanned(plan()),), (CutPlanned(plan()), Staged()),
+                   (CutPlanned(plan()), CutRequested())):
+        m = ParticipantMachine()
+        run(m, "t", *events)
+        (cmd,) = m.handle("t", Recovered())
+        assert isinstance(cmd, Rollback) and cmd.members == plan().members
+        assert not cmd.after_restart, events
+
+
+def test_a_restart_once_the_freeze_began_thaws_after_restart() -> None:
+    """Freezing journaled (just before the first freeze): the guests may be frozen by
+    this cut, so recovery thaws them whoever holds them; replayed from the journal."""
+    p = plan()
+    live = ParticipantMachine()
+    history: list[Event] = [CutPlanned(p), Staged(), CutRequested(), Freezing()]
+    journal = [event_to_record("t", e) for e in history if e.journaled]
+    run(live, "t", *history)
+    replayed = ParticipantMachine()
+    for record in json.loads(json.dumps(journal)):
+        replayed.handle(*event_from_record(record))
+    for m in (live, replayed):
+        (cmd,) = m.handle("t", Recovered())
+        assert cmd == Rollback("t", p.members, ("vm1",), "freeze",
+                               "agent restarted during the cut", after_restart=True)
+
+
+def test_freezing_is_journaled_without_fsync_and_only_while_cutting() -> None:
+    assert Freezing.journaled and not Freezing.fsync
+    assert all(type(e).fsync for e in JOURNALED if not isinstance(e, Freezing))
+    m, p = ParticipantMachine(), plan()
+    run(m, "t", CutPlanned(p), Staged(), CutRequested(), Freezing(), CutDone(1.0, 2.0, 6.0))
+    with pytest.raises(StateError):
+        m.handle("t", Freezing())
+
+
 def test_no_quiesce_goes_straight_to_running() -> None:
     m, p = ParticipantMachine(), plan(quiesce="none")
     run(m, "t", CutPlanned(p), CutDone(0.0, 2.0, 7.0))
@@ -200,7 +240,7 @@ def test_unknown_abort_is_remembered() -> None:
 
 JOURNALED = [CutPlanned(plan()), CutDone(1.0, 2.0, 6.0, (("vm1", "d0", 5),)), Thawed(False, 3.0),
              MemberFailed("vm1", "", "gone"), Prepared(images(plan())), VotedNo("r"),
-             Committed(images(plan())), Aborted("r"), CutFailed("x")]
+             Committed(images(plan())), Aborted("r"), CutFailed("x"), Freezing()]
 
 
 @pytest.mark.parametrize("event", JOURNALED, ids=lambda e: type(e).__name__)
