@@ -112,6 +112,15 @@ class ParticipantMachine:
             for vm in st.plan.vms
         }
 
+    def may_abort_alone(self, txn_id: str) -> bool:
+        """True while *txn_id* is planned or staged and no Cut has asked it to freeze
+        and start. It never voted and cannot vote YES without that Cut first, so no
+        coordinator can commit it: this agent may roll it back on its own (a later Cut
+        is then refused and a Prepare answered NO). Never once the Cut runs: from then
+        on only the coordinator's abort (or a NO vote) ends it."""
+        st = self.txns.get(txn_id)
+        return st is not None and st.phase == Phase.CUTTING and not st.cut_wanted
+
     def open_txns(self) -> list[str]:
         return sorted(t for t, st in self.txns.items() if st.phase in OPEN_PHASES)
 

@@ -381,6 +381,20 @@ class AgentRunner:
         return await self._to_the_end(
             self._locked_decide(txn_id, AbortRequested(reason or "aborted")))
 
+    async def abandon(self, txn_id: str, reason: str) -> bool:
+        """Roll back *txn_id* on this agent's own account, if it may still be (planned or
+        staged, no Cut asked: ParticipantMachine.may_abort_alone, checked under the
+        transaction's lock); return whether it was."""
+        async def work() -> bool:
+            async with self.lock(txn_id):
+                if not self.machine.may_abort_alone(txn_id):
+                    return False
+                await self._decide(txn_id, AbortRequested(reason))
+                return True
+
+        check_id(txn_id, "transaction id")
+        return await self._to_the_end(work())
+
     async def _locked_decide(self, txn_id: str, event: Event) -> TxnState:
         async with self.lock(txn_id):
             return await self._decide(txn_id, event)

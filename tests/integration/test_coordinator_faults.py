@@ -409,6 +409,32 @@ def test_an_agent_in_doubt_asks_for_the_decision_itself(
     assert "in doubt: the durable decision is COMMIT" in log
 
 
+def test_a_staged_transaction_no_replica_knows_is_rolled_back_by_the_agent(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """A Stage reached h1 for a transaction no replica knows (its coordinator's state is
+    gone), and no Abort will ever come: h1 asks a replica about the transaction stuck
+    staged, hears that it is unknown, and rolls it back; its disks are free again."""
+    cluster = two_hosts(make_cluster)
+    h1 = cluster.hosts["h1"]
+    h1.kill_agent()
+    h1.agent.extra = [*h1.agent.extra, "--in-doubt-after", "1"]
+    h1.start_agent()
+    h1.stub.Cut(apb.CutRequest(
+        txn_id="forgotten", quiesce=apb.QUIESCE_FREEZE, freeze_timeout_s=10,
+        stage_only=True, members=[apb.CutMember(vm="vm1", disk=d) for d in VMS["vm1"]]),
+        timeout=60)
+    staged = h1.agent.repo / "images"
+    assert list(staged.glob("*/*/forgotten.qcow2"))
+    wait_until(lambda: not list(staged.glob("*/*/forgotten.qcow2")), timeout=30,
+               what="h1 rolls back the staged transaction no replica knows")
+    vote = h1.stub.Prepare(apb.PrepareRequest(txn_id="forgotten", timeout_s=5), timeout=30)
+    assert not vote.yes and "does not know" in vote.reason
+    assert not h1.gas["vm1"].frozen_intervals          # it never froze anything
+    done = cluster.wait_done(cluster.start(TARGETS).txn_id)
+    assert done.decision == cpb.DECISION_COMMIT, done.reason
+
+
 def test_a_start_whose_etcd_reply_was_lost_is_driven_to_an_end(
         make_cluster: Callable[..., Cluster], tmp_path: Path) -> None:
     """The create of the record committed in etcd, but its reply was lost: the leader

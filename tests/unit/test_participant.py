@@ -157,6 +157,33 @@ def test_freezing_is_journaled_without_fsync_and_only_while_cutting() -> None:
         m.handle("t", Freezing())
 
 
+def test_only_a_cut_never_asked_to_freeze_may_be_rolled_back_alone() -> None:
+    """Planned or staged, with no Cut asked yet: this agent never voted and cannot vote
+    YES without a Cut first, so no coordinator can commit it: it may roll it back on
+    its own (indoubt.py). Not once the Cut runs, nor after it."""
+    m, p = ParticipantMachine(), plan()
+    assert not m.may_abort_alone("t")                       # unknown
+    m.handle("t", CutPlanned(p))
+    assert m.may_abort_alone("t")
+    m.handle("t", Staged())
+    assert m.may_abort_alone("t")
+    m.handle("t", CutRequested())                           # the freeze and start run
+    assert not m.may_abort_alone("t")
+    for events in ((CutDone(1.0, 2.0, 6.0),), (Thawed(False, 3.0),),
+                   (PrepareRequested(), Prepared(images(p)))):
+        run(m, "t", *events)
+        assert not m.may_abort_alone("t")
+    # rolled back alone: a late Cut is answered from the state (refused), no YES vote
+    m2 = ParticipantMachine()
+    run(m2, "t", CutPlanned(p), Staged())
+    (cmd,) = m2.handle("t", AbortRequested("no coordinator answered"))
+    assert cmd == Rollback("t", p.members, ("vm1",), "freeze", "no coordinator answered")
+    m2.handle("t", Aborted(cmd.reason))
+    assert m2.handle("t", CutRequested()) == []             # the runner then refuses the Cut
+    assert m2.handle("t", PrepareRequested()) == [] and m2.phase("t") == Phase.ABORTED
+    assert not m2.may_abort_alone("t")
+
+
 def test_no_quiesce_goes_straight_to_running() -> None:
     m, p = ParticipantMachine(), plan(quiesce="none")
     run(m, "t", CutPlanned(p), CutDone(0.0, 2.0, 7.0))
