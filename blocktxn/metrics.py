@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.process_collector import ProcessCollector
 
 from blocktxn import __version__
@@ -33,6 +36,9 @@ log = logging.getLogger(__name__)
 
 #: Buckets (seconds) of the duration histograms: a freeze of a few milliseconds up to a
 #: transaction of an hour.
+#: seconds a scrape's connection may stay silent (the TLS handshake included)
+CONNECTION_TIMEOUT = 10.0
+
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 300.0, 900.0, 3600.0)
 
@@ -88,22 +94,18 @@ def serve(listen: str | None, registry: CollectorRegistry,
         MetricsError: the address cannot be bound (in use, not local, bad name) or the
             certificate files cannot be loaded.
     """
-    server: WSGIServer | None = None
+    server: _Server | None = None
     thread: threading.Thread | None = None
     if listen is not None:
         host, port = parse_listen(listen)
-        options: dict[str, Any] = {}
-        if tls is not None and tls.cert is not None:  # HTTPS
-            options = {"certfile": str(tls.cert), "keyfile": str(tls.key),
-                       "client_cafile": str(tls.ca) if tls.ca else None,
-                       "client_auth_required": tls.ca is not None}
         try:
-            server, thread = start_http_server(port, host, registry, **options)
+            server = _Server.bind(host, port, registry, tls)
         except OSError as err:  # ssl.SSLError is one too
             raise MetricsError(f"--metrics-listen {listen}: {err.strerror or err}") from err
-        log.info("metrics on %s://%s/metrics%s", "https" if options else "http", listen,
-                 " (client certificates required)" if options.get("client_auth_required")
-                 else "")
+        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+        thread.start()
+        log.info("metrics on %s://%s/metrics%s", "https" if server.tls else "http", listen,
+                 " (client certificates required)" if tls and tls.ca and server.tls else "")
 
     async def stop() -> None:
         if server is not None:
@@ -113,3 +115,48 @@ def serve(listen: str | None, registry: CollectorRegistry,
             thread.join(timeout=2)
 
     return stop
+
+
+class _Server(ThreadingWSGIServer):
+    """The metrics HTTP(S) server: each connection is served on a thread of its own with
+    a deadline, the TLS handshake included (prometheus_client's own server shakes hands
+    inside ``accept``, on its one serving thread, without a timeout: one idle connection
+    held every scrape up)."""
+
+    tls: ssl.SSLContext | None = None
+
+    @classmethod
+    def bind(cls, host: str, port: int, registry: CollectorRegistry,
+             tls: TlsFiles | None) -> _Server:
+        """Raises: OSError (the address; ssl.SSLError: the certificate files)."""
+        context = None
+        if tls is not None and tls.cert is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH,
+                                                 cafile=str(tls.ca) if tls.ca else None)
+            context.load_cert_chain(str(tls.cert), str(tls.key))
+            context.verify_mode = ssl.CERT_REQUIRED if tls.ca else ssl.CERT_NONE
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        # the socket is made in __init__ from the class' address family (IPv4 or IPv6)
+        bound: type[_Server] = type("_Bound", (cls,), {"address_family": family,
+                                                        "tls": context})
+        server = bound((host, port), _QuietHandler)
+        server.set_app(make_wsgi_app(registry))
+        return server
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = self.socket.accept()
+        sock.settimeout(CONNECTION_TIMEOUT)
+        if self.tls is not None:  # the handshake happens at the first read, on its thread
+            sock = self.tls.wrap_socket(sock, server_side=True,
+                                        do_handshake_on_connect=False)
+        return sock, address
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scraper that fails the handshake or goes silent: one debug line, no
+        traceback on stderr."""
+        log.debug("metrics: a request from %s failed", client_address, exc_info=True)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

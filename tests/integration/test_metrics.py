@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -209,7 +210,19 @@ def test_with_tls_the_endpoint_is_https_and_asks_for_a_client_certificate(
          "--tls-cert", str(pki / "h9.crt"), "--tls-key", str(pki / "h9.key"),
          "--tls-ca", str(pki / "ca.crt"), "--metrics-listen", address],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    idle = socket.socket()
     try:
+        # a client that connects and never shakes hands (a port scan, a TCP health
+        # check) must not hold up the scrapes
+        host, port = address.rsplit(":", 1)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                idle.connect((host, int(port)))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the agent's metrics did not start"
+                time.sleep(0.2)
         prom = make_prometheus({"blocktxn-agent": [address]}, tls={"blocktxn-agent": {
             "ca_file": str(pki / "ca.crt"), "cert_file": str(pki / "prometheus.crt"),
             "key_file": str(pki / "prometheus.key")}})
@@ -229,5 +242,6 @@ def test_with_tls_the_endpoint_is_https_and_asks_for_a_client_certificate(
                                     context=known) as reply:
             assert b"blocktxn_build_info" in reply.read()
     finally:
+        idle.close()
         agent.terminate()
         agent.wait(30)
