@@ -8,6 +8,7 @@ AgentError
  |    +-- StateError        an event the participant machine does not allow now
  +-- QemuError              the hypervisor refused or failed  (Conflict)     -> FAILED_PRECONDITION
  |    +-- VmLostError       the VM's control socket is gone   (Unavailable)  -> UNAVAILABLE
+ |    +-- FreezeRefusedError  no quiesce was attempted (no working watchdog)
  +-- AgentTimeoutError      QEMU or a guest did not answer    (DeadlineExceeded)
  +-- JournalError           a corrupt journal or catalog record: the agent stops
 
@@ -49,6 +50,11 @@ class QemuError(AgentError, Conflict):
 
 class VmLostError(QemuError, Unavailable):
     """The VM's control connection is gone."""
+
+
+class FreezeRefusedError(QemuError):
+    """The guest was NOT quiesced: refused before anything reached it (its freeze
+    watchdog is missing, wedged or busy). Its freeze state is not this agent's."""
 
 
 class AgentTimeoutError(AgentError, DeadlineExceeded):

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from .aio import gather_all
 from .backend import VmBackend
-from .errors import AgentError
+from .errors import AgentError, FreezeRefusedError
 from .watchdog import ENDING_WINDOW
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,12 @@ class FreezeControl:
         self.deadline[vm] = deadline
         self.quiesce[vm] = quiesce
         self.since[vm] = time.monotonic()
-        await self.backends[vm].freeze(quiesce, deadline)
+        try:
+            await self.backends[vm].freeze(quiesce, deadline)
+        except FreezeRefusedError:  # nothing reached the guest: not ours to thaw
+            for held in (self.owner, self.deadline, self.quiesce, self.since):
+                held.pop(vm, None)
+            raise
         log.info("txn %s: vm %s quiesced (%s) until at most %.1fs from now", txn_id, vm,
                  quiesce, deadline - time.time())
 

@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import watchdog
-from .errors import QemuError
+from .errors import FreezeRefusedError, QemuError
 
 WATCHDOG_START = 10.0  # seconds a watchdog may take to say it is ready
 #: Seconds a watchdog may take to acknowledge ``arm``: inside the cut, before the
 #: freeze (a healthy one answers in well under a millisecond; see test_watchdog_ack).
-ARM_ACK_TIMEOUT = 1.0
+ARM_ACK_TIMEOUT = 2.0
 
 
 def alive(proc: asyncio.subprocess.Process) -> bool:
@@ -91,18 +91,20 @@ class WatchdogHandle:
         will thaw by itself.
 
         Raises:
-            QemuError: no watchdog is running or it did not acknowledge the deadline
-                (it is then killed: the next freeze gets a new one), so the guest must
-                not be frozen.
+            FreezeRefusedError: no watchdog is running, it is busy with an earlier
+                quiesce, or it did not acknowledge the deadline (it is then killed: the
+                next freeze gets a new one), so the guest must not be frozen.
         """
         proc = self.proc
         if proc is None or proc.stdin is None or proc.stdout is None or not alive(proc):
-            raise QemuError(f"VM {self.vm}: freeze watchdog is not running; not freezing")
+            raise FreezeRefusedError(f"VM {self.vm}: freeze watchdog is not running; "
+                                     "not freezing")
         await self.ready()
         answered = False  # the watchdog works (armed, or refused with a reason)
         try:
             if not await self._tell(watchdog.arm_line(deadline)):
-                raise QemuError(f"VM {self.vm}: freeze watchdog is gone; not freezing")
+                raise FreezeRefusedError(f"VM {self.vm}: freeze watchdog is gone; "
+                                         "not freezing")
             try:
                 line = await asyncio.wait_for(proc.stdout.readline(), ARM_ACK_TIMEOUT)
             except TimeoutError:
@@ -111,16 +113,16 @@ class WatchdogHandle:
             word, _, why = answer.partition(" ")
             if word == watchdog.BUSY:  # it works, and it stays (it may owe a thaw)
                 answered = True
-                raise QemuError(f"VM {self.vm}: not freezing: {why}")
+                raise FreezeRefusedError(f"VM {self.vm}: not freezing: {why}")
             if answer != watchdog.armed_line(deadline):
-                raise QemuError(
+                raise FreezeRefusedError(
                     f"VM {self.vm}: freeze watchdog did not acknowledge its deadline "
                     f"within {ARM_ACK_TIMEOUT:g}s ({answer or 'no answer'}); it is "
                     f"replaced; not freezing")
             answered = True
         finally:
             if not answered:  # in any state, cancelled included: never freeze under it
-                self.kill()
+                self.kill(proc)
         self.armed = True
 
     async def disarm(self) -> None:
@@ -150,11 +152,13 @@ class WatchdogHandle:
             return False
         return True
 
-    def kill(self) -> None:
-        """Kill the watchdog (our child, not yet reaped: its pid is still its own) and
-        forget it; the next ``prepare`` starts a new one."""
-        proc, self.proc = self.proc, None
-        self.armed = self._stale = False
+    def kill(self, proc: asyncio.subprocess.Process) -> None:
+        """Kill *proc*, a watchdog that failed us (our child, not yet reaped: its pid is
+        still its own), and forget it if it is the current one; the next ``prepare``
+        starts a new one."""
+        if proc is self.proc:
+            self.proc = None
+            self.armed = self._stale = False
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

@@ -582,29 +582,29 @@ def test_the_watchdog_of_a_killed_agent_cannot_end_a_later_freeze(
     """The agent is SIGKILLed while the guest is frozen; its restarted self thaws at
     once, but the old watchdog (it outlives the agent on purpose) is still armed. A
     later transaction's freeze of the same VM must not be ended by that old watchdog:
-    it is refused while the old one is armed, or it is still frozen once the old one
-    is gone (on the old code the old watchdog thawed it at the first deadline)."""
+    it is refused while the old one is armed, and once the old one is gone a freeze
+    holds (on the old code the later freeze was made, and the old watchdog thawed it at
+    the first deadline). The first deadline is far enough for the restart to come well
+    before it, however loaded the machine."""
     host = make_host()
     ga = host.gas["vm1"]
-    host.cut("t1", DISKS, freeze_timeout=3)
+    host.cut("t1", DISKS, freeze_timeout=20)
     assert ga.is_frozen
     old = watchdog_pids(host)
     assert len(old) == 1
     host.restart_agent()
     wait_until(lambda: not ga.is_frozen, timeout=10, what="thaw after restart")
     host.abort("t1")
-    later, refused = "t2", ""
-    try:
-        host.cut(later, DISKS, freeze_timeout=60)
-    except grpc.RpcError as err:
-        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-        refused = err.details() or ""
-        assert "vm1" in refused and "watchdog" in refused, refused
-        assert not ga.is_frozen
-    wait_until(lambda: not alive(old[0]), timeout=30, what="the old watchdog's exit")
-    if refused:                                   # the old one is gone: freezes work again
-        later = "t3"
-        host.cut(later, DISKS, freeze_timeout=60)
+    assert alive(old[0])                        # armed until t1's deadline
+    with pytest.raises(grpc.RpcError) as err:
+        host.cut("t2", DISKS, freeze_timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    refused = err.value.details() or ""
+    assert "vm1" in refused and "watchdog" in refused, refused
+    assert not ga.is_frozen
+    wait_until(lambda: not alive(old[0]), timeout=60, what="the old watchdog's exit")
+    later = "t3"                                # the old one is gone: freezes work again
+    host.cut(later, DISKS, freeze_timeout=60)
     assert ga.is_frozen, "the later freeze was ended by the killed agent's watchdog"
     assert not host.thaw(later).thawed_on_own
     assert host.prepare(later).yes
@@ -665,23 +665,28 @@ def test_a_watchdog_that_does_not_acknowledge_its_deadline_is_replaced_unfrozen(
     """A wedged watchdog (SIGSTOPped: its pipe is still open) does not acknowledge
     its arm: the agent does not freeze, the cut fails naming the VM, and the next cut
     gets a new watchdog (on the old code the arm line went into the pipe unread and
-    the guest froze with no working watchdog)."""
+    the guest froze with no working watchdog). The refused cut's rollback leaves the
+    guest's freeze state alone: here an operator's own freeze holds it, and stays."""
     host = make_host()
     ga = host.gas["vm1"]
     assert host.backup("t1", DISKS).yes
     [wedged] = watchdog_pids(host)
     os.kill(wedged, signal.SIGSTOP)
     try:
+        ga._dispatch({"execute": "guest-fsfreeze-freeze"})      # the operator's freeze
+        cuts, intervals = len(ga.cuts), list(ga.frozen_intervals)
         with pytest.raises(grpc.RpcError) as err:
             host.cut("t2", DISKS, freeze_timeout=5)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         details = err.value.details() or ""
         assert "vm1" in details and "watchdog" in details, details
-        assert len(ga.cuts) == 1 and not ga.is_frozen   # never frozen without a watchdog
+        assert len(ga.cuts) == cuts                     # never frozen without a watchdog
+        assert ga.is_frozen and ga.frozen_intervals == intervals, "the operator's freeze ended"
+        ga._dispatch({"execute": "guest-fsfreeze-thaw"})        # the operator's thaw
         assert_nothing_left(host, "t2")
         wait_until(lambda: not alive(wedged), timeout=10, what="the wedged watchdog's end")
         assert host.backup("t3", DISKS).yes
-        assert len(ga.cuts) == 2 and not ga.is_frozen
+        assert len(ga.cuts) == cuts + 1 and not ga.is_frozen
         new = watchdog_pids(host)
         assert len(new) == 1 and new != [wedged]
     finally:
