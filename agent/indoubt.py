@@ -72,7 +72,9 @@ class InDoubt:
         self.staged_alone_after = staged_alone_after
         self.clock = clock
         self.voted_at: dict[str, float] = {}
-        self.staged_at: dict[str, float] = {}  # a restart rolls staged ones back: in memory
+        # since when each staged one waits, or since a replica last said it is undecided
+        # (a restart rolls staged ones back: in memory)
+        self.staged_at: dict[str, float] = {}
 
     async def tick(self) -> None:
         now = self.clock()
@@ -135,7 +137,9 @@ class InDoubt:
             elif decision == cpb.DECISION_COMMIT:  # cannot be: this agent never voted
                 log.error("txn %s: staged, never cut, yet a replica says COMMIT; kept",
                           txn_id)
-            elif decision is None and waited >= self.staged_alone_after:
+            elif decision is not None:  # undecided: the coordinator holds it open
+                self.staged_at[txn_id] = self.clock()  # the bound counts from here
+            elif waited >= self.staged_alone_after:
                 log.warning("txn %s: staged, never cut, and no coordinator replica answered "
                             "for %.0f s: rolled back on our own", txn_id, waited)
                 await self.runner.abandon(

@@ -239,8 +239,7 @@ class ParticipantMachine:
             # those are thawed whoever holds them; otherwise the freeze state of the
             # guests is not ours and stays as it is.
             assert st.plan is not None
-            reason = ("agent restarted during the cut" if st.freezing or st.cut_wanted
-                      else "agent restarted with the cut staged")
+            reason = "agent restarted during the cut"
             st.fail(reason)
             return [Rollback(st.txn_id, st.members, st.plan.vms, st.plan.quiesce, reason,
                              after_restart=st.freezing)]

@@ -174,3 +174,22 @@ def test_a_cut_in_progress_is_not_a_stuck_stage() -> None:
     clock.now += STAGED_ALONE_AFTER + 1
     asyncio.run(resolver.tick())
     assert replicas.asked == [] and runner.calls == []
+
+
+def test_the_bound_counts_from_the_last_answer() -> None:
+    """A replica said "undecided" a moment ago: one failed query later must not roll
+    the transaction back (the bound is silence for that long, not age)."""
+    runner, replicas, clock, resolver = setup()
+    stage(runner, "s", "d0")
+    replicas.answers["s"] = cpb.DECISION_NONE
+    asyncio.run(resolver.tick())            # first seen staged
+    clock.now += STAGED_ALONE_AFTER
+    asyncio.run(resolver.tick())            # answered: undecided
+    assert replicas.asked == ["s"]
+    del replicas.answers["s"]               # then no replica answers
+    clock.now += IN_DOUBT_AFTER
+    asyncio.run(resolver.tick())
+    assert runner.calls == []
+    clock.now += STAGED_ALONE_AFTER
+    asyncio.run(resolver.tick())
+    assert runner.calls == [("abandon", "s")]

@@ -32,7 +32,8 @@ def _pids_naming(marker: str) -> list[int]:
 
 def test_a_tool_dies_with_the_killed_agent(tmp_path: Path) -> None:
     marker = f"blocktxn-test-{os.getpid()}-{time.monotonic_ns()}"
-    argv = ["sh", "-c", f"sleep 300; : {marker}"]  # the marker names this test's tool
+    # one process (a shell would leave its sleep behind), named by the marker
+    argv = [sys.executable, "-c", "import time; time.sleep(300)", marker]
     code = f"ARGV = {argv!r}" + CHILD
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
