@@ -274,14 +274,24 @@ class Bench:
                 await asyncio.sleep(0.2)
 
     async def watch(self, txn_id: str) -> cpb.Transaction:
-        """Follow the transaction until DONE (as ``blocktxn backup --wait`` does)."""
+        """Follow the transaction until DONE (as ``blocktxn backup --wait`` does: a
+        stream that ends before DONE, e.g. cut by a leader change, is watched again, and
+        the notes say so)."""
         last: cpb.Transaction | None = None
-        async for t in self.stub.WatchTransaction(cpb.GetTransactionRequest(txn_id=txn_id),
-                                                  timeout=WATCH_TIMEOUT):
-            last = t
-        if last is None or last.phase != cpb.TXN_PHASE_DONE:
-            raise FleetError(f"{txn_id}: the watch ended before DONE")
-        return last
+        deadline = time.monotonic() + WATCH_TIMEOUT
+        while True:
+            async for t in self.stub.WatchTransaction(
+                    cpb.GetTransactionRequest(txn_id=txn_id),
+                    timeout=max(1.0, deadline - time.monotonic())):
+                last = t
+            if last is not None and last.phase == cpb.TXN_PHASE_DONE:
+                return last
+            phase = cpb.TxnPhase.Name(last.phase) if last is not None else "none"
+            if time.monotonic() > deadline:
+                raise FleetError(f"{txn_id}: not DONE after {WATCH_TIMEOUT:.0f}s ({phase})")
+            self.notes.append(f"{txn_id}: the watch ended at {phase}, before DONE; "
+                              "watched again")
+            await asyncio.sleep(0.2)
 
     async def start_all(self, agents: Sequence[Member], kind: str,
                         mode: apb.BackupMode.ValueType) -> tuple[list[cpb.Transaction], int]:

@@ -27,6 +27,11 @@ def test_quick_scale_run_of_real_processes_commits_every_disk_with_clean_logs() 
 
     rows = run.result.rows
     got = {(r.case, r.metric): r for r in rows}
+    notes = "\n".join(run.result.notes)  # what the run saw: failures end a case early
+    missing = [(case, f"{kind}: {m}") for case in (f"1x{DISKS}", f"{HOSTS}x{DISKS}")
+               for kind in ("full", "incr1") for m in ("transactions", "committed disks")
+               if (case, f"{kind}: {m}") not in got]
+    assert missing == [], notes
     assert {r.section for r in rows} == {SECTION}
     for case, disks in ((f"1x{DISKS}", DISKS), (f"{HOSTS}x{DISKS}", HOSTS * DISKS)):
         assert got[(case, "agents not live (most)")].value == 0
