@@ -162,9 +162,7 @@ class WatchdogHandle:
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-            task = asyncio.ensure_future(proc.wait())
-            self._reaping.add(task)
-            task.add_done_callback(self._reaping.discard)
+            self._reap(proc)
 
     def stop(self) -> None:
         """Retire the watchdog: the end of its input makes an unarmed one exit, and an
@@ -174,6 +172,10 @@ class WatchdogHandle:
         if proc is not None and proc.returncode is None:
             if proc.stdin is not None and not proc.stdin.is_closing():
                 proc.stdin.close()
-            task = asyncio.ensure_future(proc.wait())
-            self._reaping.add(task)
-            task.add_done_callback(self._reaping.discard)
+            self._reap(proc)
+
+    def _reap(self, proc: asyncio.subprocess.Process) -> None:
+        """Wait for *proc*'s exit in the background (no zombie left)."""
+        task = asyncio.ensure_future(proc.wait())
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from blocktxn.agent.watchdog import ENDING_WINDOW
 from blocktxn.demo.lab import CLUSTER, images_equal, top_layer_clusters
 from blocktxn.v1 import agent_pb2 as pb
 from tests.integration.harness import Host, iter_files, restore, wait_until
@@ -571,9 +572,13 @@ def test_pause_is_refused_without_a_watchdog_monitor(make_host: Callable[..., Ho
     assert host.jobs("vm1") == [] and set(host.bitmaps("vm1", "d0")) == set()
 
 
-# The old watchdog's whole retry window after its deadline: 3 tries of at most 5 s
-# each, 0.5 s apart (agent/watchdog.py).
-WATCHDOG_ENDING = 3 * (5.0 + 0.5)
+def assert_still_frozen_then_commits(host: Host, txn: str, why: str) -> None:
+    """*txn*'s freeze still holds (no old watchdog ended it); the agent's own thaw ends
+    it in time, and the transaction commits."""
+    assert host.gas["vm1"].is_frozen, why
+    assert not host.thaw(txn).thawed_on_own
+    assert host.prepare(txn).yes
+    host.commit(txn)
 
 
 def test_the_watchdog_of_a_killed_agent_cannot_end_a_later_freeze(
@@ -605,10 +610,8 @@ def test_the_watchdog_of_a_killed_agent_cannot_end_a_later_freeze(
     wait_until(lambda: not alive(old[0]), timeout=60, what="the old watchdog's exit")
     later = "t3"                                # the old one is gone: freezes work again
     host.cut(later, DISKS, freeze_timeout=60)
-    assert ga.is_frozen, "the later freeze was ended by the killed agent's watchdog"
-    assert not host.thaw(later).thawed_on_own
-    assert host.prepare(later).yes
-    host.commit(later)
+    assert_still_frozen_then_commits(host, later,
+                                     "the later freeze was ended by the killed agent's watchdog")
 
 
 def test_a_watchdog_still_retrying_a_failed_thaw_cannot_end_a_later_freeze(
@@ -651,12 +654,10 @@ def test_a_watchdog_still_retrying_a_failed_thaw_cannot_end_a_later_freeze(
             assert time.time() < stop, err.details()
             n += 1
             threading.Event().wait(0.2)
-    wait_until(lambda: time.time() > deadline + WATCHDOG_ENDING + 1, timeout=30,
+    wait_until(lambda: time.time() > deadline + ENDING_WINDOW + 1, timeout=30,
                what="the end of the old watchdog's retries")
-    assert ga.is_frozen, "the later freeze was ended by the watchdog's retry of an old thaw"
-    assert not host.thaw(later).thawed_on_own
-    assert host.prepare(later).yes
-    host.commit(later)
+    assert_still_frozen_then_commits(host, later, "the later freeze was ended by the "
+                                     "watchdog's retry of an old thaw")
 
 
 def test_a_watchdog_that_does_not_acknowledge_its_deadline_is_replaced_unfrozen(
