@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -246,7 +247,8 @@ def main(argv: list[str]) -> int:
                    help="two hosts with one booted Linux guest each (built from Debian "
                         "packages, frozen through qemu-guest-agent) instead of six "
                         "qemu-storage-daemon VMs")
-    p.add_argument("--workdir", help="where the demo keeps its files (default: a temp dir)")
+    p.add_argument("--workdir", help="where the demo keeps its files (default: a temp dir, "
+                   "removed when the demo passes)")
     p.add_argument("--keep", action="store_true", help="leave the cluster running at the end")
     args = p.parse_args(argv)
 
@@ -282,5 +284,9 @@ def main(argv: list[str]) -> int:
                 pass
     finally:
         demo.stop()
+        if ok and not args.workdir:  # its images take about 1.7 GB: never left behind
+            shutil.rmtree(workdir, ignore_errors=True)
+    if not ok:
+        console.print(f"logs and images are in {workdir}")
     console.print("[green]demo passed[/]" if ok else "[red]demo FAILED[/]")
     return 0 if ok else 1

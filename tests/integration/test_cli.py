@@ -187,3 +187,20 @@ def test_a_killed_demo_leaves_no_process_behind(tmp_path: Path) -> None:
     assert "blocktxn.coordinator" in kinds and "blocktxn.agent" in kinds and "etcd" in kinds \
         and "qemu-storage-daemon" in kinds, up
     assert left == []
+
+
+def test_a_passed_demo_removes_the_files_it_made() -> None:
+    """Without --workdir the demo works in a temp dir of its own (its images take about
+    1.7 GB): once it has passed, nothing of it is left (runs used to pile up in /tmp).
+    TMPDIR is short: the demo's unix socket paths must fit in 108 bytes."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="btd", dir="/tmp"))
+    try:
+        done = subprocess.run([sys.executable, "-m", "blocktxn", "demo"], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp)})
+        assert done.returncode == 0 and "demo passed" in done.stdout, done.stdout[-3000:]
+        assert list(tmp.iterdir()) == []
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
