@@ -7,7 +7,10 @@ it can act; its input is one command per line: ``arm DEADLINE`` (unix time) just
 before a quiesce and ``disarm`` once the agent has ended the quiesce itself. Every
 ``arm`` is answered on stdout, ``armed DEADLINE`` once the timer is set: the agent
 quiesces only after that answer (a wedged watchdog, or one whose pipe is open but
-that reads nothing, is noticed before the freeze, not at the deadline). End of
+that reads nothing, is noticed before the freeze, not at the deadline). Every
+``disarm`` is answered too, ``disarmed`` once the VM's claim (below) is let go, or
+``ending`` if the deadline already passed and the watchdog is ending the quiesce
+itself (it keeps the claim until that is over). End of
 input means the agent is gone: an armed watchdog still ends the quiesce at its
 deadline, then exits; an unarmed one exits at once. (The agent's side is
 ``watchdog_proc.py``.)
@@ -56,6 +59,8 @@ def armed_line(deadline: float) -> str:
 
 
 DISARM = b"disarm\n"
+DISARMED = "disarmed"
+ENDING = "ending"
 
 End = Callable[[], Awaitable[object]]
 
@@ -156,6 +161,7 @@ async def serve(what: str, end: End, vm_key: str) -> None:
                 armed.task.cancel()  # only sleeping: nothing is in flight
                 claim.release(armed)
                 armed = None
+            _say(DISARMED if armed is None else ENDING)  # after the release
             continue
         if armed is not None:
             state = "ending it" if armed.ending else "armed"

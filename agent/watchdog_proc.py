@@ -3,7 +3,7 @@
 A backend's watchdog is a separate process (``python -m MODULE ARGS...``) that ends a
 quiesce at its deadline even if the agent dies; it speaks the line protocol of
 ``watchdog.py`` (``ready`` on stdout; ``arm DEADLINE`` and ``disarm``
-on stdin, ``arm`` answered on stdout; end of input: an unarmed one exits, an armed
+on stdin, each answered on stdout; end of input: an unarmed one exits, an armed
 one ends the quiesce at its deadline first). This class starts, arms, disarms and
 retires one, and keeps it from one freeze to the next as long as it watches the same
 way. One that does not answer its ``arm`` in time is killed (the next freeze gets a
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,8 +23,9 @@ from . import watchdog
 from .errors import FreezeRefusedError, QemuError
 
 WATCHDOG_START = 10.0  # seconds a watchdog may take to say it is ready
-#: Seconds a watchdog may take to acknowledge ``arm``: inside the cut, before the
-#: freeze (a healthy one answers in well under a millisecond; see test_watchdog_ack).
+#: Seconds a watchdog may take to acknowledge ``arm`` (inside the cut, before the
+#: freeze) or ``disarm`` (a healthy one answers in well under a millisecond; see
+#: test_watchdog_ack).
 ARM_ACK_TIMEOUT = 2.0
 
 
@@ -126,10 +128,28 @@ class WatchdogHandle:
         self.armed = True
 
     async def disarm(self) -> None:
-        """The agent ended the quiesce itself (only a thaw that worked calls this)."""
-        if await self._tell(watchdog.DISARM):
-            self.armed = False
-        if self._stale and not self.armed:
+        """The agent ended the quiesce itself (only a thaw that worked calls this).
+        Returns once the watchdog has let go of the VM's claim, so the next freeze, even
+        by another watchdog process, is not refused "busy" by this one. A watchdog that
+        does not answer in time is retired (its input closed, not killed: it may be
+        ending the quiesce itself, and keeps the claim until that is over)."""
+        proc = self.proc
+        if not self.armed or proc is None or proc.stdout is None:
+            return  # nothing of ours to disarm (its arm failed, or it was replaced)
+        if not await self._tell(watchdog.DISARM):
+            return
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), ARM_ACK_TIMEOUT)
+        except TimeoutError:
+            line = b""
+        answer = line.decode(errors="replace").strip()
+        self.armed = False
+        if answer not in (watchdog.DISARMED, watchdog.ENDING):
+            logging.warning("VM %s: freeze watchdog did not answer its disarm within %gs "
+                            "(%s); retiring it", self.vm, ARM_ACK_TIMEOUT,
+                            answer or "no answer")
+            self._stale = True
+        if self._stale:
             self.stop()
 
     def renew(self) -> None:

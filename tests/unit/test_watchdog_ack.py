@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from blocktxn.agent.errors import QemuError
+from blocktxn.agent.watchdog import VmClaim
 from blocktxn.agent.watchdog_proc import ARM_ACK_TIMEOUT, WatchdogHandle, alive
 
 MODULE = "blocktxn.agent.qemu.watchdog"
@@ -103,5 +104,26 @@ def test_one_armed_watchdog_per_vm_whichever_process(tmp_path: Path) -> None:
                 if handle.proc is not None:
                     handle.kill(handle.proc)
                 await asyncio.wait_for(asyncio.gather(*handle._reaping), 10)
+
+    asyncio.run(run())
+
+
+def test_the_claim_is_free_once_disarm_returns(tmp_path: Path) -> None:
+    """A disarm is answered only once the VM's claim is let go: the next freeze, often by
+    a new watchdog process (after a reconnect the agent retires the old one), is never
+    refused "busy" by the one just disarmed (CI saw that race once)."""
+    async def run() -> None:
+        key = str(tmp_path / "vm-a.qmp")
+        handle = await started(tmp_path, "vm-a", key)
+        try:
+            for _ in range(20):
+                await handle.arm(time.time() + 60)
+                await handle.disarm()
+                probe = VmClaim(key)
+                assert probe.take(probe), "the claim is still held after disarm returned"
+                probe.release(probe)
+        finally:
+            handle.stop()
+            await asyncio.wait_for(asyncio.gather(*handle._reaping), 10)
 
     asyncio.run(run())
