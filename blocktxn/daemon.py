@@ -20,13 +20,15 @@ C = TypeVar("C")
 Stops = list[Callable[[], Awaitable[None]]]
 
 
-async def until_signalled() -> None:
-    """Return on the first SIGINT or SIGTERM."""
+def on_signal() -> asyncio.Event:
+    """An event set by the first SIGINT or SIGTERM from now on (installed before the
+    daemon starts: a stop asked for while it starts is a clean stop once the start is
+    over, not a death by the signal's default action)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 #: Seconds the stop hooks may take before the process exits anyway (as on SIGKILL,
@@ -63,9 +65,10 @@ def main(name: str, argv: Sequence[str], parser: argparse.ArgumentParser,
         return 2
 
     async def run() -> None:
+        signalled = on_signal()
         stops = await start(config)
         try:
-            await until_signalled()
+            await signalled.wait()
         finally:
             _exit_after(STOP_LIMIT, name)
             for stop in stops:

@@ -64,7 +64,8 @@ def _parent(args: argparse.Namespace, seed: int, summary: Path | None = None) ->
             mounts.append(repo)
         child = subprocess.run([*net.exec_prefix(CLIENT), sys.executable, "-m", "tests.chaos",
                                 "--child", "--seed", str(seed), "--duration",
-                                str(args.duration), "--workdir", str(workdir),
+                                str(args.duration), "--min-transactions",
+                                str(args.min_transactions), "--workdir", str(workdir),
                                 "--hosts", json.dumps(net.hosts),
                                 *(["--faults", args.faults] if args.faults else []),
                                 *(["--summary", str(summary)] if summary else [])])
@@ -112,7 +113,8 @@ def child(args: argparse.Namespace) -> int:
         if not HAVE_QEMU_SYSTEM:
             log("chaos: qemu-system-x86_64 is missing: no pausable VM, pause faults skipped")
         faults = tuple(args.faults.split(",")) if args.faults else None
-        history = Driver(cluster, args.seed, args.duration, log, faults).run()
+        history = Driver(cluster, args.seed, args.duration, log, faults,
+                         args.min_transactions).run()
     finally:
         cluster.stop_all()
     committed = sum(1 for r in history.runs if r.final.decision == cpb.DECISION_COMMIT)
@@ -224,10 +226,16 @@ def many(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
+    from tests.chaos.run import MAX_OVERRUN
     p = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--seeds", help="several runs, e.g. 1-12 or 3,5,9-11")
     p.add_argument("--duration", type=float, default=120.0, help="seconds per seed")
+    p.add_argument("--min-transactions", type=int, default=0, metavar="N",
+                   help="run on past the duration until N transactions were run "
+                        f"(0-100, default 0; it still stops {MAX_OVERRUN:g}s after the "
+                        "duration at the latest): a slow machine then runs as many as "
+                        "a fast one")
     p.add_argument("--table", help="with --seeds: also write the aggregate table here")
     p.add_argument("--summaries", help="with --seeds: keep each seed's summary in this "
                    "directory, and count the seeds an earlier run left there (a long run "
@@ -239,6 +247,8 @@ def main() -> int:
     p.add_argument("--hosts", help=argparse.SUPPRESS)
     p.add_argument("--summary", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if not 0 <= args.min_transactions <= 100:
+        p.error("--min-transactions must be 0-100")
     if args.child:
         return child(args)
     if args.seeds:

@@ -171,9 +171,13 @@ class History:
     removed: int = 0  # sets retention removed, checked gone at the end
 
 
+#: How long a run may go on past its duration to reach its minimum of transactions.
+MAX_OVERRUN = 480.0
+
+
 class Driver:
     def __init__(self, cluster: ChaosCluster, seed: int, duration: float, log: Any,
-                 faults: tuple[str, ...] | None = None) -> None:
+                 faults: tuple[str, ...] | None = None, min_transactions: int = 0) -> None:
         unknown = set(faults or ()) - set(FAULTS)
         if unknown:
             raise ValueError(f"unknown (or unavailable) fault kinds {sorted(unknown)}")
@@ -182,6 +186,7 @@ class Driver:
         self.rng = random.Random(seed)
         self.seed = seed
         self.duration = duration
+        self.min_transactions = min_transactions
         self.h = History()
         self.log = log
         self._stop = threading.Event()
@@ -490,11 +495,18 @@ class Driver:
     def cuts_now(self) -> dict[Key, int]:
         return {(h, v): len(self.c.hosts[h].gas[v].cuts) for h in HOSTS for v in VMS}
 
+    def _go_on(self, elapsed: float, runs: int) -> bool:
+        """Run until the duration is over and at least min_transactions were run (but
+        never more than MAX_OVERRUN past the duration)."""
+        if elapsed < self.duration:
+            return True
+        return runs < self.min_transactions and elapsed < self.duration + MAX_OVERRUN
+
     def run(self) -> History:
         self.start_writer()
         started = time.monotonic()
         n = 0
-        while time.monotonic() - started < self.duration:
+        while self._go_on(time.monotonic() - started, n):
             n += 1
             fault = self.rng.choice(self.faults) if n > 1 else "none"
             step = self.rng.choice(STEPS)

@@ -1,4 +1,5 @@
-"""A seeded chaos run (at most ~3.5 minutes) as part of the normal suite."""
+"""A seeded chaos run (about 3.5 minutes) as part of the normal suite. It runs at least
+8 transactions however slow the machine is (CI at one point ran only 6 in 120 s)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ pytestmark = pytest.mark.chaos
 
 def test_seeded_chaos_run_violates_no_invariant() -> None:
     res = subprocess.run([sys.executable, "-m", "tests.chaos", "--seed", "11",
-                          "--duration", "120"], capture_output=True, text=True, timeout=900)
+                          "--duration", "120", "--min-transactions", "8"],
+                         capture_output=True, text=True, timeout=1000)
     out = res.stdout
     assert res.returncode == 0, out[-6000:] + res.stderr[-3000:]
     assert "invariant violations: 0" in out

@@ -221,11 +221,12 @@ def test_freeze_deadline_thaws_without_coordinator_and_votes_no(
     assert host.backup("t1", DISKS).yes
     base = ga.cuts[-1].seq
     host.workloads["vm1"].start_background(interval=0.005)
-    host.cut("t2", DISKS, freeze_timeout=0.5)
+    # 3 s: the whole cut (arm, freeze, job start) must fit in it, on a loaded machine too
+    cut = host.cut("t2", DISKS, freeze_timeout=3.0)
     assert ga.is_frozen
-    wait_until(lambda: not ga.is_frozen, timeout=5, what="auto-thaw")
+    wait_until(lambda: not ga.is_frozen, timeout=30, what="auto-thaw")
     start, end = ga.frozen_intervals[-1]
-    assert end - start < 0.5 + 0.5                  # deadline plus scheduling slack
+    assert start < cut.freeze_deadline - 0.05 <= end < cut.freeze_deadline + 2.0
     thaw = host.thaw("t2")
     assert thaw.thawed_on_own
     vote = host.prepare("t2")
@@ -274,7 +275,7 @@ def test_a_failed_cut_waits_for_every_step_in_flight_before_rolling_back(
     # and no freeze watchdog is left armed: without the agent, an unarmed one exits at once
     watchdogs = watchdog_pids(host)
     host.kill_agent()
-    wait_until(lambda: not any(alive(p) for p in watchdogs), timeout=3,
+    wait_until(lambda: not any(alive(p) for p in watchdogs), timeout=15,
                what="the unarmed watchdog's exit")
 
 
@@ -321,14 +322,14 @@ def test_a_stopped_agent_cannot_keep_a_guest_frozen(make_host: Callable[..., Hos
     write_clusters(host, range(0, 8))
     assert host.backup("t1", DISKS).yes
     base = ga.cuts[-1].seq
-    host.cut("t2", DISKS, freeze_timeout=1.0)
+    cut = host.cut("t2", DISKS, freeze_timeout=3.0)
     assert ga.is_frozen
     assert host.agent.proc is not None
     host.agent.proc.send_signal(signal.SIGSTOP)
     try:
-        wait_until(lambda: not ga.is_frozen, timeout=5, what="watchdog thaw")
+        wait_until(lambda: not ga.is_frozen, timeout=30, what="watchdog thaw")
         start, end = ga.frozen_intervals[-1]
-        assert end - start < 1.0 + 1.0
+        assert start < cut.freeze_deadline - 0.05 <= end < cut.freeze_deadline + 2.0
     finally:
         host.agent.proc.send_signal(signal.SIGCONT)
     assert host.thaw("t2").thawed_on_own
@@ -442,8 +443,8 @@ def test_a_cut_whose_caller_gave_up_still_ends_cleanly(make_host: Callable[..., 
     with pytest.raises(grpc.RpcError) as err:
         host.stub.Cut(req, timeout=0.5)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_until(lambda: ga.is_frozen, timeout=5, what="the freeze")
-    wait_until(lambda: not ga.is_frozen, timeout=10, what="the auto-thaw")
+    wait_until(lambda: ga.is_frozen, timeout=30, what="the freeze")
+    wait_until(lambda: not ga.is_frozen, timeout=30, what="the auto-thaw")
     update = next(iter(host.stub.Status(pb.StatusRequest(txn_id="t1"), timeout=10)))
     assert update.phase == pb.PARTICIPANT_PHASE_RUNNING and "deadline" in update.failure
     assert not host.prepare("t1").yes
@@ -462,7 +463,8 @@ def test_two_freezes_of_one_vm_cannot_overlap(make_host: Callable[..., Host]) ->
     first: list[pb.CutResponse] = []
     cutting = threading.Thread(target=lambda: first.append(host.cut("t1", [("vm1", "d0")])))
     cutting.start()
-    time.sleep(0.5)                       # t1 is planned and creating its image
+    wait_until(lambda: "t1" in host.inventory().open_transactions, timeout=30,
+               what="t1 planned (it is now creating its image, 1.5 s)")
     with pytest.raises(grpc.RpcError) as err:
         host.cut("t2", [("vm1", "d1")])
     cutting.join(30)
@@ -536,17 +538,16 @@ def test_a_paused_vm_is_resumed_at_its_deadline_whatever_happens_to_the_agent(
     write_clusters(host, range(0, 8))
     assert host.backup("t1", DISKS, quiesce=pb.QUIESCE_NONE).yes
     base = host.workloads["vm1"].seq
-    host.cut("t2", DISKS, quiesce=pb.QUIESCE_PAUSE, freeze_timeout=1.5)
+    cut = host.cut("t2", DISKS, quiesce=pb.QUIESCE_PAUSE, freeze_timeout=3.0)
     assert not running(host)
     assert host.agent.proc is not None
-    paused_at = time.monotonic()
     if fault == "kill":
         host.kill_agent()
     else:
         host.agent.proc.send_signal(signal.SIGSTOP)
     try:
-        wait_until(lambda: running(host), timeout=10, what="the watchdog's cont")
-        assert time.monotonic() - paused_at < 1.5 + 2.0
+        wait_until(lambda: running(host), timeout=30, what="the watchdog's cont")
+        assert time.time() < cut.freeze_deadline + 2.0 + 0.1  # the wait's own slack
     finally:
         if fault == "stop":
             host.agent.proc.send_signal(signal.SIGCONT)

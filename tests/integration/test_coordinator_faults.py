@@ -304,7 +304,19 @@ def test_a_commit_one_agent_cannot_apply_yet_is_redelivered_and_the_set_waits_fo
     catalog.mkdir()                           # h2 cannot catalog its images for now
     first.env = {}
     first.start()                             # the next leader resends the COMMIT
-    time.sleep(10)
+
+    def redelivered() -> bool:
+        """h1 applied the resent COMMIT and h2's failure is recorded."""
+        try:
+            now = cluster.any_stub().GetTransaction(
+                cpb.GetTransactionRequest(txn_id=txn.txn_id), timeout=10)
+        except grpc.RpcError:  # still starting
+            return False
+        return bool(now.errors) and any(
+            m.agent_id == "h1" and m.outcome == "committed" for m in now.members)
+
+    # it leads once its dead self's lease (10 s) has lapsed, however late that is here
+    wait_until(redelivered, timeout=90, what="the COMMIT redelivered to both agents")
     now = cluster.any_stub().GetTransaction(cpb.GetTransactionRequest(txn_id=txn.txn_id),
                                             timeout=10)
     assert now.decision == cpb.DECISION_COMMIT and now.phase == cpb.TXN_PHASE_DECIDED

@@ -44,17 +44,16 @@ def test_a_paused_domain_is_resumed_at_its_deadline_whatever_happens_to_the_agen
         wl.write("vda", c)
     assert host.backup("t1", DISKS, quiesce=pb.QUIESCE_PAUSE).yes
     base = wl.seq
-    host.cut("t2", DISKS, quiesce=pb.QUIESCE_PAUSE, freeze_timeout=1.5)
+    cut = host.cut("t2", DISKS, quiesce=pb.QUIESCE_PAUSE, freeze_timeout=3.0)
     assert paused(host)
     assert host.agent.proc is not None
-    paused_at = time.monotonic()
     if fault == "kill":
         host.kill_agent()
     else:
         host.agent.proc.send_signal(signal.SIGSTOP)
     try:
-        wait_until(lambda: not paused(host), timeout=10, what="the watchdog's resume")
-        assert time.monotonic() - paused_at < 1.5 + 2.0
+        wait_until(lambda: not paused(host), timeout=30, what="the watchdog's resume")
+        assert time.time() < cut.freeze_deadline + 2.0 + 0.1  # the wait's own slack
     finally:
         if fault == "stop":
             host.agent.proc.send_signal(signal.SIGCONT)
