@@ -11,7 +11,7 @@ from grpc_health.v1 import _async as health_aio  # public alias: health.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from blocktxn.errors import BlocktxnError, status_code
+from blocktxn.errors import BlocktxnError, Unavailable, status_code
 from blocktxn.tls import TlsFiles
 
 T = TypeVar("T")
@@ -37,6 +37,10 @@ async def guard(context: Ctx, call: Callable[[], Awaitable[T]]) -> T:
         raise  # unreachable: abort raises
 
 
+class ListenError(Unavailable, OSError):
+    """A daemon cannot bind its address."""
+
+
 async def start_server(register: Callable[[grpc.aio.Server], None], service: str,
                        listen: str, tls: TlsFiles | None,
                        health_servicer: Any = None,
@@ -50,9 +54,12 @@ async def start_server(register: Callable[[grpc.aio.Server], None], service: str
     *on_port* is told the port bound (*listen* may say port 0).
 
     Raises:
-        OSError: the address cannot be bound.
+        ListenError (an OSError): the address cannot be bound.
     """
-    server = grpc.aio.server(interceptors=list(interceptors))
+    # no SO_REUSEPORT (gRPC's default): a second daemon on the same port must fail,
+    # not share the port's connections with the first
+    server = grpc.aio.server(interceptors=list(interceptors),
+                             options=[("grpc.so_reuseport", 0)])
     register(server)
     if health_servicer is None:
         health_servicer = health_aio.HealthServicer()
@@ -61,9 +68,13 @@ async def start_server(register: Callable[[grpc.aio.Server], None], service: str
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         [service, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = (tls or TlsFiles()).add_port(server, listen)
+    try:
+        port = (tls or TlsFiles()).add_port(server, listen)
+    except RuntimeError:  # how grpc reports a failed bind
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+        raise ListenError(f"cannot listen on {listen}: the address is in use or not "
+                          "this host's")
     if on_port is not None:
         on_port(port)
     await server.start()

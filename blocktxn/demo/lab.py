@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import time
@@ -153,10 +154,42 @@ class LabVm:
         procs.terminate(self.proc)
 
 
+#: Ports this process has handed out (never twice).
+_HANDED_OUT: set[int] = set()
+#: free_port's ports start here (below them: well-known services' usual ports).
+PORTS_FROM = 10000
+
+
+def _ephemeral_start() -> int:
+    """The lowest port the kernel gives a bind to port 0 or an outgoing connection."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now, for a daemon that binds it a little later. It is taken
+    below the kernel's ephemeral range, where no port-0 bind and no outgoing
+    connection's source port can take it meanwhile, and never handed out twice by
+    this process (a port picked with bind(0) and closed could be given to the next
+    bind(0) anyone makes, or become a connection's source port, before its daemon
+    binds it)."""
+    top = _ephemeral_start()
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(PORTS_FROM, top) if top > PORTS_FROM + 1000 else 0
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = int(s.getsockname()[1])
+        _HANDED_OUT.add(port)
+        return port
+    raise OSError("no free loopback port found")
 
 
 def qemu_img_map(image: Path) -> list[dict[str, Any]]:

@@ -204,3 +204,20 @@ def test_a_sigterm_while_the_agent_starts_is_a_clean_stop(tmp_path: Any) -> None
     code, took = agent.terminate()
     assert code == 0, (code, took, "".join(agent.lines[-5:]))
     assert took < 20
+
+
+def test_an_agent_given_a_port_in_use_says_so_in_one_line(tmp_path: Any) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run([sys.executable, "-m", "blocktxn.agent", "--id", "a1",
+                              "--listen", f"127.0.0.1:{port}", "--repo", str(tmp_path / "r")],
+                             capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert res.stdout.strip() == (f"blocktxn agent: cannot start: cannot listen on "
+                                  f"127.0.0.1:{port}: the address is in use or not this "
+                                  "host's"), res.stdout
+    assert "Traceback" not in res.stderr

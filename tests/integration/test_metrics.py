@@ -86,10 +86,13 @@ def test_prometheus_scrapes_what_a_commit_and_an_abort_did(
     cluster.hosts["h2"].workloads["vm1"].arm_read_error("d1", 2)
     bad = cluster.wait_done(cluster.start(TARGETS, quiesce=apb.QUIESCE_FREEZE).txn_id)
     assert bad.decision == cpb.DECISION_ABORT and "voted NO" in bad.reason, bad.reason
+    done_at = time.time()
     bset = cluster.stub().GetBackupSet(cpb.GetBackupSetRequest(set_id=good.set_id), timeout=10)
 
-    # every target is up and Prometheus has scraped past both transactions
+    # every target is up and Prometheus has scraped each one since both transactions
+    # ended (every query below reads a scrape made after that)
     prom.wait_for("up", lambda r: len(r) == 3 and set(r.values()) == {1.0})
+    prom.wait_for("timestamp(up)", lambda r: len(r) == 3 and min(r.values()) > done_at)
     outcomes = prom.wait_for("blocktxn_transactions_total", lambda r: sum(r.values()) == 2)
     assert {(dict(k)["outcome"], dict(k)["reason"]): v for k, v in outcomes.items()} == {
         ("commit", "none"): 1.0, ("abort", "voted_no"): 1.0}
