@@ -165,12 +165,14 @@ SERVICE = "blocktxn.v1.AgentService"
 async def serve(runner: AgentRunner, listen: str, tls: TlsFiles | None = None
                 ) -> grpc.aio.Server:
     """Start the gRPC server for *runner* on *listen* (host:port), TLS if configured."""
+    bound: list[int] = []
     server = await start_server(
         lambda s: pb_grpc.add_AgentServiceServicer_to_server(AgentServicer(runner), s),
         pb.DESCRIPTOR.services_by_name["AgentService"].full_name, listen, tls,
         interceptors=[AccessInterceptor(
             SERVICE, {m: frozenset({"coordinator"}) for m in
                       pb.DESCRIPTOR.services_by_name["AgentService"].methods_by_name},
-            runner.config.roles)])
-    log.info("agent %s serving on %s", runner.config.agent_id, listen)
+            runner.config.roles)], on_port=bound.append)
+    host = listen.rpartition(":")[0]
+    log.info("agent %s serving on %s:%d", runner.config.agent_id, host, bound[0])
     return server

@@ -16,7 +16,7 @@ import pytest
 
 from blocktxn.demo.lab import images_equal
 from blocktxn.v1 import agent_pb2 as pb
-from tests.integration.harness import Host, iter_files, restore
+from tests.integration.harness import Host, iter_files, restore, wait_until
 
 DISKS = [("vm1", "d0"), ("vm1", "d1")]
 
@@ -147,15 +147,17 @@ def test_a_removal_is_refused_while_a_restore_reads_the_disk(make_host: Callable
     slow = host.workdir / "slowbin"
     slow.mkdir()
     real = shutil.which("qemu-img")
-    (slow / "qemu-img").write_text(  # restores (convert) take 4 s
-        f'#!/bin/sh\n[ "$1" = convert ] && sleep 4\nexec {real} "$@"\n')
+    started = host.workdir / "convert-started"
+    (slow / "qemu-img").write_text(  # restores (convert) take 4 s more
+        f'#!/bin/sh\n[ "$1" = convert ] && touch {started} && sleep 4\nexec {real} "$@"\n')
     (slow / "qemu-img").chmod(0o755)
     host.agent.env = {"PATH": f"{slow}:{os.environ['PATH']}"}
     host.restart_agent()
     cuts = backups(host, ["s1", "s2", "s3"])
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started.unlink(missing_ok=True)
         reading = pool.submit(restore, host, "s1", "vm1", "d0", "s1-d0.raw")
-        time.sleep(1.0)
+        wait_until(started.exists, timeout=60, what="the restore's copy under way")
         for check_only in (True, False):
             with pytest.raises(grpc.RpcError) as refused:
                 host.stub.ForgetImages(pb.ForgetImagesRequest(set_id="s2",

@@ -430,7 +430,9 @@ def test_a_staged_transaction_no_replica_knows_is_rolled_back_by_the_agent(
     cluster = two_hosts(make_cluster)
     h1 = cluster.hosts["h1"]
     h1.kill_agent()
-    h1.agent.extra = [*h1.agent.extra, "--in-doubt-after", "1"]
+    # 5 s: the stage (a fresh watchdog's start included) is over and its images are
+    # seen before h1 starts asking about the transaction
+    h1.agent.extra = [*h1.agent.extra, "--in-doubt-after", "5"]
     h1.start_agent()
     h1.stub.Cut(apb.CutRequest(
         txn_id="forgotten", quiesce=apb.QUIESCE_FREEZE, freeze_timeout_s=10,
@@ -438,7 +440,7 @@ def test_a_staged_transaction_no_replica_knows_is_rolled_back_by_the_agent(
         timeout=60)
     staged = h1.agent.repo / "images"
     assert list(staged.glob("*/*/forgotten.qcow2"))
-    wait_until(lambda: not list(staged.glob("*/*/forgotten.qcow2")), timeout=30,
+    wait_until(lambda: not list(staged.glob("*/*/forgotten.qcow2")), timeout=60,
                what="h1 rolls back the staged transaction no replica knows")
     vote = h1.stub.Prepare(apb.PrepareRequest(txn_id="forgotten", timeout_s=5), timeout=30)
     assert not vote.yes and "does not know" in vote.reason

@@ -25,7 +25,10 @@ def _pids_naming(marker: str) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if marker.encode() in cmdline and b"ARGV" not in cmdline:
+        # the tool itself, once exec'd (before that the match is setpriv, which may
+        # not have set its parent-death signal yet)
+        if marker.encode() in cmdline and b"ARGV" not in cmdline \
+                and cmdline.split(b"\0", 1)[0] == sys.executable.encode():
             found.append(int(proc.name))
     return found
 
