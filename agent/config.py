@@ -9,6 +9,8 @@ from blocktxn.access import RoleMap
 from blocktxn.ids import check_id
 from blocktxn.tls import TlsFiles
 
+#: Default of --staged-alone-after (seconds; why this long: agent/indoubt.py).
+STAGED_ALONE_AFTER = 900.0
 
 @dataclass(frozen=True)
 class VmConfig:
@@ -32,6 +34,7 @@ class AgentConfig:
     connect_wait: float = 5.0  # at start, wait this long for every VM's QMP
     tls: TlsFiles = field(default_factory=TlsFiles)
     in_doubt_after: float = 30.0  # a vote this old with no decision: ask for it
+    staged_alone_after: float = STAGED_ALONE_AFTER  # staged, never cut, none answers
     max_chain: int = 32  # images a restore may open: a longer chain takes a full (auto)
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint (None: off)
     roles: RoleMap = field(default_factory=RoleMap)  # who may call (role coordinator)

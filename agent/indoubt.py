@@ -28,6 +28,7 @@ import grpc
 
 from blocktxn.v1 import coordinator_pb2 as cpb
 
+from .config import STAGED_ALONE_AFTER
 from .errors import AgentError
 from .participant_messages import Phase
 from .replicas import Replicas
@@ -35,8 +36,9 @@ from .runner import AgentRunner
 
 log = logging.getLogger(__name__)
 
-# Seconds a transaction may stay staged on this agent (a Stage came, no Cut) while no
-# coordinator replica answers about it, before the agent rolls it back on its own.
+# STAGED_ALONE_AFTER (``--staged-alone-after``'s default): seconds a transaction may
+# stay staged on this agent (a Stage came, no Cut) while no coordinator replica
+# answers about it, before the agent rolls it back on its own.
 # It must exceed, with a wide margin, the longest legitimate wait between one agent's
 # Stage and its Cut: the coordinator cuts once every agent has answered its Stage (each
 # Stage RPC within the coordinator's agent-call timeout, retried for 5 s; a stage may
@@ -45,16 +47,17 @@ log = logging.getLogger(__name__)
 # change (seconds). Sensible range 300..86400 s: shorter risks rolling back a cut a
 # slow coordinator would still make (it then aborts: liveness, never safety); longer
 # keeps the disks of a forgotten transaction from any backup for that long.
-STAGED_ALONE_AFTER = 900.0
+# (The value lives in config.py, beside the option's other defaults.)
 
 UNKNOWN = -1  # an answer: no replica knows the transaction (NOT_FOUND)
 
 
 async def resolve_in_doubt_forever(runner: AgentRunner, in_doubt_after: float,
-                                   replicas: Replicas) -> None:
+                                   replicas: Replicas,
+                                   staged_alone_after: float = STAGED_ALONE_AFTER) -> None:
     """Every few seconds: for each transaction voted on (or staged and not cut) longer
     than *in_doubt_after* seconds ago, ask a replica for its decision and apply it."""
-    resolver = InDoubt(runner, replicas, in_doubt_after)
+    resolver = InDoubt(runner, replicas, in_doubt_after, staged_alone_after)
     while True:
         await asyncio.sleep(min(5.0, in_doubt_after))
         await resolver.tick()

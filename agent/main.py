@@ -15,7 +15,7 @@ from blocktxn.access import parse_roles
 from blocktxn.configfile import load_config_file
 from blocktxn.ids import check_id
 
-from .config import AgentConfig, parse_vm
+from .config import STAGED_ALONE_AFTER, AgentConfig, parse_vm
 from .heartbeat import register_forever
 from .indoubt import resolve_in_doubt_forever
 from .metrics import AgentMetrics
@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-doubt-after", type=float, default=30.0,
                    help="after voting, wait this long for the decision before asking the "
                    "coordinator for it, 1..86400 s (default 30)")
+    p.add_argument("--staged-alone-after", type=float, default=STAGED_ALONE_AFTER,
+                   help="a transaction staged here and never cut, about which no "
+                   "coordinator replica answers, is rolled back after this long, "
+                   "300..86400 s (default 900)")
     p.add_argument("--max-chain", type=int, default=32,
                    help="most images a disk's backup chain may have; an auto backup that "
                    "would make it longer is a full, 1..1000 (default 32)")
@@ -73,6 +77,9 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         raise ValueError(f"--qmp-timeout {args.qmp_timeout} is not within 0.1..3600 s")
     if not 1 <= float(args.in_doubt_after) <= 86400:
         raise ValueError(f"--in-doubt-after {args.in_doubt_after} is not within 1..86400 s")
+    if not 300 <= float(args.staged_alone_after) <= 86400:
+        raise ValueError(f"--staged-alone-after {args.staged_alone_after} is not within "
+                         "300..86400 s")
     if not 1 <= int(args.max_chain) <= 1000:
         raise ValueError(f"--max-chain {args.max_chain} is not within 1..1000")
     if args.metrics_listen:
@@ -92,6 +99,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         restore_dirs=tuple(args.restore_dir), coordinator=args.coordinator,
         advertise=args.advertise, qmp_timeout=args.qmp_timeout, tls=tls_files, roles=roles,
         in_doubt_after=float(args.in_doubt_after),
+        staged_alone_after=float(args.staged_alone_after),
         max_chain=int(args.max_chain), metrics_listen=args.metrics_listen,
         libvirt_uri=args.libvirt_uri,
     )
@@ -107,7 +115,8 @@ async def start(config: AgentConfig) -> daemon.Stops:
     replicas = Replicas(config.coordinator, config.tls) if config.coordinator else None
     helpers = [asyncio.create_task(register_forever(runner, config, replicas)),
                asyncio.create_task(resolve_in_doubt_forever(runner, config.in_doubt_after,
-                                                            replicas))
+                                                            replicas,
+                                                            config.staged_alone_after))
                ] if replicas else []
 
     async def stop_heartbeat() -> None:

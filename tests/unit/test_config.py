@@ -77,6 +77,17 @@ def test_vm_spec_takes_a_watchdog_monitor() -> None:
             "--vm", "web=/q.sock,ga=/g,ga=/h"]))
 
 
+def test_staged_alone_after_is_an_option_with_a_range() -> None:
+    base = ["--id", "a", "--listen", "127.0.0.1:1", "--repo", "/r"]
+    assert agent_config(agent_parser().parse_args(base)).staged_alone_after == 900
+    cfg = agent_config(agent_parser().parse_args([*base, "--staged-alone-after", "3600"]))
+    assert cfg.staged_alone_after == 3600
+    for bad in ("299", "86401", "nan"):
+        with pytest.raises(ValueError, match="--staged-alone-after .* 300..86400 s") as err:
+            agent_config(agent_parser().parse_args([*base, "--staged-alone-after", bad]))
+        assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("text,word", [
     ('id = "a"\nlisten = "127.0.0.1:1"\nrepo = "/r"\nbogus = 1\n', "unknown option"),
     ('id = "a b"\nlisten = "127.0.0.1:1"\nrepo = "/r"\n', "safe identifier"),
