@@ -83,7 +83,7 @@ def test_staged_alone_after_is_an_option_with_a_range() -> None:
     cfg = agent_config(agent_parser().parse_args([*base, "--staged-alone-after", "3600"]))
     assert cfg.staged_alone_after == 3600
     for bad in ("299", "86401", "nan"):
-        with pytest.raises(ValueError, match="--staged-alone-after .* 300..86400 s") as err:
+        with pytest.raises(ValueError, match=r"--staged-alone-after .* 300\.\.86400 s") as err:
             agent_config(agent_parser().parse_args([*base, "--staged-alone-after", bad]))
         assert "\n" not in str(err.value)
 

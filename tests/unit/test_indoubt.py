@@ -9,7 +9,8 @@ from typing import Any
 import grpc
 import pytest
 
-from blocktxn.agent.indoubt import STAGED_ALONE_AFTER, InDoubt
+from blocktxn.agent.config import STAGED_ALONE_AFTER
+from blocktxn.agent.indoubt import InDoubt
 from blocktxn.agent.participant import ParticipantMachine
 from blocktxn.agent.participant_messages import (
     CutDone,
