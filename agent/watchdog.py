@@ -97,6 +97,21 @@ class VmClaim:
             self._sock = self._owner = None
 
 
+#: Why a freeze is refused while another process's watchdog holds the VM's claim.
+HELD_ELSEWHERE = ("another freeze watchdog of this VM (of an earlier agent process?) is "
+                  "still armed or ending its quiesce; wait for its end")
+
+
+def held_elsewhere(key: str) -> bool:
+    """Some watchdog process holds VM *key*'s claim now (armed, or ending a quiesce).
+    A probe only: the claim is let go at once; the watchdog's ``arm`` still decides."""
+    probe = VmClaim(key)
+    if not probe.take(probe):
+        return True
+    probe.release(probe)
+    return False
+
+
 class _Armed:
     """One armed deadline: sleep until it, then end the quiesce (a few tries); the
     claim on the VM is given back when this is over (or disarmed before the deadline)."""
@@ -174,8 +189,7 @@ async def serve(what: str, end: End, vm_key: str) -> None:
                 _say(armed_line(deadline))
             else:
                 candidate.task.cancel()
-                _say(f"{BUSY} another freeze watchdog of this VM (of an earlier agent "
-                     f"process?) is still armed or ending its quiesce; wait for its end")
+                _say(f"{BUSY} {HELD_ELSEWHERE}")
     if armed is not None:  # the agent is gone: the armed deadline still holds
         with contextlib.suppress(asyncio.CancelledError):
             await armed.task

@@ -55,10 +55,18 @@ class WatchdogHandle:
         self._stale = False  # retire it once disarmed (its own connection may be dead)
         self._reaping: set[asyncio.Task[int]] = set()
 
-    async def prepare(self, module: str, args: Sequence[str]) -> None:
+    async def prepare(self, module: str, args: Sequence[str], claim_key: str) -> None:
         """Have a watchdog ``python -m module args``: the one kept from an earlier
         freeze if it watches the same way, or a new one started now (its start-up then
-        costs nothing inside the freeze)."""
+        costs nothing inside the freeze).
+
+        Raises:
+            FreezeRefusedError: a watchdog process holds the VM's claim (*claim_key*, as
+                the watchdog is given it) now, so its ``arm`` would be refused "busy":
+                refused here, before the cut's targets are made, not after.
+        """
+        if watchdog.held_elsewhere(claim_key):
+            raise FreezeRefusedError(f"VM {self.vm}: not freezing: {watchdog.HELD_ELSEWHERE}")
         argv = (module, *args)
         proc = self.proc
         if proc is not None and alive(proc) and self._argv == argv:

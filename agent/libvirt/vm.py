@@ -38,6 +38,7 @@ from . import domxml, jobs
 from .conn import DomainConnection
 from .jobs import BackupJob
 from .redefine import CheckpointRecords, redefine_missing, redefine_xml
+from .watchdog import claim_key as watchdog_claim_key
 
 log = logging.getLogger(__name__)
 WATCHDOG_MODULE = "blocktxn.agent.libvirt.watchdog"
@@ -166,7 +167,8 @@ class LibvirtVm(VmBackend):
     # -------------------------------------------------------------- quiesce
     async def freeze_prepare(self, quiesce: str) -> None:
         await self.watchdog.prepare(WATCHDOG_MODULE, [
-            "--uri", self.uri, "--domain", self.domain, f"--{quiesce}"])
+            "--uri", self.uri, "--domain", self.domain, f"--{quiesce}"],
+            watchdog_claim_key(self.uri, self.domain))
 
     async def freeze_ready(self) -> None:
         await self.watchdog.ready()

@@ -60,7 +60,12 @@ async def watch(uri: str, domain: str, how: str) -> None:
     dom = _Domain(uri, domain)
     await dom.run(dom._open)
     await serve(f"libvirt domain {domain}", dom.thaw if how == "freeze" else dom.resume,
-                f"libvirt {uri} {domain}")
+                claim_key(uri, domain))
+
+
+def claim_key(uri: str, domain: str) -> str:
+    """The key of a libvirt domain's claim (see ``VmClaim``)."""
+    return f"libvirt {uri} {domain}"
 
 
 def main() -> None:

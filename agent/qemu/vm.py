@@ -94,7 +94,8 @@ class QemuVm(VmBackend):
         else:
             assert self.watch_socket is not None
             args = ["--qmp", self.watch_socket]
-        await self.watchdog.prepare(WATCHDOG_MODULE, [*args, "--vm-key", self.vm_key])
+        await self.watchdog.prepare(WATCHDOG_MODULE, [*args, "--vm-key", self.vm_key],
+                                    self.vm_key)
 
     async def freeze_abandon(self) -> None:
         """Nothing to undo: the watchdog stays, unarmed, for the next freeze."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from blocktxn.agent.errors import QemuError
+from blocktxn.agent.errors import FreezeRefusedError, QemuError
 from blocktxn.agent.watchdog import VmClaim
 from blocktxn.agent.watchdog_proc import ARM_ACK_TIMEOUT, WatchdogHandle, alive
 
@@ -24,8 +24,9 @@ MODULE = "blocktxn.agent.qemu.watchdog"
 
 async def started(tmp_path: Path, name: str = "vm-a", key: str = "") -> WatchdogHandle:
     handle = WatchdogHandle(name)
-    await handle.prepare(MODULE, ["--ga", str(tmp_path / f"{name}-ga.sock"),
-                                  "--vm-key", key or str(tmp_path / name)])
+    key = key or str(tmp_path / name)
+    await handle.prepare(MODULE, ["--ga", str(tmp_path / f"{name}-ga.sock"), "--vm-key", key],
+                         key)
     await handle.ready()
     return handle
 
@@ -125,5 +126,29 @@ def test_the_claim_is_free_once_disarm_returns(tmp_path: Path) -> None:
         finally:
             handle.stop()
             await asyncio.wait_for(asyncio.gather(*handle._reaping), 10)
+
+    asyncio.run(run())
+
+
+def test_a_freeze_is_refused_before_staging_while_another_watchdog_holds_the_vm(
+        tmp_path: Path) -> None:
+    """The claim is checked when the freeze's watchdog is prepared (before the cut's
+    targets are made), not only at its arm inside the cut."""
+    async def run() -> None:
+        key = str(tmp_path / "vm-a.qmp")
+        handles = [await started(tmp_path, "vm-a", key)]
+        try:
+            await handles[0].arm(time.time() + 60)
+            with pytest.raises(FreezeRefusedError, match="another freeze watchdog"):
+                await started(tmp_path, "vm-a", key)
+            handles.append(await started(tmp_path, "vm-b"))  # another VM is not held
+            await handles[0].disarm()
+            handles.append(await started(tmp_path, "vm-a", key))
+            await handles[-1].arm(time.time() + 60)
+            await handles[-1].disarm()
+        finally:
+            for handle in handles:
+                handle.stop()
+                await asyncio.wait_for(asyncio.gather(*handle._reaping), 10)
 
     asyncio.run(run())
