@@ -39,6 +39,7 @@ class ChosenMode:
 class CutResult:
     disks: tuple[ChosenMode, ...]
     frozen_at: float         # 0: no freeze
+    cut_at: float = 0.0      # 0: not cut (a stage)
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class AgentClient:
         resp = await self._call("Cut", lambda t: self.stub.Cut(req, timeout=t), retry_for=5)
         return CutResult(tuple(ChosenMode(m.vm, m.disk, MODE_NAME.get(m.mode, ""),
                                           m.mode_reason, m.bytes_total) for m in resp.members),
-                         resp.frozen_at)
+                         resp.frozen_at, resp.cut_at)
 
     async def thaw(self, txn_id: str) -> ThawResult:
         """Raises: AgentCallError."""

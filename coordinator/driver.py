@@ -209,6 +209,9 @@ class TxnDriver:
             return reply(agent_id, False, err.details or err.code.name)
         except InvalidInput as err:  # nothing was sent
             return reply(agent_id, False, str(err))
+        if stage_only and cut.cut_at:  # it ignored stage_only (field 6 of CutRequest)
+            return reply(agent_id, False, f"agent {agent_id} cut at once when asked to "
+                         "stage: it does not know staging (an older version?); upgrade it")
         chosen = _by_disk(cut.disks, lambda m, c: m.cut_as(c.mode, c.reason, c.bytes_total))
         self.record = self.record.with_members(agent_id, chosen)
         if not stage_only:

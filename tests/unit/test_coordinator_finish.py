@@ -8,10 +8,11 @@ import asyncio
 from dataclasses import replace
 from typing import Any
 
+from blocktxn.coordinator.agent_client import ChosenMode, CutResult
 from blocktxn.coordinator.driver import TxnDriver
 from blocktxn.coordinator.records import BackupSet, MemberRecord, SetImage, TxnRecord
 from blocktxn.coordinator.txn_machine import TxnMachine
-from blocktxn.coordinator.txn_messages import Acked, Decision, TxnPhase
+from blocktxn.coordinator.txn_messages import Acked, Decision, StageReplied, TxnPhase
 
 
 class SlowStore:
@@ -110,3 +111,38 @@ def test_a_watch_ends_with_the_final_record_not_before_it() -> None:
     id) was still being written, so its last record was the one before."""
     seen = asyncio.run(_watched_while_the_final_write_waits())
     assert seen[-1] == (TxnPhase.DONE, "tx-1"), seen
+
+
+class CutsAtOnce:
+    """An agent of an older version: it ignores stage_only and cuts (freezes, starts
+    its jobs) at once."""
+
+    def __init__(self) -> None:
+        self.asked: list[bool] = []
+
+    def client(self, agent_id: str, address: str) -> CutsAtOnce:
+        return self
+
+    async def cut(self, txn_id: str, disks: Any, quiesce: str, freeze_timeout: float,
+                  individual: bool, stage_only: bool) -> CutResult:
+        self.asked.append(stage_only)
+        return CutResult((ChosenMode("vm1", "d0", "full", "first backup", 1),), 1e9, 1e9 + 0.1)
+
+
+def test_an_agent_that_cuts_when_asked_to_stage_fails_the_stage_round() -> None:
+    """The stage round is refused for an agent that cut instead of staging (an older
+    agent does not know stage_only): its guest is frozen outside the cut round, so the
+    transaction must abort (which thaws it and rolls its jobs back), naming the agent."""
+    async def run() -> Any:
+        record = replace(decided_record(), images=())
+        machine = TxnMachine("tx-1", ("h1",))
+        agent = CutsAtOnce()
+        driver = TxnDriver(record, machine, None, agent, lambda: 1, "c1",  # type: ignore[arg-type]
+                           lambda d: None)
+        reply = await driver._cut("h1", stage_only=True)
+        return agent.asked, reply
+
+    asked, reply = asyncio.run(run())
+    assert asked == [True]
+    assert isinstance(reply, StageReplied) and not reply.ok
+    assert "agent h1 cut at once" in reply.error and "upgrade" in reply.error
