@@ -27,6 +27,10 @@ from .watchdog import ENDING_WINDOW
 
 log = logging.getLogger(__name__)
 
+#: Seconds a stopping agent waits for freezes in flight (a watchdog's arm and the
+#: guest's freeze, each bounded) before it thaws what it holds.
+FREEZES_IN_FLIGHT_LIMIT = 15.0
+
 
 class FreezeControl:
     """Quiesce of every VM of one agent, by transaction."""
@@ -38,6 +42,10 @@ class FreezeControl:
         self.deadline: dict[str, float] = {}  # vm -> its freeze deadline
         self.since: dict[str, float] = {}  # vm -> when it was quiesced (monotonic)
         self.quiesce: dict[str, str] = {}  # vm -> how (freeze or pause)
+        self._stopping = False
+        self._in_flight = 0  # freezes under way in a backend
+        self._none_in_flight = asyncio.Event()
+        self._none_in_flight.set()
         self._on_deadline = on_deadline
         self._timers: dict[str, asyncio.Task[None]] = {}
         self._releases: dict[str, asyncio.TimerHandle] = {}
@@ -58,16 +66,24 @@ class FreezeControl:
         """Quiesce *vm* for *txn_id* until at most *deadline* (unix time)."""
         if quiesce == "none":
             return
+        if self._stopping:
+            raise FreezeRefusedError(f"VM {vm}: the agent is stopping; not freezing")
         self.owner[vm] = txn_id
         self.deadline[vm] = deadline
         self.quiesce[vm] = quiesce
         self.since[vm] = time.monotonic()
+        self._in_flight += 1
+        self._none_in_flight.clear()
         try:
             await self.backends[vm].freeze(quiesce, deadline)
         except FreezeRefusedError:  # nothing reached the guest: not ours to thaw
             for held in (self.owner, self.deadline, self.quiesce, self.since):
                 held.pop(vm, None)
             raise
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._none_in_flight.set()
         log.info("txn %s: vm %s quiesced (%s) until at most %.1fs from now", txn_id, vm,
                  quiesce, deadline - time.time())
 
@@ -130,8 +146,16 @@ class FreezeControl:
             task.cancel()
 
     async def stop(self) -> None:
-        """The agent is stopping: no more timers, and every guest it holds quiesced is
-        thawed now (a failed thaw is left to the deadline's safety net)."""
+        """The agent is stopping: no more timers, no new freeze, and every guest it
+        holds quiesced is thawed now (a failed thaw is left to the deadline's safety
+        net). A freeze in flight is waited for first: thawed (and its watchdog disarmed)
+        before it had frozen, its guest would then freeze with nothing left to end it."""
+        self._stopping = True
+        try:
+            await asyncio.wait_for(self._none_in_flight.wait(), FREEZES_IN_FLIGHT_LIMIT)
+        except TimeoutError:
+            log.error("stopping: a freeze still under way after %gs; its watchdog ends it "
+                      "at its deadline", FREEZES_IN_FLIGHT_LIMIT)
         for task in self._timers.values():
             task.cancel()
         self._timers.clear()

@@ -53,6 +53,9 @@ class WatchdogHandle:
         self._argv: tuple[str, ...] = ()  # what the running one was started with
         self.armed = False  # told a deadline, not yet disarmed
         self._stale = False  # retire it once disarmed (its own connection may be dead)
+        # one command and its answer at a time: a disarm (the agent stopping) that
+        # comes while an arm waits for its answer is sent after that answer
+        self._talking = asyncio.Lock()
         self._reaping: set[asyncio.Task[int]] = set()
 
     async def prepare(self, module: str, args: Sequence[str], claim_key: str) -> None:
@@ -110,6 +113,11 @@ class WatchdogHandle:
             raise FreezeRefusedError(f"VM {self.vm}: freeze watchdog is not running; "
                                      "not freezing")
         await self.ready()
+        async with self._talking:
+            await self._arm(proc, deadline)
+
+    async def _arm(self, proc: asyncio.subprocess.Process, deadline: float) -> None:
+        assert proc.stdout is not None
         answered = False  # the watchdog works (armed, or refused with a reason)
         try:
             if not await self._tell(watchdog.arm_line(deadline)):
@@ -137,10 +145,15 @@ class WatchdogHandle:
 
     async def disarm(self) -> None:
         """The agent ended the quiesce itself (only a thaw that worked calls this).
-        Returns once the watchdog has let go of the VM's claim, so the next freeze, even
-        by another watchdog process, is not refused "busy" by this one. A watchdog that
-        does not answer in time is retired (its input closed, not killed: it may be
-        ending the quiesce itself, and keeps the claim until that is over)."""
+        Once it returns, the watchdog has answered: ``disarmed`` (it let go of the VM's
+        claim, so the next freeze, even by another watchdog process, is not refused by
+        this one) or ``ending`` (the deadline had passed: it keeps the claim until its
+        own thaw attempts are over). A watchdog that does not answer in time, or is
+        gone, is retired (its input closed, not killed: it may owe a thaw)."""
+        async with self._talking:
+            await self._disarm()
+
+    async def _disarm(self) -> None:
         proc = self.proc
         if not self.armed or proc is None or proc.stdout is None:
             return  # nothing of ours to disarm (its arm failed, or it was replaced)

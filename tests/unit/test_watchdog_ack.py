@@ -152,3 +152,25 @@ def test_a_freeze_is_refused_before_staging_while_another_watchdog_holds_the_vm(
                 await asyncio.wait_for(asyncio.gather(*handle._reaping), 10)
 
     asyncio.run(run())
+
+
+def test_a_disarm_sent_while_an_arm_waits_for_its_answer_comes_after_it(
+        tmp_path: Path) -> None:
+    """One command and its answer at a time: a disarm that comes while an arm waits
+    for its answer (here the handle still thinks an earlier arm holds) is sent after
+    that answer, not read in the middle of it (that raised RuntimeError)."""
+    async def run() -> None:
+        key = str(tmp_path / "vm-a.qmp")
+        handle = await started(tmp_path, "vm-a", key)
+        try:
+            handle.armed = True  # as after a failed thaw
+            await asyncio.gather(handle.arm(time.time() + 60), handle.disarm())
+            assert not handle.armed
+            probe = VmClaim(key)
+            assert probe.take(probe), "the disarm did not reach the watchdog"
+            probe.release(probe)
+        finally:
+            handle.stop()
+            await asyncio.wait_for(asyncio.gather(*handle._reaping), 10)
+
+    asyncio.run(run())
