@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
     """Raises: ValueError on a bad or missing value."""
     load_config_file(args, {"repo": Path, "restore_dir": Path, "tls_cert": Path,
-                            "tls_key": Path, "tls_ca": Path})
+                            "tls_key": Path, "tls_ca": Path}, build_parser())
     for name in ("id", "listen", "repo"):
         if not getattr(args, name):
             raise ValueError(f"--{name} is required (on the command line or in --config)")

@@ -98,8 +98,9 @@ class VmClaim:
 
 
 #: Why a freeze is refused while another process's watchdog holds the VM's claim.
-HELD_ELSEWHERE = ("another freeze watchdog of this VM (of an earlier agent process?) is "
-                  "still armed or ending its quiesce; wait for its end")
+HELD_ELSEWHERE = ("a freeze watchdog of this VM (an earlier agent process's, or one "
+                  "still ending an earlier quiesce whose thaw failed) is armed or ending "
+                  "it; wait for its end")
 
 
 def held_elsewhere(key: str) -> bool:

@@ -7,11 +7,14 @@ import tomllib
 from pathlib import Path
 
 
-def load_config_file(args: argparse.Namespace, paths: dict[str, type[Path]]) -> None:
+def load_config_file(args: argparse.Namespace, paths: dict[str, type[Path]],
+                     parser: argparse.ArgumentParser) -> None:
     """Fill options not given on the command line from ``args.config`` (TOML).
 
     Keys are the long option names (``restore-dir`` or ``restore_dir``); a
-    repeatable option takes a list.
+    repeatable option takes a list. An option still at *parser*'s default counts as
+    not given (so a command-line value equal to the default does not override the
+    file's).
 
     Raises:
         ValueError: unreadable file or unknown key.
@@ -30,5 +33,5 @@ def load_config_file(args: argparse.Namespace, paths: dict[str, type[Path]]) -> 
             value = [paths[name](v) for v in value] if isinstance(value, list) \
                 else paths[name](value)
         current = getattr(args, name)
-        if current is None or current == []:
+        if current is None or current == [] or current == parser.get_default(name):
             setattr(args, name, value)

@@ -87,7 +87,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     """Raises: ValueError on a bad value."""
     load_config_file(args, {"data_dir": Path, "tls_cert": Path, "tls_key": Path,
                             "tls_ca": Path, "etcd_ca": Path, "etcd_cert": Path,
-                            "etcd_key": Path, "etcd_password_file": Path})
+                            "etcd_key": Path, "etcd_password_file": Path}, build_parser())
     args.listen = args.listen or "127.0.0.1:7400"
     args.name = args.name or "coord1"
     args.data_dir = args.data_dir or Path("/var/lib/blocktxn/coordinator")

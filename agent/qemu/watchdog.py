@@ -7,7 +7,8 @@ it thaws a filesystem freeze through the guest agent; with ``--qmp SOCKET`` (a m
 of the VM kept for the watchdog alone: QEMU serves one client per monitor, and the
 agent holds its own) it resumes a paused VM with ``cont``, over a connection it opens
 at its start. Its protocol with the agent (``ready``; ``arm DEADLINE``, answered
-``armed DEADLINE`` or ``busy WHY``; ``disarm``; end of input) is in ``agent/watchdog.py``;
+``armed DEADLINE`` or ``busy WHY``; ``disarm``, answered ``disarmed`` or ``ending``; end
+of input) is in ``agent/watchdog.py``;
 the agent quiesces only after the ``armed`` answer, and a thaw that failed leaves it
 armed. ``--vm-key`` names the VM (the agent gives its QMP socket): one armed watchdog
 per VM at a time, so that one outliving its agent cannot end a later freeze. If the

@@ -179,14 +179,14 @@ def free_port() -> int:
     rng = random.SystemRandom()
     for _ in range(1000):
         port = rng.randrange(PORTS_FROM, top) if top > PORTS_FROM + 1000 else 0
-        if port in _HANDED_OUT:
-            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             port = int(s.getsockname()[1])
+        if port in _HANDED_OUT:
+            continue
         _HANDED_OUT.add(port)
         return port
     raise OSError("no free loopback port found")

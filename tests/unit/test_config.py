@@ -37,6 +37,19 @@ def test_documented_agent_file_parses_and_flags_override_it(tmp_path: Path) -> N
     assert cfg.metrics_listen == "127.0.0.1:9101"
 
 
+def test_a_file_sets_options_that_have_a_default_and_flags_still_win(tmp_path: Path) -> None:
+    """Options with a default (not None) were never taken from the file: the file's
+    value was silently ignored."""
+    f = tmp_path / "a.toml"
+    f.write_text('id = "a"\nlisten = "127.0.0.1:1"\nrepo = "/r"\nstaged-alone-after = 3600\n'
+                 'in-doubt-after = 60\nqmp-timeout = 20\nmax-chain = 7\n')
+    cfg = agent_config(agent_parser().parse_args(["--config", str(f)]))
+    assert (cfg.staged_alone_after, cfg.in_doubt_after, cfg.qmp_timeout, cfg.max_chain) \
+        == (3600, 60, 20, 7)
+    cfg = agent_config(agent_parser().parse_args(["--config", str(f), "--max-chain", "9"]))
+    assert cfg.max_chain == 9
+
+
 def test_documented_coordinator_file_parses(tmp_path: Path) -> None:
     cfg = coordinator_config(coordinator_parser().parse_args(
         ["--config", documented("coordinator.toml", tmp_path)]))

@@ -85,7 +85,7 @@ def test_one_armed_watchdog_per_vm_whichever_process(tmp_path: Path) -> None:
             await old.arm(time.time() + 60)
             with pytest.raises(QemuError) as err:
                 await new.arm(time.time() + 60)
-            assert "busy" not in str(err.value) and "another freeze watchdog" in str(err.value)
+            assert "busy" not in str(err.value) and "a freeze watchdog of this VM" in str(err.value)
             assert new.proc is not None and alive(new.proc)  # refused, not replaced
             await other.arm(time.time() + 60)              # another VM is not held
             with pytest.raises(QemuError):                 # nor is a re-arm of the same one
@@ -139,7 +139,7 @@ def test_a_freeze_is_refused_before_staging_while_another_watchdog_holds_the_vm(
         handles = [await started(tmp_path, "vm-a", key)]
         try:
             await handles[0].arm(time.time() + 60)
-            with pytest.raises(FreezeRefusedError, match="another freeze watchdog"):
+            with pytest.raises(FreezeRefusedError, match="a freeze watchdog of this VM"):
                 await started(tmp_path, "vm-a", key)
             handles.append(await started(tmp_path, "vm-b"))  # another VM is not held
             await handles[0].disarm()
