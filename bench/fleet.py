@@ -187,11 +187,13 @@ class Bench:
         return added
 
     async def live(self, agents: Sequence[Member]) -> int:
-        """How many of *agents* the coordinator lists as live with their inventory."""
+        """How many of *agents* the coordinator lists as live with their inventory, every
+        VM of it connected."""
         ids = {a.agent_id for a in agents}
         reply = await self.stub.ListAgents(cpb.ListAgentsRequest(), timeout=START_TIMEOUT)
         self.last_live = sum(1 for a in reply.agents
-                             if a.agent_id in ids and a.live and a.inventory.vms)
+                             if a.agent_id in ids and a.live and a.inventory.vms
+                             and all(v.connected for v in a.inventory.vms))
         return self.last_live
 
     async def wait_registered(self, agents: Sequence[Member]) -> float:
@@ -267,7 +269,7 @@ class Bench:
                                                                          timeout=START_TIMEOUT)
                 return txn
             except grpc.aio.AioRpcError as err:
-                if _too_large(err) or _lost(err):
+                if _too_large(err) or _lost(err) or _vm_unreachable(err):
                     return err
                 if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
                     raise
@@ -297,10 +299,11 @@ class Bench:
                         mode: apb.BackupMode.ValueType) -> tuple[list[cpb.Transaction], int]:
         """Start one grouped transaction of every disk of *agents*, or, if one could
         never be decided, the fewest equal parts that can (all at once). A start
-        refused because an agent is lost waits until every agent is live again and
-        retries (at most RETRIES times). Returns the transactions and those refusals."""
+        refused because an agent is lost, or a VM unreachable, waits until every agent is
+        live again with every VM connected and retries (at most RETRIES times). Returns
+        the transactions and the refusals for an agent lost."""
         targets = [t for a in agents for t in a.targets]
-        parts = refused = 0
+        parts = refused = vm_refusals = 0
         while True:
             parts = parts or 1
             chunks = [targets[i::parts] for i in range(parts)]
@@ -328,10 +331,15 @@ class Bench:
                 if parts > len(targets):
                     raise FleetError(f"{kind}: refused even per target: {err.details()}")
             else:
-                refused += 1
+                # an agent lost counts against the run ("starts refused (agent lost)"); a
+                # VM its agent reports unreachable (its QMP session is being made again)
+                # is in the notes only: the start waits for it, as an operator's would
+                refused += _lost(err)
+                vm_refusals += _vm_unreachable(err)
                 self.notes.append(f"{kind}: start refused: {err.details()}")
-                if refused > RETRIES:
-                    raise FleetError(f"{kind}: refused {refused} times: {err.details()}")
+                if refused + vm_refusals > RETRIES:
+                    raise FleetError(f"{kind}: refused {refused + vm_refusals} times: "
+                                     f"{err.details()}")
                 await self.wait_registered(agents)
 
     async def backup(self, agents: Sequence[Member], kind: str,
@@ -406,6 +414,11 @@ class Bench:
 def _too_large(err: grpc.aio.AioRpcError) -> bool:
     return err.code() == grpc.StatusCode.INVALID_ARGUMENT and \
         "split the targets" in (err.details() or "")
+
+
+def _vm_unreachable(err: grpc.aio.AioRpcError) -> bool:
+    return err.code() == grpc.StatusCode.FAILED_PRECONDITION and \
+        "(QEMU unreachable)" in (err.details() or "")
 
 
 def _lost(err: grpc.aio.AioRpcError) -> bool:
