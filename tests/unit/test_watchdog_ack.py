@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from blocktxn.agent.errors import FreezeRefusedError, QemuError
-from blocktxn.agent.watchdog import VmClaim
+from blocktxn.agent.watchdog import held_elsewhere
 from blocktxn.agent.watchdog_proc import ARM_ACK_TIMEOUT, WatchdogHandle, alive
 
 MODULE = "blocktxn.agent.qemu.watchdog"
@@ -31,6 +31,12 @@ async def started(tmp_path: Path, name: str = "vm-a", key: str = "") -> Watchdog
     return handle
 
 
+async def retired(handle: WatchdogHandle) -> None:
+    """Stop *handle*'s watchdog and wait until it is reaped."""
+    handle.stop()
+    await asyncio.wait_for(asyncio.gather(*handle._reaping), 10)
+
+
 def test_arm_is_acknowledged_and_cheap(tmp_path: Path) -> None:
     async def run() -> list[float]:
         handle = await started(tmp_path)
@@ -43,8 +49,7 @@ def test_arm_is_acknowledged_and_cheap(tmp_path: Path) -> None:
                 assert handle.armed
                 await handle.disarm()
         finally:
-            handle.stop()  # its input ends: the disarmed watchdog exits
-            await asyncio.wait_for(asyncio.gather(*handle._reaping), 10)
+            await retired(handle)  # its input ends: the disarmed watchdog exits
         return took
 
     took = asyncio.run(run())
@@ -120,12 +125,9 @@ def test_the_claim_is_free_once_disarm_returns(tmp_path: Path) -> None:
             for _ in range(20):
                 await handle.arm(time.time() + 60)
                 await handle.disarm()
-                probe = VmClaim(key)
-                assert probe.take(probe), "the claim is still held after disarm returned"
-                probe.release(probe)
+                assert not held_elsewhere(key), "the claim is still held after disarm returned"
         finally:
-            handle.stop()
-            await asyncio.wait_for(asyncio.gather(*handle._reaping), 10)
+            await retired(handle)
 
     asyncio.run(run())
 
@@ -148,8 +150,7 @@ def test_a_freeze_is_refused_before_staging_while_another_watchdog_holds_the_vm(
             await handles[-1].disarm()
         finally:
             for handle in handles:
-                handle.stop()
-                await asyncio.wait_for(asyncio.gather(*handle._reaping), 10)
+                await retired(handle)
 
     asyncio.run(run())
 
@@ -166,11 +167,8 @@ def test_a_disarm_sent_while_an_arm_waits_for_its_answer_comes_after_it(
             handle.armed = True  # as after a failed thaw
             await asyncio.gather(handle.arm(time.time() + 60), handle.disarm())
             assert not handle.armed
-            probe = VmClaim(key)
-            assert probe.take(probe), "the disarm did not reach the watchdog"
-            probe.release(probe)
+            assert not held_elsewhere(key), "the disarm did not reach the watchdog"
         finally:
-            handle.stop()
-            await asyncio.wait_for(asyncio.gather(*handle._reaping), 10)
+            await retired(handle)
 
     asyncio.run(run())
